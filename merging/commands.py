@@ -1,0 +1,133 @@
+"""``pam train``, ``pam info``, ``pam demo``: the foundation's subcommands (parser side kept light)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from merging.errors import MergingError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (MergingError,)
+
+
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", help="digits | digits-partitions | composite | folder | celeba")
+    g.add_argument("--tasks", default=None, help="comma-separated subset of the data set's tasks")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
+    g.add_argument("--data-root", default=None, help="folder: image folder; celeba: image folder")
+    g.add_argument("--labels-csv", default=None, help="folder: labels CSV (default DATA_ROOT/labels.csv)")
+    g.add_argument("--attr-file", default=None, help="celeba: list_attr_celeba.txt")
+    g.add_argument("--task-groups", default=None, help="celeba: 'name=Attr,Attr;name2=Attr' (tasks as attribute groups)")
+    g.add_argument("--image-size", default=None, help="folder/celeba: HxW to resize to, e.g. 32x32")
+    g.add_argument("--channels", type=int, default=None, help="folder/celeba: 1 (grayscale) or 3 (RGB)")
+
+
+def dataset_from_args(args: argparse.Namespace) -> Any:
+    from merging.data import load_dataset
+
+    kw: dict[str, Any] = {"split_seed": args.split_seed}
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None
+    size = None
+    if args.image_size:
+        try:
+            h, w = (int(v) for v in args.image_size.lower().split("x"))
+            size = (h, w)
+        except ValueError as e:
+            raise MergingError("bad_argument", f"--image-size expects HxW, got {args.image_size!r}") from e
+    if args.dataset in ("folder", "celeba"):
+        if not args.data_root:
+            raise MergingError("bad_argument", f"--dataset {args.dataset} needs --data-root")
+        if size:
+            kw["size"] = size
+        if args.channels:
+            kw["channels"] = args.channels
+    if args.dataset == "digits":
+        kw["tasks"] = tasks
+    elif args.dataset == "folder":
+        kw.update(root=args.data_root, labels_csv=args.labels_csv, tasks=tasks)
+    elif args.dataset == "celeba":
+        if not args.attr_file or not args.task_groups:
+            raise MergingError("bad_argument", "--dataset celeba needs --attr-file and --task-groups")
+        kw.update(attr_file=args.attr_file, image_dir=args.data_root, task_groups=args.task_groups)
+    splits = load_dataset(args.dataset, **kw)
+    if tasks and args.dataset not in ("digits", "folder"):
+        for part in ("train", "val", "test"):
+            setattr(splits, part, getattr(splits, part).select_tasks(tasks))
+    return splits
+
+
+def add_arch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="lenet", help="architecture family: lenet | vgg")
+    p.add_argument("--width-mult", type=float, default=1.0, help="scale every layer's width")
+
+
+def arch_for(args: argparse.Namespace, splits: Any) -> Any:
+    from merging.arch import create_arch
+
+    pre = splits.preprocessing
+    return create_arch(args.arch, in_channels=pre.channels, input_size=tuple(pre.size), width_mult=args.width_mult)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from merging.zoo import train_zoo
+
+    splits = dataset_from_args(args)
+    arch = arch_for(args, splits)
+    from merging.train import TrainConfig
+
+    cfg = TrainConfig(epochs=args.epochs, seed=args.seed, lr=args.lr, batch_size=args.batch_size)
+    train_zoo(splits, arch, cfg, Path(args.out), verbose=True)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from merging.checkpoint import load_model
+    from merging.cost import cost_table
+    from merging.report import format_table
+    from merging.tasks import set_name
+
+    net = load_model(args.model)
+    table = cost_table(net)
+    if args.json:
+        print(json.dumps({k: {"macs": c.macs, "params": c.params} for k, c in table.items()}, indent=2))
+        return 0
+    print(f"model: {args.model}  tasks: {', '.join(net.task_names)}  arch: {net.arch.family}"
+          f"  input: {net.arch.in_channels}x{net.arch.input_size[0]}x{net.arch.input_size[1]}")
+    for l, groups in enumerate(net.layout):
+        parts = ", ".join(f"{set_name(m, net.task_names)}:{w}" for m, w in groups.items())
+        print(f"  layer {l} ({net.arch.layers[l].kind}): {parts}")
+    print(format_table(["combination", "MACs", "params"], [[k, c.macs, c.params] for k, c in table.items()]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from merging.demo import run_demo
+
+    return run_demo(args)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("train", help="train one single-task network per task (the zoo)")
+    add_dataset_args(p)
+    add_arch_args(p)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/zoo", help="directory for <task>.json + <task>.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("info", help="print a model's groups and the MACs and parameters of every combination")
+    p.add_argument("model", help="model config (<name>.json) or its stem")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="the main job on the bundled digits: train, merge, prune, export, serve")
+    p.add_argument("--out", default="runs/demo", help="where the demo writes its artifacts")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-serve", action="store_true", help="stop before serving (for scripts)")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,386 @@
+"""The multitask network: one block per group per layer, with the wiring rule enforced.
+
+At layer ``l`` the channels are split into *groups*, each keyed by the task set ``S`` (a bit mask,
+see ``merging.tasks``) of the tasks it serves. The block of group ``S`` reads only groups ``S'`` of
+layer ``l-1`` with ``S' ⊇ S`` (the *wiring rule*), and the head of task ``t`` reads the groups of
+the last layer that contain ``t``. Running combination ``C`` therefore needs exactly the groups
+whose set meets ``C``, and :meth:`MultitaskNet.for_combination` returns a plain module that runs
+only those, holding the very same block modules (so the same parameter storage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from merging.arch import ArchConfig, ResolvedLayer, resolve
+from merging.errors import MergingError, invariant
+from merging.tasks import TaskSpec, canonical_combination, mask_of, names_of, set_name
+
+INPUT_KEY = "input"
+FORMAT = "pam-multitask/1"
+
+
+def block_key(layer: int, mask: int) -> str:
+    return f"L{layer}_g{mask}"
+
+
+def is_superset(outer: int, inner: int) -> bool:
+    return outer & inner == inner
+
+
+class GroupBlock(nn.Module):
+    """conv (+ BN) + ReLU (+ max-pool) for the channels of one group at one layer."""
+
+    def __init__(self, in_ch: int, out_ch: int, layer: ResolvedLayer) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_ch, out_ch, layer.kernel, stride=layer.stride, padding=layer.padding, bias=not layer.bn
+        )
+        self.bn = nn.BatchNorm2d(out_ch) if layer.bn else None
+        self.pool = layer.pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        x = torch.relu(x)
+        if self.pool > 1:
+            x = nn.functional.max_pool2d(x, self.pool)
+        return x
+
+
+class TaskHead(nn.Module):
+    """A dense layer over the last feature map (a conv covering it), flattened to (batch, out)."""
+
+    def __init__(self, in_ch: int, out_dim: int, map_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_dim, map_hw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x).flatten(1)
+
+
+@dataclass(frozen=True)
+class Step:
+    key: str  # block key, or task name for a head
+    inputs: tuple[str, ...]  # keys of the outputs concatenated (in this order) as its input
+    head: bool
+
+
+def _run_steps(blocks: nn.ModuleDict, heads: nn.ModuleDict, steps: Sequence[Step], x: Tensor) -> list[Tensor]:
+    outs: dict[str, Tensor] = {INPUT_KEY: x}
+    results: list[Tensor] = []
+    for step in steps:
+        inp = outs[step.inputs[0]] if len(step.inputs) == 1 else torch.cat([outs[k] for k in step.inputs], 1)
+        if step.head:
+            results.append(heads[step.key](inp))
+        else:
+            outs[step.key] = blocks[step.key](inp)
+    return results
+
+
+class CombinationModule(nn.Module):
+    """The part of a multitask network one combination runs, as a plain module for export.
+
+    ``forward(x)`` returns one tensor per task of the combination, in sorted task-name order.
+    The blocks are the network's own modules, not copies.
+    """
+
+    def __init__(self, net: MultitaskNet, combination: tuple[str, ...]) -> None:
+        super().__init__()
+        self.combination = combination
+        self.steps = net.plan(combination)
+        needed = [s.key for s in self.steps if not s.head]
+        self.blocks = nn.ModuleDict({k: net.blocks[k] for k in needed})
+        self.heads = nn.ModuleDict({t: net.heads[t] for t in combination})
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(_run_steps(self.blocks, self.heads, self.steps, x))
+
+
+class MultitaskNet(nn.Module):
+    """A network of per-group blocks with one head per task.
+
+    ``layout[l]`` maps a task-set mask to the width of its group at layer ``l`` (groups of width
+    0 are simply absent). ``reads`` may narrow which superset groups a block reads; by default a
+    block reads every non-empty superset group of the layer below.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec],
+        arch: ArchConfig,
+        layout: Sequence[Mapping[int, int]],
+        reads: Mapping[tuple[int, int], Sequence[int]] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise MergingError("duplicate_task", f"task names must be unique: {names}")
+        if len(layout) != len(arch.layers):
+            raise MergingError("bad_layout", f"layout has {len(layout)} layers, architecture {len(arch.layers)}")
+        self.tasks: tuple[TaskSpec, ...] = tuple(tasks)
+        self.arch = arch
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.resolved = resolve(arch)
+        full = (1 << len(tasks)) - 1
+        self.layout: list[dict[int, int]] = []
+        for l, groups in enumerate(layout):
+            clean: dict[int, int] = {}
+            for mask, width in sorted(groups.items()):
+                if mask <= 0 or mask & ~full:
+                    raise MergingError("bad_layout", f"layer {l}: group mask {mask} is not a task set")
+                if width < 0:
+                    raise MergingError("bad_layout", f"layer {l}: negative width for group {mask}")
+                if width > 0:
+                    clean[mask] = int(width)
+            self.layout.append(clean)
+        self.reads: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.blocks = nn.ModuleDict()
+        for l, groups in enumerate(self.layout):
+            for mask, width in groups.items():
+                ins = self._checked_reads(l, mask, None if reads is None else reads.get((l, mask)))
+                self.reads[(l, mask)] = ins
+                in_ch = self.arch.in_channels if l == 0 else sum(self.layout[l - 1][m] for m in ins)
+                self.blocks[block_key(l, mask)] = GroupBlock(in_ch, width, self.resolved[l])
+        self.heads = nn.ModuleDict()
+        last = len(self.layout) - 1
+        for i, t in enumerate(self.tasks):
+            ins = self.head_reads(i)
+            if not ins:
+                raise MergingError("bad_layout", f"task {t.name!r} has no group to read at the last layer")
+            in_ch = sum(self.layout[last][m] for m in ins)
+            self.heads[t.name] = TaskHead(in_ch, t.out_dim, self.resolved[last].out_hw)
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise MergingError("unknown_task", f"unknown task {name!r}; known: {', '.join(self.task_names)}")
+
+    def _checked_reads(self, layer: int, mask: int, explicit: Sequence[int] | None) -> tuple[int, ...]:
+        if layer == 0:
+            return ()
+        below = self.layout[layer - 1]
+        if explicit is None:
+            ins = tuple(m for m in below if is_superset(m, mask))
+        else:
+            ins = tuple(sorted(set(explicit)))
+            for m in ins:
+                if not is_superset(m, mask):
+                    raise MergingError(
+                        "wiring",
+                        f"layer {layer}: group {set_name(mask, self.task_names)} may not read group "
+                        f"{set_name(m, self.task_names)} (a group reads only groups of supersets of its task set)",
+                    )
+                if m not in below:
+                    raise MergingError("wiring", f"layer {layer}: reads a group {m} that layer {layer - 1} lacks")
+        if not ins:
+            raise MergingError(
+                "wiring", f"layer {layer}: group {set_name(mask, self.task_names)} has no superset group to read"
+            )
+        return ins
+
+    def head_reads(self, task_index: int) -> tuple[int, ...]:
+        return tuple(m for m in self.layout[-1] if m >> task_index & 1)
+
+    def input_keys(self, layer: int, mask: int) -> tuple[str, ...]:
+        if layer == 0:
+            return (INPUT_KEY,)
+        return tuple(block_key(layer - 1, m) for m in self.reads[(layer, mask)])
+
+    def plan(self, combination: Iterable[str] | str | None = None) -> list[Step]:
+        combo = self.resolve_combination(combination)
+        cmask = mask_of(combo, self.task_names)
+        steps: list[Step] = []
+        for l, groups in enumerate(self.layout):
+            for mask in groups:
+                if mask & cmask:
+                    steps.append(Step(block_key(l, mask), self.input_keys(l, mask), False))
+        last = len(self.layout) - 1
+        for name in combo:
+            i = self.task_names.index(name)
+            steps.append(Step(name, tuple(block_key(last, m) for m in self.head_reads(i)), True))
+        return steps
+
+    def resolve_combination(self, combination: Iterable[str] | str | None) -> tuple[str, ...]:
+        if combination is None:
+            return tuple(sorted(self.task_names))
+        return canonical_combination(combination, self.task_names)
+
+    # ----------------------------------------------------------------- running
+    def forward(self, x: Tensor, combination: Iterable[str] | str | None = None) -> dict[str, Tensor]:
+        combo = self.resolve_combination(combination)
+        outs = _run_steps(self.blocks, self.heads, self.plan(combo), x)
+        return dict(zip(combo, outs, strict=True))
+
+    def for_combination(self, combination: Iterable[str] | str | None = None) -> CombinationModule:
+        return CombinationModule(self, self.resolve_combination(combination))
+
+    # ----------------------------------------------------------------- surgery
+    def group_width(self, layer: int, mask: int) -> int:
+        return self.layout[layer].get(mask, 0)
+
+    def consumers(self, layer: int, mask: int) -> list[tuple[str, int, bool]]:
+        """(key, input offset, is_head) of every block or head that reads group (layer, mask)."""
+        out: list[tuple[str, int, bool]] = []
+        if layer + 1 < len(self.layout):
+            for m in self.layout[layer + 1]:
+                reads = self.reads[(layer + 1, m)]
+                if mask in reads:
+                    off = sum(self.layout[layer][r] for r in reads[: reads.index(mask)])
+                    out.append((block_key(layer + 1, m), off, False))
+        else:
+            for i, t in enumerate(self.tasks):
+                reads = self.head_reads(i)
+                if mask in reads:
+                    off = sum(self.layout[layer][r] for r in reads[: reads.index(mask)])
+                    out.append((t.name, off, True))
+        return out
+
+    @torch.no_grad()
+    def select_channels(self, layer: int, mask: int, keep: Sequence[int] | Tensor) -> None:
+        """Keep only channels ``keep`` of group (layer, mask), slicing every reader to match.
+
+        An empty ``keep`` removes the group; a block left with nothing to read is removed in
+        turn (its output would be a constant), and a head left with nothing is an error.
+        """
+        width = self.group_width(layer, mask)
+        keep_t = torch.as_tensor(list(keep) if not isinstance(keep, Tensor) else keep, dtype=torch.long)
+        if width == 0:
+            raise MergingError("bad_group", f"layer {layer} has no group {mask}")
+        if keep_t.numel() and (int(keep_t.min()) < 0 or int(keep_t.max()) >= width):
+            raise MergingError("bad_group", f"channel index out of range for a group of width {width}")
+        consumers = self.consumers(layer, mask)
+        if keep_t.numel() == 0:
+            for key, _, is_head in consumers:
+                if is_head:
+                    others = [m for m in self.head_reads(self.task_names.index(key)) if m != mask]
+                    if not others:
+                        raise MergingError("empty_task", f"removing this group would leave task {key!r} with no input")
+        for key, off, is_head in consumers:
+            conv = self.heads[key].conv if is_head else self.blocks[key].conv
+            idx = torch.cat([torch.arange(off), off + keep_t, torch.arange(off + width, conv.in_channels)])
+            _slice_conv_in(conv, idx)
+        block = self.blocks[block_key(layer, mask)]
+        if keep_t.numel() == 0:
+            del self.blocks[block_key(layer, mask)]
+            del self.layout[layer][mask]
+            del self.reads[(layer, mask)]
+            self._drop_reader_of(layer, mask)
+            return
+        _slice_conv_out(block.conv, block.bn, keep_t)
+        self.layout[layer][mask] = int(keep_t.numel())
+
+    def _drop_reader_of(self, layer: int, mask: int) -> None:
+        if layer + 1 >= len(self.layout):
+            return
+        for m in list(self.layout[layer + 1]):
+            reads = self.reads[(layer + 1, m)]
+            if mask in reads:
+                left = tuple(r for r in reads if r != mask)
+                self.reads[(layer + 1, m)] = left
+                if not left:
+                    self.select_channels(layer + 1, m, [])
+
+    def sync_layout(self) -> None:
+        """Re-read group widths from the modules (after an external pruner changed them)."""
+        for l, groups in enumerate(self.layout):
+            for mask in groups:
+                groups[mask] = self.blocks[block_key(l, mask)].conv.out_channels
+        self.check_wiring()
+
+    def check_wiring(self) -> None:
+        """Raise if any block's input width or read set breaks the wiring rule."""
+        for l, groups in enumerate(self.layout):
+            for mask, width in groups.items():
+                ins = self.reads[(l, mask)]
+                for m in ins:
+                    if not is_superset(m, mask) or m not in self.layout[l - 1]:
+                        raise MergingError("wiring", f"layer {l}: group {mask} reads group {m}")
+                conv = self.blocks[block_key(l, mask)].conv
+                expect = self.arch.in_channels if l == 0 else sum(self.layout[l - 1][m] for m in ins)
+                if conv.in_channels != expect or conv.out_channels != width:
+                    raise MergingError("wiring", f"layer {l}: block {mask} has shape {tuple(conv.weight.shape)}")
+        for i, t in enumerate(self.tasks):
+            expect = sum(self.layout[-1][m] for m in self.head_reads(i))
+            if self.heads[t.name].conv.in_channels != expect:
+                raise MergingError("wiring", f"head {t.name}: reads {self.heads[t.name].conv.in_channels}, expected {expect}")
+
+    # ----------------------------------------------------------------- persistence
+    def config(self) -> dict[str, Any]:
+        names = self.task_names
+        return {
+            "format": FORMAT,
+            "tasks": [t.to_json() for t in self.tasks],
+            "arch": self.arch.to_json(),
+            "layout": [
+                [
+                    {
+                        "set": list(names_of(mask, names)),
+                        "width": width,
+                        "reads": [list(names_of(m, names)) for m in self.reads[(l, mask)]],
+                    }
+                    for mask, width in groups.items()
+                ]
+                for l, groups in enumerate(self.layout)
+            ],
+            "meta": self.meta,
+        }
+
+    @staticmethod
+    def from_config(cfg: Mapping[str, Any]) -> MultitaskNet:
+        if cfg.get("format") != FORMAT:
+            raise MergingError("bad_config", f"not a {FORMAT} config (format={cfg.get('format')!r})")
+        try:
+            tasks = [TaskSpec.from_json(t) for t in cfg["tasks"]]
+            names = [t.name for t in tasks]
+            arch = ArchConfig.from_json(cfg["arch"])
+            layout: list[dict[int, int]] = []
+            reads: dict[tuple[int, int], list[int]] = {}
+            for l, groups in enumerate(cfg["layout"]):
+                layer: dict[int, int] = {}
+                for g in groups:
+                    mask = mask_of(g["set"], names)
+                    layer[mask] = int(g["width"])
+                    if l > 0:
+                        reads[(l, mask)] = [mask_of(r, names) for r in g["reads"]]
+                layout.append(layer)
+        except (KeyError, TypeError, ValueError) as e:
+            raise MergingError("bad_config", f"malformed network config: {e}") from e
+        return MultitaskNet(tasks, arch, layout, reads=reads, meta=cfg.get("meta") or {})
+
+    @staticmethod
+    def single_task(task: TaskSpec, arch: ArchConfig) -> MultitaskNet:
+        """A plain single-task network of ``arch``: one group per layer."""
+        return MultitaskNet([task], arch, [{1: s.width} for s in arch.layers], meta={"kind": "single"})
+
+
+def _slice_conv_out(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, keep: Tensor) -> None:
+    conv.weight = nn.Parameter(conv.weight.data[keep].clone())
+    if conv.bias is not None:
+        conv.bias = nn.Parameter(conv.bias.data[keep].clone())
+    conv.out_channels = int(keep.numel())
+    if bn is not None:
+        bn.weight = nn.Parameter(bn.weight.data[keep].clone())
+        bn.bias = nn.Parameter(bn.bias.data[keep].clone())
+        invariant(bn.running_mean is not None and bn.running_var is not None, "BN keeps running stats")
+        bn.running_mean = bn.running_mean[keep].clone()  # type: ignore[index]
+        bn.running_var = bn.running_var[keep].clone()  # type: ignore[index]
+        bn.num_features = int(keep.numel())
+
+
+def _slice_conv_in(conv: nn.Conv2d, keep: Tensor) -> None:
+    conv.weight = nn.Parameter(conv.weight.data[:, keep].clone())
+    conv.in_channels = int(keep.numel())

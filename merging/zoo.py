@@ -1,0 +1,53 @@
+"""The single-task zoo: one network per task, same architecture, same input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from merging.arch import ArchConfig
+from merging.checkpoint import atomic_write_json, load_model, save_model
+from merging.cost import combination_cost
+from merging.data.base import Splits
+from merging.errors import MergingError
+from merging.network import MultitaskNet
+from merging.report import format_table
+from merging.train import TrainConfig, evaluate, train_single_task
+
+ZOO_INDEX = "zoo.json"
+
+
+def train_zoo(splits: Splits, arch: ArchConfig, cfg: TrainConfig, out: Path, verbose: bool = True) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    rows = []
+    index = {"dataset": splits.name, "arch": arch.to_json(), "seed": cfg.seed, "tasks": {}}
+    for task in splits.tasks:
+        net = train_single_task(task, arch, splits.train, cfg)
+        val = evaluate(net, splits.val)[task.name]
+        test = evaluate(net, splits.test)[task.name]
+        net.meta.update({"dataset": splits.name, "val_accuracy": val, "test_accuracy": test,
+                         "preprocessing": splits.preprocessing.to_json()})
+        paths[task.name] = save_model(net, out / task.name)
+        cost = combination_cost(net)
+        index["tasks"][task.name] = {"model": paths[task.name].name, "val_accuracy": val, "test_accuracy": test,
+                                     "macs": cost.macs, "params": cost.params}
+        rows.append([task.name, task.kind, val, test, cost.macs, cost.params])
+    atomic_write_json(out / ZOO_INDEX, index)
+    if verbose:
+        print(format_table(["task", "kind", "val acc %", "test acc %", "MACs", "params"], rows))
+        print(f"saved {len(paths)} networks under {out}/")
+    return paths
+
+
+def load_zoo(zoo_dir: Path, tasks: tuple[str, ...] | None = None) -> list[MultitaskNet]:
+    """The zoo's networks in the index's task order (or ``tasks``' order)."""
+    index_path = zoo_dir / ZOO_INDEX
+    if not index_path.is_file():
+        raise MergingError("missing_zoo", f"no {ZOO_INDEX} in {zoo_dir}: train one with `pam train --out {zoo_dir}`")
+    index = json.loads(index_path.read_text())
+    names = tasks or tuple(index["tasks"])
+    missing = [t for t in names if t not in index["tasks"]]
+    if missing:
+        raise MergingError("unknown_task", f"zoo {zoo_dir} has no network for {missing}; it has {list(index['tasks'])}")
+    return [load_model(zoo_dir / index["tasks"][t]["model"]) for t in names]
