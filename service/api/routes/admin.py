@@ -1,0 +1,46 @@
+"""``POST /admin/reload``: hot reload guarded by the admin token (SIGHUP does the same)."""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+from fastapi import APIRouter, Header, Request
+
+from service import preprocess
+from service.api.deps import PoolDep, SettingsDep
+from service.api.errors import ERROR_RESPONSES
+from service.errors import ServiceError
+from service.schemas import ReloadRequest, ReloadResponse
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+@router.post("/reload", response_model=ReloadResponse, responses=ERROR_RESPONSES)
+async def reload(
+    request: Request,
+    pool: PoolDep,
+    settings: SettingsDep,
+    x_admin_token: str | None = Header(None, description="the admin token of the settings"),
+) -> ReloadResponse:
+    """Probe a bundle (default: the served one, re-read) and swap to it; a bad one changes nothing."""
+    if not settings.admin_token:
+        raise ServiceError(403, "reload_disabled", "no admin token is configured (PAM_ADMIN_TOKEN)")
+    if x_admin_token is None or not hmac.compare_digest(x_admin_token.encode(), settings.admin_token.encode()):
+        raise ServiceError(401, "bad_token", "missing or wrong X-Admin-Token")
+    body = await request.body()
+    try:
+        req = ReloadRequest.model_validate(preprocess.parse_json(body)) if body.strip() else ReloadRequest()
+    except ValueError as e:
+        raise ServiceError(422, "invalid_request", f"expected {{'bundle_dir': str | null}}: {str(e)[:200]}") from e
+    ok, detail, model = await pool.reload(Path(req.bundle_dir) if req.bundle_dir else None)
+    if not ok:
+        extra: dict[str, object] = {"reloaded": False}
+        if model is not None:
+            extra.update(model=model.manifest.model_name, model_version=model.manifest.model_version,
+                         bundle_dir=str(model.bundle_dir))
+        raise ServiceError(422, "reload_refused", detail, extra=extra)
+    assert model is not None
+    request.app.state.on_model(model)
+    return ReloadResponse(reloaded=True, model=model.manifest.model_name, model_version=model.manifest.model_version,
+                          bundle_dir=str(model.bundle_dir), detail=detail)

@@ -1,0 +1,128 @@
+"""``pam serve`` and ``pam bench-serve`` (parser side light: heavy imports happen in the handlers)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from mobile_export.errors import ExportError
+from service.errors import ServiceError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ExportError, ServiceError)
+
+# CLI flag -> Settings field (flags left unset keep the PAM_* environment value or the default)
+_FLAGS = {"host": "host", "port": "port", "threads": "threads", "workers": "workers", "executor": "executor",
+          "queue_bound": "queue_bound", "max_body_bytes": "max_body_bytes", "timeout": "request_timeout_s",
+          "log_format": "log_format", "admin_token": "admin_token", "max_loaded": "max_loaded"}
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("settings (each also PAM_<FIELD> in the environment)")
+    g.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=None, help="port (default 8000; 0: any free port)")
+    g.add_argument("--threads", type=int, default=None, help="XNNPACK threads per inference (device cores)")
+    g.add_argument("--workers", type=int, default=None, help="worker processes, one runtime each")
+    g.add_argument("--executor", choices=["thread", "inline"], default=None,
+                   help="run execute on one runtime thread (default) or on the event loop")
+    g.add_argument("--queue-bound", type=int, default=None, help="requests allowed to wait; beyond: 503")
+    g.add_argument("--max-body-bytes", type=int, default=None, help="larger bodies get 413")
+    g.add_argument("--timeout", type=float, default=None, help="per-request timeout in seconds (504)")
+    g.add_argument("--log-format", choices=["json", "text"], default=None)
+    g.add_argument("--admin-token", default=None, help="token for POST /admin/reload (X-Admin-Token)")
+    g.add_argument("--lazy", action="store_true", default=None, help="load each method on first use")
+    g.add_argument("--max-loaded", type=int, default=None, help="with --lazy: methods kept loaded (LRU)")
+    g.add_argument("--no-probe", dest="probe", action="store_false", default=None,
+                   help="skip the child-process probe of the bundle")
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    from service.core.config import Settings
+
+    overrides = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None}
+    for flag in ("lazy", "probe"):
+        if getattr(args, flag, None) is not None:
+            overrides[flag] = getattr(args, flag)
+    try:
+        return Settings(bundle_dir=Path(args.bundle_dir), **overrides)
+    except ValidationError as e:
+        raise ServiceError(2, "bad_settings", str(e)) from e
+
+
+def settings_env(settings: Any) -> dict[str, str]:
+    """The settings as PAM_* variables, so uvicorn's worker processes rebuild the same Settings."""
+    from service.core.config import ENV_PREFIX
+
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import uvicorn
+
+    from service.logging import configure
+    from service.runtime_pool import verify_bundle
+
+    settings = settings_from_args(args)
+    configure(settings.log_format, settings.log_level)
+    bundle = settings.bundle_dir
+    print(f"pam serve: checking {bundle} (manifest, sha256{', child-process probe' if settings.probe else ''})",
+          file=sys.stderr, flush=True)
+    manifest = verify_bundle(bundle, settings)  # a bad bundle stops here with a clean message
+    # the probe is done: workers skip it and load straight away
+    os.environ.update(settings_env(settings.model_copy(update={"probe": False})))
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="pam-prom-")
+    example = manifest.methods[0].tasks
+    print(f"pam serve: {manifest.model_name} {manifest.model_version}, {len(manifest.methods)} methods, on "
+          f"http://{settings.host}:{settings.port}  (try: curl -s -X POST "
+          f"'http://{settings.host}:{settings.port}/infer?tasks={','.join(example)}' -F image=@digit.png)",
+          file=sys.stderr, flush=True)
+    uvicorn.run("service.main:app_from_env", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_config=None, access_log=False, log_level=settings.log_level)
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from service.bench import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(
+        bundle_dir=Path(args.bundle_dir), clients=tuple(int(c) for c in args.clients.split(",")),
+        requests=args.requests, combinations=tuple(args.combinations.split(";")) if args.combinations else None,
+        payload=args.payload, threads=args.threads, workers=args.workers, executor=args.executor,
+        direct_runs=args.direct_runs, out=Path(args.out),
+    )
+    run_benchmark(cfg)
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a bundle over HTTP (/infer, KServe V2, /metrics, /dashboard)",
+                       description="Serve an exported bundle with the ExecuTorch runtime.")
+    p.add_argument("bundle_dir", metavar="BUNDLE_DIR", help="directory with manifest.json and model.pte")
+    _add_settings_flags(p)
+    p.set_defaults(func=run_serve)
+
+    b = sub.add_parser("bench-serve", help="benchmark the HTTP service against the runtime called directly",
+                       description="Start `pam serve` on loopback and measure RPS and latency per combination.")
+    b.add_argument("bundle_dir", metavar="BUNDLE_DIR")
+    b.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated")
+    b.add_argument("--requests", type=int, default=400, help="requests per (combination, clients) cell")
+    b.add_argument("--combinations", default=None,
+                   help="';'-separated combinations, e.g. 'digit;digit,parity' (default: the cheapest and all tasks)")
+    b.add_argument("--payload", choices=["png", "multipart", "json"], default="png", help="body: raw PNG, multipart PNG, or JSON tensor")
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--executor", choices=["thread", "inline"], default="thread")
+    b.add_argument("--direct-runs", type=int, default=2000, help="runtime calls per combination, direct baseline")
+    b.add_argument("--out", default="results/serve-bench", help="output stem: writes STEM.json and STEM.md")
+    b.set_defaults(func=run_bench)

@@ -1,0 +1,109 @@
+"""Pure-ASGI middleware around every HTTP request: request id, body limit (413), the in-flight
+gauge, the per-request JSON log line and the Prometheus observations.
+
+Handlers leave what they learnt (combination, method, batch, timings) in ``scope["state"]``
+(``request.state``); this layer reads it once the response is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import metrics
+from service.errors import ServiceError
+from service.logging import log_request
+
+INFERENCE_PATHS = ("/infer", "/v2/models/")  # requests that count in the latency metrics
+log = logging.getLogger("pam.service")
+
+
+class BodyTooLarge(ServiceError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, "body_too_large", f"request body exceeds {limit} bytes")
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    raw = json.dumps(body).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": raw})
+
+
+class RequestObserver:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        path: str = scope.get("path", "")
+        counted = path == "/infer" or (path.startswith("/v2/models/") and path.endswith("/infer"))
+        status = 500
+        response_started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        received = 0
+
+        async def receive_wrapper() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        if counted:
+            metrics.IN_FLIGHT.inc()
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                err = BodyTooLarge(self.max_body_bytes) if length.isdigit() else \
+                    ServiceError(400, "bad_content_length", "Content-Length is not a number")
+                await send_json(send_wrapper, err.status, err.body())
+            else:
+                await self.app(scope, receive_wrapper, send_wrapper)
+        except BodyTooLarge as e:  # raised while a handler streamed the body
+            if not response_started:
+                await send_json(send_wrapper, e.status, e.body())
+        except Exception:  # a bug: never let it kill the connection without an answer
+            log.exception("unhandled error on %s %s", scope.get("method"), path)
+            if not response_started:
+                await send_json(send_wrapper, 500, {"error": "internal", "detail": "internal error; see the server log"})
+        finally:
+            if counted:
+                metrics.IN_FLIGHT.dec()
+            total = time.perf_counter() - started
+            combination = state.get("combination") or metrics.NO_COMBINATION
+            timings = state.get("timings_ms") or {}
+            if counted:
+                execute_ms = timings.get("execute")
+                metrics.observe(combination, status, total, None if execute_ms is None else execute_ms / 1000.0)
+            log_request({
+                "request_id": rid, "http_method": scope.get("method"), "path": path, "status": status,
+                "combination": state.get("combination"), "method": state.get("method"), "batch": state.get("batch"),
+                "error": state.get("error"),
+                "timings_ms": {**timings, "server_total": round(total * 1000.0, 3)},
+            })
