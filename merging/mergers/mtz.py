@@ -1,0 +1,275 @@
+"""``mtz``: Multi-Task Zipping (He, Zhou, Thiele, NeurIPS 2018), the merging baseline PAM is measured against.
+
+Layer by layer from the bottom, MTZ zips neuron ``i`` of network A with neuron ``j`` of network B
+into one neuron with shared weights on the inputs already zipped, chosen greedily by the
+second-order cost of forcing their weight vectors together (see ``_hessian``); the zipped
+neurons keep task-specific weights on the unzipped inputs below. How many pairs to zip in a
+layer is the largest number whose network, after a light joint retraining, keeps every task
+within the accuracy budget. More than two networks are zipped one after another into the
+network zipped so far.
+
+The result is a :class:`MultitaskNet` whose groups carry MTZ's real computation (see
+``_zipnet``): only neurons whose inputs are all truly shared are computed once for several tasks.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from merging.data.base import MultitaskData
+from merging.errors import MergingError, invariant
+from merging.mergers._hessian import (
+    greedy_pairs,
+    input_correlation,
+    merged_vectors,
+    pair_costs,
+    vectors_to_weights,
+    weight_vectors,
+    zip_terms,
+)
+from merging.mergers._zipnet import ZippedNet
+from merging.mergers.base import Merger, check_mergeable, register_merger
+from merging.network import MultitaskNet
+from merging.train import evaluate, random_shift, seed_everything, task_loss
+
+
+@dataclass(frozen=True)
+class MtzConfig:
+    accuracy_budget: float = 1.0  # max accuracy drop (points) per task against its own network, on the check data
+    damping: float = 1e-3  # H + damping x mean(diag H) x I before inverting (relative, so scale-free)
+    retrain_epochs: int = 4  # light joint retraining after zipping each layer (0: none)
+    retrain_lr: float = 1e-3  # Adam learning rate of that retraining
+    batch_size: int = 64  # images per retraining step
+    shift: int = 1  # random translation augmentation of the retraining, in pixels (as the zoo)
+    calibration_size: int = 512  # images for the input correlations H
+    holdout: float = 0.25  # share of the training split kept out of retraining for the budget check (no validation)
+    check_shift: int = 1  # the check also sees every translation by up to this many pixels (less noisy; 0: off)
+    search_steps: int = 4  # bisection steps per layer after zipping every candidate pair failed the budget
+    fractions: tuple[float, ...] | None = None  # fixed share of pairs to zip per layer (skips the budget search)
+    progress: bool = True  # tqdm bar over (step, layer)
+
+
+@dataclass
+class LayerRecord:
+    """What the budget search saw at one layer of one zipping step (kept in the network's meta)."""
+
+    step: int  # 1: first two networks; s: network s zipped into the first s
+    layer: int
+    candidates: int  # disjoint pairs available
+    zipped: int  # pairs kept
+    costs: list[float]  # MTZ cost of the kept pairs, in greedy order
+    trials: list[dict[str, Any]] = field(default_factory=list)  # {"pairs", "accuracy", "ok"}
+
+
+@dataclass(frozen=True)
+class _LayerPlan:
+    pairs: list[tuple[int, int]]  # (left neuron, right neuron), in increasing cost
+    costs: list[float]
+    weight: torch.Tensor  # merged incoming weights of each pair, (K, M, kh, kw)
+    bias: torch.Tensor  # (K,)
+
+
+def plan_layer(z: ZippedNet, layer: int, new_task: int, calib: torch.Tensor, damping: float) -> _LayerPlan:
+    """Costs of every (zipped-so-far neuron, new network's neuron) pair at ``layer``, greedy pairs, merged weights."""
+    sets = z.sets[layer]
+    new_bit, old_mask = 1 << new_task, (1 << new_task) - 1
+    left = [n for n, s in enumerate(sets) if not s & ~old_mask]  # the network zipped so far
+    right = [n for n, s in enumerate(sets) if s == new_bit]
+    # Coordinates both sides share: the input image, or the neurons zipped in this step below.
+    if layer == 0:
+        shared = list(range(z.arch.in_channels))
+    else:
+        shared = [m for m, s in enumerate(z.sets[layer - 1]) if s & new_bit and s & old_mask]
+    per_position = not z.resolved[layer].fc
+    cols = torch.tensor(shared, dtype=torch.long)
+    corr = [input_correlation(z.layer_input(calib, t, layer)[:, cols], per_position) for t in range(new_task + 1)]
+    weight, bias = z.weights[layer].detach(), z.biases[layer].detach()
+    vec = weight_vectors(weight[:, cols], bias, per_position)
+    right_t = torch.tensor(right, dtype=torch.long)
+    costs = torch.empty(len(left), len(right), dtype=torch.float64)
+    steps: dict[int, torch.Tensor] = {}
+    for s in sorted({sets[n] for n in left}):
+        # A zipped-so-far neuron serves several tasks: its side's correlation is their mean.
+        h_left = torch.stack([corr[t] for t in range(new_task) if s >> t & 1]).mean(0)
+        terms = zip_terms(h_left, corr[new_task], damping)
+        steps[s] = terms.step
+        rows = [i for i, n in enumerate(left) if sets[n] == s]
+        costs[rows] = pair_costs(vec[[left[i] for i in rows]], vec[right_t], terms.h_hat)
+    local = greedy_pairs(costs)
+    pairs = [(left[i], right[j]) for i, j in local]
+    if not pairs:
+        empty = torch.zeros(0, *weight.shape[1:])
+        return _LayerPlan([], [], empty, torch.zeros(0))
+    merged = torch.stack([merged_vectors(vec[i : i + 1], vec[j : j + 1], steps[sets[i]])[0] for i, j in pairs])
+    w_shared, b_merged = vectors_to_weights(merged, tuple(weight.shape[2:]), per_position)  # type: ignore[arg-type]
+    ii = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+    jj = torch.tensor([j for _, j in pairs], dtype=torch.long)
+    # Unzipped inputs keep each side's own weights (they are zero on the other side's inputs).
+    w_full = weight[ii] + weight[jj]
+    w_full[:, cols] = w_shared.to(w_full.dtype)
+    return _LayerPlan(pairs, [float(costs[i, j]) for i, j in local], w_full, b_merged.to(bias.dtype))
+
+
+def shifted_copies(data: MultitaskData, shift: int) -> MultitaskData:
+    """``data`` and its translations by up to ``shift`` pixels (background fill): a larger, steadier check set.
+
+    One point of accuracy on a few hundred held-out images is a handful of images, less than the
+    noise of a retraining run; the translated copies are the augmentation the networks trained on.
+    """
+    if shift <= 0:
+        return data
+    xs, n = [], len(data)
+    fill = data.x.amin(dim=(1, 2, 3), keepdim=True)
+    padded = torch.nn.functional.pad(data.x - fill, (shift, shift, shift, shift)) + fill
+    h, w = data.x.shape[2:]
+    for dy in range(2 * shift + 1):
+        for dx in range(2 * shift + 1):
+            xs.append(padded[:, :, dy : dy + h, dx : dx + w])
+    copies = len(xs)
+    y = {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in data.y.items()}
+    invariant(len(y[data.task_names[0]]) == copies * n, "one label per copy")
+    return MultitaskData(data.tasks, torch.cat(xs), y)
+
+
+def retrain(z: ZippedNet, data: MultitaskData, tasks: int, cfg: MtzConfig, seed: int) -> None:
+    """A few epochs of joint training of every parameter on the summed loss of the first ``tasks`` tasks."""
+    if cfg.retrain_epochs <= 0:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(z.parameters(), lr=cfg.retrain_lr)
+    z.train()
+    for _ in range(cfg.retrain_epochs):
+        for xb, yb in data.batches(cfg.batch_size, shuffle=True, generator=gen):
+            xb = random_shift(xb, cfg.shift, gen)
+            loss = sum(
+                (task_loss(z.tasks[t], z.forward_task(xb, t), yb[z.tasks[t].name]) for t in range(tasks)),
+                start=torch.zeros(()),
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    z.eval()
+
+
+@register_merger
+class MtzMerger(Merger):
+    name = "mtz"
+
+    def __init__(
+        self, config: MtzConfig | None = None, validation: MultitaskData | None = None, **options: Any
+    ) -> None:
+        known = {f.name for f in fields(MtzConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise MergingError("bad_option", f"unknown mtz option(s) {unknown}; known: {sorted(known)}")
+        base = config or MtzConfig()
+        self.config = MtzConfig(**{**asdict(base), **options})
+        if self.config.fractions is not None and any(not 0.0 <= f <= 1.0 for f in self.config.fractions):
+            raise MergingError("bad_option", "mtz fractions must lie in [0, 1]")
+        self.validation = validation  # budget check data; otherwise a hold-out of the training split
+
+    def merge(self, nets: Sequence[MultitaskNet], data: MultitaskData, seed: int = 0) -> MultitaskNet:
+        z, info = self.zip_networks(nets, data, seed)
+        net = z.to_multitask(meta={"merger": self.name})
+        net.meta["mtz"] = info
+        return net
+
+    def zip_networks(
+        self, nets: Sequence[MultitaskNet], data: MultitaskData, seed: int = 0
+    ) -> tuple[ZippedNet, dict[str, Any]]:
+        """The zipped network itself (tied weights) and what the budget search saw."""
+        check_mergeable(nets)
+        cfg = self.config
+        n_layers = len(nets[0].layout)
+        if cfg.fractions is not None and len(cfg.fractions) != n_layers:
+            raise MergingError("bad_option", f"mtz fractions need one value per layer ({n_layers})")
+        names = tuple(net.task_names[0] for net in nets)
+        gen = seed_everything(seed)
+        data = data.select_tasks(names)
+        order = torch.randperm(len(data), generator=gen)
+        if self.validation is not None:
+            check, train = self.validation.select_tasks(names), data
+        else:
+            n_check = round(cfg.holdout * len(data))
+            check, train = data.subset(order[:n_check]), data.subset(order[n_check:])
+        check = shifted_copies(check, cfg.check_shift)
+        reference = {t: evaluate(net, check)[t] for t, net in zip(names, nets, strict=True)}
+        calib = train.x[torch.randperm(len(train), generator=gen)[: cfg.calibration_size]]
+
+        z = ZippedNet.union(nets)
+        z.eval()
+        records: list[LayerRecord] = []
+        bar = tqdm(total=(len(nets) - 1) * n_layers, desc="mtz zip", disable=None if cfg.progress else True)
+        for new_task in range(1, len(nets)):
+            for layer in range(n_layers):
+                plan = plan_layer(z, layer, new_task, calib, cfg.damping)
+                record = LayerRecord(new_task, layer, len(plan.pairs), 0, [])
+                z = self._choose(z, plan, layer, new_task, train, check, reference, record, seed)
+                records.append(record)
+                bar.set_postfix(step=new_task, layer=layer, zipped=f"{record.zipped}/{record.candidates}")
+                bar.update()
+        bar.close()
+        info = {
+            "config": asdict(cfg),
+            "seed": seed,
+            "reference_accuracy": reference,
+            "layers": [asdict(r) for r in records],
+        }
+        return z, info
+
+    def _choose(
+        self,
+        z: ZippedNet,
+        plan: _LayerPlan,
+        layer: int,
+        new_task: int,
+        train: MultitaskData,
+        check: MultitaskData,
+        reference: dict[str, float],
+        record: LayerRecord,
+        seed: int,
+    ) -> ZippedNet:
+        """Zip the largest number of the plan's pairs that keeps every task within the budget."""
+        cfg = self.config
+        n_tasks = new_task + 1
+        task_names = [t.name for t in z.tasks[:n_tasks]]
+
+        def trial(k: int) -> tuple[ZippedNet, bool]:
+            zt = copy.deepcopy(z)
+            zt.zip_neurons(layer, plan.pairs[:k], plan.weight[:k], plan.bias[:k], 1 << new_task)
+            retrain(zt, train, n_tasks, cfg, seed=seed * 1000003 + new_task * 1009 + layer * 101 + k)
+            acc = evaluate(zt.to_multitask(), check, tasks=task_names)
+            ok = all(reference[t] - acc[t] <= cfg.accuracy_budget for t in task_names)
+            record.trials.append({"pairs": k, "accuracy": acc, "ok": ok})
+            return zt, ok
+
+        top = len(plan.pairs)
+        if cfg.fractions is not None:
+            k = round(cfg.fractions[layer] * top)
+            chosen, _ = trial(k) if k > 0 else (z, True)
+        else:
+            k, chosen = 0, z
+            if top > 0:
+                zt, ok = trial(top)
+                if ok:
+                    k, chosen = top, zt
+                else:
+                    lo, hi = 0, top  # lo passes (zipping nothing), hi fails
+                    for _ in range(cfg.search_steps):
+                        if hi - lo <= 1:
+                            break
+                        mid = (lo + hi) // 2
+                        zt, ok = trial(mid)
+                        if ok:
+                            lo, k, chosen = mid, mid, zt
+                        else:
+                            hi = mid
+        record.zipped = k
+        record.costs = plan.costs[:k]
+        return chosen
