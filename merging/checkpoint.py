@@ -97,7 +97,9 @@ def load_model(path: str | Path) -> MultitaskNet:
     own = net.state_dict()
     if set(state) != set(own):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        raise MergingError("corrupt_checkpoint", f"{pt_path} does not fit its config: missing {missing[:5]}, extra {extra[:5]}")
+        raise MergingError(
+            "corrupt_checkpoint", f"{pt_path} does not fit its config: missing {missing[:5]}, extra {extra[:5]}"
+        )
     for k, v in state.items():
         if not isinstance(v, torch.Tensor) or v.shape != own[k].shape:
             raise MergingError("corrupt_checkpoint", f"{pt_path}: tensor {k} has the wrong shape")

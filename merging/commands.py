@@ -20,7 +20,9 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", default=None, help="folder: image folder; celeba: image folder")
     g.add_argument("--labels-csv", default=None, help="folder: labels CSV (default DATA_ROOT/labels.csv)")
     g.add_argument("--attr-file", default=None, help="celeba: list_attr_celeba.txt")
-    g.add_argument("--task-groups", default=None, help="celeba: 'name=Attr,Attr;name2=Attr' (tasks as attribute groups)")
+    g.add_argument(
+        "--task-groups", default=None, help="celeba: 'name=Attr,Attr;name2=Attr' (tasks as attribute groups)"
+    )
     g.add_argument("--image-size", default=None, help="folder/celeba: HxW to resize to, e.g. 32x32")
     g.add_argument("--channels", type=int, default=None, help="folder/celeba: 1 (grayscale) or 3 (RGB)")
 
@@ -94,8 +96,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: {"macs": c.macs, "params": c.params} for k, c in table.items()}, indent=2))
         return 0
-    print(f"model: {args.model}  tasks: {', '.join(net.task_names)}  arch: {net.arch.family}"
-          f"  input: {net.arch.in_channels}x{net.arch.input_size[0]}x{net.arch.input_size[1]}")
+    print(
+        f"model: {args.model}  tasks: {', '.join(net.task_names)}  arch: {net.arch.family}"
+        f"  input: {net.arch.in_channels}x{net.arch.input_size[0]}x{net.arch.input_size[1]}"
+    )
     for l, groups in enumerate(net.layout):
         parts = ", ".join(f"{set_name(m, net.task_names)}:{w}" for m, w in groups.items())
         print(f"  layer {l} ({net.arch.layers[l].kind}): {parts}")

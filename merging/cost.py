@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from merging.network import MultitaskNet, block_key
+from merging.network import MultitaskNet
 from merging.tasks import all_combinations, combination_name, mask_of
 
 
@@ -25,14 +25,14 @@ def _conv_macs(out_ch: int, in_ch: int, kernel: tuple[int, int], conv_hw: tuple[
 
 
 def block_cost(net: MultitaskNet, layer: int, mask: int) -> Cost:
-    block = net.blocks[block_key(layer, mask)]
+    block = net.block(layer, mask)
     r = net.resolved[layer]
     macs = _conv_macs(block.conv.out_channels, block.conv.in_channels, r.kernel, r.conv_hw)
     return Cost(macs, sum(p.numel() for p in block.parameters()))
 
 
 def head_cost(net: MultitaskNet, task: str) -> Cost:
-    head = net.heads[task]
+    head = net.head(task)
     k = net.resolved[-1].out_hw
     macs = _conv_macs(head.conv.out_channels, head.conv.in_channels, k, (1, 1))
     return Cost(macs, sum(p.numel() for p in head.parameters()))

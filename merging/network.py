@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -159,6 +159,16 @@ class MultitaskNet(nn.Module):
             self.heads[t.name] = TaskHead(in_ch, t.out_dim, self.resolved[last].out_hw)
 
     # ----------------------------------------------------------------- structure
+    def block(self, layer: int, mask: int) -> GroupBlock:
+        return cast(GroupBlock, self.blocks[block_key(layer, mask)])
+
+    def head(self, task: str) -> TaskHead:
+        return cast(TaskHead, self.heads[task])
+
+    def reader_conv(self, key: str, is_head: bool) -> nn.Conv2d:
+        """The conv of a consumer as returned by :meth:`consumers`."""
+        return cast(TaskHead, self.heads[key]).conv if is_head else cast(GroupBlock, self.blocks[key]).conv
+
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
@@ -270,10 +280,10 @@ class MultitaskNet(nn.Module):
                     if not others:
                         raise MergingError("empty_task", f"removing this group would leave task {key!r} with no input")
         for key, off, is_head in consumers:
-            conv = self.heads[key].conv if is_head else self.blocks[key].conv
+            conv = self.reader_conv(key, is_head)
             idx = torch.cat([torch.arange(off), off + keep_t, torch.arange(off + width, conv.in_channels)])
             _slice_conv_in(conv, idx)
-        block = self.blocks[block_key(layer, mask)]
+        block = self.block(layer, mask)
         if keep_t.numel() == 0:
             del self.blocks[block_key(layer, mask)]
             del self.layout[layer][mask]
@@ -298,7 +308,7 @@ class MultitaskNet(nn.Module):
         """Re-read group widths from the modules (after an external pruner changed them)."""
         for l, groups in enumerate(self.layout):
             for mask in groups:
-                groups[mask] = self.blocks[block_key(l, mask)].conv.out_channels
+                groups[mask] = self.block(l, mask).conv.out_channels
         self.check_wiring()
 
     def check_wiring(self) -> None:
@@ -309,14 +319,15 @@ class MultitaskNet(nn.Module):
                 for m in ins:
                     if not is_superset(m, mask) or m not in self.layout[l - 1]:
                         raise MergingError("wiring", f"layer {l}: group {mask} reads group {m}")
-                conv = self.blocks[block_key(l, mask)].conv
+                conv = self.block(l, mask).conv
                 expect = self.arch.in_channels if l == 0 else sum(self.layout[l - 1][m] for m in ins)
                 if conv.in_channels != expect or conv.out_channels != width:
                     raise MergingError("wiring", f"layer {l}: block {mask} has shape {tuple(conv.weight.shape)}")
         for i, t in enumerate(self.tasks):
             expect = sum(self.layout[-1][m] for m in self.head_reads(i))
-            if self.heads[t.name].conv.in_channels != expect:
-                raise MergingError("wiring", f"head {t.name}: reads {self.heads[t.name].conv.in_channels}, expected {expect}")
+            got = self.head(t.name).conv.in_channels
+            if got != expect:
+                raise MergingError("wiring", f"head {t.name}: reads {got}, expected {expect}")
 
     # ----------------------------------------------------------------- persistence
     def config(self) -> dict[str, Any]:

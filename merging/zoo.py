@@ -21,7 +21,8 @@ def train_zoo(splits: Splits, arch: ArchConfig, cfg: TrainConfig, out: Path, ver
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     rows = []
-    index = {"dataset": splits.name, "arch": arch.to_json(), "seed": cfg.seed, "tasks": {}}
+    per_task: dict[str, dict[str, object]] = {}
+    index = {"dataset": splits.name, "arch": arch.to_json(), "seed": cfg.seed, "tasks": per_task}
     for task in splits.tasks:
         net = train_single_task(task, arch, splits.train, cfg)
         val = evaluate(net, splits.val)[task.name]
@@ -30,7 +31,7 @@ def train_zoo(splits: Splits, arch: ArchConfig, cfg: TrainConfig, out: Path, ver
                          "preprocessing": splits.preprocessing.to_json()})
         paths[task.name] = save_model(net, out / task.name)
         cost = combination_cost(net)
-        index["tasks"][task.name] = {"model": paths[task.name].name, "val_accuracy": val, "test_accuracy": test,
+        per_task[task.name] = {"model": paths[task.name].name, "val_accuracy": val, "test_accuracy": test,
                                      "macs": cost.macs, "params": cost.params}
         rows.append([task.name, task.kind, val, test, cost.macs, cost.params])
     atomic_write_json(out / ZOO_INDEX, index)

@@ -23,8 +23,8 @@ def _load_images(root: Path, names: list[str], size: tuple[int, int], channels: 
         if not path.is_file():
             raise MergingError("missing_image", f"image {name!r} listed in the labels is not in {root}")
         try:
-            with Image.open(path) as im:
-                im = im.convert(mode).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            with Image.open(path) as src:
+                im = src.convert(mode).resize((size[1], size[0]), Image.Resampling.BILINEAR)
                 a = np.asarray(im, dtype=np.float32) / 255.0
         except (UnidentifiedImageError, OSError) as e:
             raise MergingError("bad_image", f"cannot read image {path}: {e}") from e
