@@ -17,11 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mobile_export.errors import ExportError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 MANIFEST_FILE = "manifest.json"
 PROGRAM_FILE = "model.pte"
 LITE_FILE = "model.ptl"
 REPORT_FILE = "report.json"
+REFERENCE_FILE = "reference.pt"  # sample inputs and eager outputs, for `pam verify` without the model
 
 
 class _Strict(BaseModel):
@@ -58,6 +59,7 @@ class MethodEntry(_Strict):
     tasks: list[str]  # outputs of the method, in this order (sorted task names)
     macs: int = Field(ge=0)
     params: int = Field(ge=0)
+    lite_method: str | None = None  # the same combination's method in model.ptl (an identifier), if any
 
 
 class Provenance(_Strict):
@@ -79,7 +81,10 @@ class Manifest(_Strict):
     tasks: list[TaskEntry] = Field(min_length=1)
     input: InputSpec
     preprocessing: Preprocessing
+    preprocessing_source: str = "model meta"  # where the preprocessing came from (model, file, data set, default)
     methods: list[MethodEntry] = Field(min_length=1)
+    reference: str | None = None  # tensors-only file of sample inputs and eager outputs (REFERENCE_FILE)
+    reference_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     accuracy: dict[str, float] = Field(default_factory=dict)  # task -> test accuracy in percent
     provenance: Provenance = Field(default_factory=Provenance)
 

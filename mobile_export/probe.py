@@ -49,12 +49,48 @@ def probe(bundle_dir: Path) -> dict[str, Any]:
         return {"ok": False, "error": str(e), "methods": [], "rss_mb": _rss_mb()}
 
 
+def memory(bundle_dir: Path, max_loaded: int | None) -> dict[str, Any]:
+    """RSS (MB) with the program loaded but no method, with the costliest method loaded and run,
+    then with every method loaded and run (at most ``max_loaded`` kept)."""
+    import gc
+
+    import torch
+
+    from mobile_export.runtime import BundleRuntime
+
+    rt = BundleRuntime(bundle_dir, lazy=True, max_loaded=max_loaded)
+    x = torch.zeros(1, *rt.manifest.input.shape, dtype=torch.float32)
+    gc.collect()
+    base = _rss_mb()
+    order = sorted(rt.manifest.methods, key=lambda m: -m.macs)
+    rt.run(order[0].name, x)
+    gc.collect()
+    one = _rss_mb()
+    for m in order[1:]:
+        rt.run(m.name, x)
+    gc.collect()
+    every = _rss_mb()
+    return {
+        "max_loaded": max_loaded,
+        "rss_program_mb": base,
+        "one_method": order[0].name,
+        "rss_one_method_mb": one,
+        "rss_all_methods_mb": every,
+        "loaded_at_end": len(rt.loaded_methods()),
+        "methods": len(order),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from mobile_export.runtime import PROBE_MARK
 
     args = sys.argv[1:] if argv is None else argv
+    if len(args) >= 2 and args[0] == "--memory":
+        limit = int(args[2]) if len(args) == 3 else None
+        print(PROBE_MARK + json.dumps(memory(Path(args[1]), limit)), flush=True)
+        return 0
     if len(args) != 1:
-        print("usage: python -m mobile_export.probe BUNDLE_DIR", file=sys.stderr)
+        print("usage: python -m mobile_export.probe [--memory] BUNDLE_DIR [MAX_LOADED]", file=sys.stderr)
         return 2
     result = probe(Path(args[0]))
     print(PROBE_MARK + json.dumps(result), flush=True)

@@ -1,0 +1,148 @@
+"""Verification of a bundle: every method through the real ExecuTorch runtime against eager.
+
+Against the model itself when it is given, else against the reference outputs stored in the
+bundle at export time (``reference.pt``, tensors only, checked against the manifest's sha256).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mobile_export.errors import ExportError
+from mobile_export.manifest import Manifest
+from mobile_export.runtime import BundleRuntime
+
+if TYPE_CHECKING:
+    from merging.network import MultitaskNet
+
+TOLERANCE = 1e-4  # max abs error between ExecuTorch and eager outputs
+
+
+def _expected(
+    manifest: Manifest, bundle: Path, net: MultitaskNet | None, seed: int
+) -> tuple[list[torch.Tensor], dict[str, list[list[torch.Tensor]]]]:
+    """Inputs (batch 1 and the maximum batch) and, per method, the expected outputs for each."""
+    names = [m.name for m in manifest.methods]
+    if net is not None:
+        from mobile_export.export import example_input
+
+        xs = [example_input(net, b, seed=seed + 1) for b in sorted({1, manifest.input.max_batch})]
+        with torch.no_grad():
+            exp = {m.name: [list(net.for_combination(m.tasks).eval()(x)) for x in xs] for m in manifest.methods}
+        return xs, exp
+    if manifest.reference is None:
+        raise ExportError("no_reference", "the bundle has no reference outputs; pass the model to verify against")
+    ref_path = bundle / manifest.reference
+    import hashlib
+
+    try:
+        data = ref_path.read_bytes()
+    except OSError as e:
+        raise ExportError("no_reference", f"cannot read {ref_path}: {e}") from e
+    if manifest.reference_sha256 and hashlib.sha256(data).hexdigest() != manifest.reference_sha256:
+        raise ExportError("sha256_mismatch", f"{ref_path} does not match the sha256 in the manifest")
+    try:
+        ref = torch.load(ref_path, map_location="cpu", weights_only=True)
+        x = ref["x"]
+        outs = ref["outputs"]
+    except Exception as e:  # torch.load raises many types on bad files
+        raise ExportError("bad_reference", f"{ref_path} is not a reference file: {type(e).__name__}: {e}") from e
+    missing = [n for n in names if n not in outs]
+    if missing:
+        raise ExportError("bad_reference", f"{ref_path} lacks outputs for {missing}")
+    xs = [x[:1], x] if len(x) > 1 else [x]
+    exp = {n: [[o[: len(xi)] for o in outs[n]] for xi in xs] for n in names}
+    return xs, exp
+
+
+def _argmax_agrees(got: torch.Tensor, want: torch.Tensor, kind: str) -> bool:
+    """Predictions equal wherever eager is not within the tolerance of a tie."""
+    if kind == "attributes":  # one sigmoid per label: the prediction is the sign of each logit
+        clear = want.abs() > TOLERANCE
+        return bool(((got > 0) == (want > 0))[clear].all())
+    top2 = want.topk(min(2, want.shape[1]), dim=1).values
+    clear = (top2[:, 0] - top2[:, -1]) > 2 * TOLERANCE if want.shape[1] > 1 else torch.ones(len(want), dtype=torch.bool)
+    return bool((got.argmax(1) == want.argmax(1))[clear].all())
+
+
+def verify_bundle(
+    bundle_dir: str | Path, net: MultitaskNet | None = None, *, seed: int = 0, strict: bool = True
+) -> dict[str, Any]:
+    """Check sha256, then run every method at batch 1 and the maximum batch and compare with
+    eager. Returns a report; with ``strict`` a mismatch raises :class:`ExportError`."""
+    bundle = Path(bundle_dir)
+    rt = BundleRuntime(bundle, lazy=True)  # refuses a program that does not match its sha256
+    manifest = rt.manifest
+    xs, expected = _expected(manifest, bundle, net, seed)
+    methods: dict[str, Any] = {}
+    failures: list[str] = []
+    for m in manifest.methods:
+        worst, agree, problems = 0.0, True, []
+        for x, want in zip(xs, expected[m.name], strict=True):
+            got = rt.run(m.name, x)
+            if len(got) != len(want) or len(got) != len(m.tasks):
+                problems.append(f"{len(got)} outputs, expected {len(want)}")
+                continue
+            for task, g, w in zip(m.tasks, got, want, strict=True):
+                if g.shape != w.shape:
+                    problems.append(f"{task}: shape {tuple(g.shape)} != {tuple(w.shape)}")
+                    continue
+                worst = max(worst, float((g - w).abs().max()))
+                agree = agree and _argmax_agrees(g, w, manifest.task(task).kind)
+        if worst > TOLERANCE:
+            problems.append(f"max abs error {worst:.3g} > {TOLERANCE}")
+        if not agree:
+            problems.append("predictions differ from eager")
+        methods[m.name] = {"max_abs_err": worst, "predictions_equal": agree, "ok": not problems, "problems": problems}
+        failures.extend(f"{m.name}: {p}" for p in problems)
+    report = {
+        "ok": not failures,
+        "against": "model" if net is not None else "reference outputs",
+        "batches": [len(x) for x in xs],
+        "tolerance": TOLERANCE,
+        "program_sha256_ok": True,
+        "methods": methods,
+        "failures": failures,
+    }
+    if strict and failures:
+        raise ExportError("verification_failed", "; ".join(failures))
+    return report
+
+
+def measure_memory(bundle_dir: str | Path, timeout_s: float = 300.0) -> dict[str, Any]:
+    """RSS of loading one method against all (fresh child processes): unbounded, and with at
+    most one method kept loaded (the lazy LRU loader)."""
+    out: dict[str, Any] = {
+        "unbounded": _memory_child(bundle_dir, None, timeout_s),
+        "max_loaded_1": _memory_child(bundle_dir, 1, timeout_s),
+    }
+    u = out["unbounded"]
+    if "error" not in u:
+        out["per_method_mb"] = round((u["rss_all_methods_mb"] - u["rss_program_mb"]) / max(1, u["methods"]), 2)
+    return out
+
+
+def _memory_child(bundle_dir: str | Path, max_loaded: int | None, timeout_s: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "mobile_export.probe", "--memory", str(bundle_dir)]
+    if max_loaded is not None:
+        cmd.append(str(max_loaded))
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, errors="replace")
+    except subprocess.TimeoutExpired:
+        return {"error": f"memory probe timed out after {timeout_s:.0f} s"}
+    from mobile_export.runtime import PROBE_MARK
+
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(PROBE_MARK):
+            return dict(json.loads(line[len(PROBE_MARK) :]))
+    return {"error": f"memory probe failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"}
