@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 
@@ -240,3 +241,49 @@ def _run_schemathesis(server: Server, max_examples: int) -> None:
     check()
     assert server.proc.poll() is None
     assert any(s >= 400 for s in seen) and any(s == 200 for s in seen)
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                    reason="Debian's chromium and chromedriver are not installed (./setup.sh installs them as root)")
+def test_dashboard_charts_every_called_combination_in_headless_chromium(server: Server, tmp_path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    x = normalise(digit_images()[:1], server.bundle)
+    called = ["digit", "digit+parity"]
+    for combo in called:
+        for _ in range(5):
+            assert infer_json(server, combo.replace("+", ","), x).status_code == 200
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(server.url + "/dashboard")
+        WebDriverWait(driver, 20).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".chart")) >= len(called))
+        charts = {el.get_attribute("data-combination"): el for el in driver.find_elements(By.CSS_SELECTOR, ".chart")}
+        assert set(called) <= set(charts)
+        for combo in called:
+            panel = charts[combo]
+            assert panel.find_elements(By.CSS_SELECTOR, "svg polyline.p50")
+            assert panel.find_elements(By.CSS_SELECTOR, "svg polyline.p95")
+            assert "MACs" in panel.find_element(By.CSS_SELECTOR, ".facts").text
+        # the overview has p50, p95 and MACs bars for every exported combination
+        bars = driver.find_elements(By.CSS_SELECTOR, "#overview-chart rect")
+        assert len(bars) == 3 * 3
+        assert "digit+loop+parity" not in charts  # never called: no live chart
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+        assert not errors, errors
+    finally:
+        driver.quit()
