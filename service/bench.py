@@ -42,6 +42,8 @@ class BenchConfig:
     workers: int = 1
     executor: str = "thread"
     direct_runs: int = 2000
+    lazy: bool = False  # serve with lazy method loading (and max_loaded) to compare resident memory
+    max_loaded: int | None = None
     out: Path = Path("results/serve-bench")
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -157,6 +159,10 @@ def start_server(cfg: BenchConfig, port: int, log_path: Path) -> subprocess.Pope
     cmd = [sys.executable, "-m", "merging.cli", "serve", str(cfg.bundle_dir), "--port", str(port),
            "--threads", str(cfg.threads), "--workers", str(cfg.workers), "--executor", cfg.executor,
            "--queue-bound", "4096", "--no-probe"]
+    if cfg.lazy:
+        cmd.append("--lazy")
+    if cfg.max_loaded:
+        cmd += ["--max-loaded", str(cfg.max_loaded)]
     env = {**os.environ, **cfg.extra_env}
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
@@ -173,6 +179,14 @@ def start_server(cfg: BenchConfig, port: int, log_path: Path) -> subprocess.Pope
         time.sleep(0.3)
     proc.terminate()
     raise ServiceError(2, "server_failed", f"pam serve was not ready within 180 s; see {log_path}")
+
+
+def server_rss_mb(proc: subprocess.Popen[bytes]) -> float:
+    """Resident memory of the server and its worker processes."""
+    import psutil
+
+    p = psutil.Process(proc.pid)
+    return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]) / 2**20
 
 
 def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
@@ -197,6 +211,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pam-bench-") as tmp:
         proc = start_server(cfg, port, Path(tmp) / "server.log")
         try:
+            rss_ready = server_rss_mb(proc)
             cells = []
             for m in methods:
                 tasks = ",".join(manifest.method_for(m).tasks)
@@ -208,6 +223,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                     cells.append(cell)
                     print(f"  http    {m:>24} x{c:<3}: {cell['rps']:7.0f} req/s  p50 {cell['p50_ms']:.3f}  "
                           f"p95 {cell['p95_ms']:.3f}  p99 {cell['p99_ms']:.3f} ms  errors {cell['errors']}", flush=True)
+            rss_end = server_rss_mb(proc)
         finally:
             proc.terminate()
             try:
@@ -228,6 +244,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         "model": manifest.model_name, "model_version": manifest.model_version,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "direct": direct, "http": cells, "summary": summary,
+        "server_rss_mb": {"ready": rss_ready, "end": rss_end},
         "total_errors": sum(c["errors"] for c in cells),
     }
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +259,9 @@ def markdown(r: dict[str, Any]) -> str:
     c = r["config"]
     lines = [f"# pam bench-serve: {r['model']} {r['model_version']}", "",
              f"payload `{c['payload']}`, threads {c['threads']}, workers {c['workers']}, executor `{c['executor']}`, "
-             f"{r['machine']['cpus']} CPUs; loopback, keep-alive clients in one asyncio process.", "",
+             f"lazy {c['lazy']} (max loaded {c['max_loaded']}), {r['machine']['cpus']} CPUs; loopback, keep-alive "
+             f"clients in one asyncio process. Server RSS: {r['server_rss_mb']['ready']:.0f} MB when ready, "
+             f"{r['server_rss_mb']['end']:.0f} MB at the end.", "",
              "| combination | MACs | clients | req/s | p50 ms | p95 ms | p99 ms | server execute p50 ms | errors |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for cell in r["http"]:

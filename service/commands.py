@@ -99,7 +99,7 @@ def run_bench(args: argparse.Namespace) -> int:
         bundle_dir=Path(args.bundle_dir), clients=tuple(int(c) for c in args.clients.split(",")),
         requests=args.requests, combinations=tuple(args.combinations.split(";")) if args.combinations else None,
         payload=args.payload, threads=args.threads, workers=args.workers, executor=args.executor,
-        direct_runs=args.direct_runs, out=Path(args.out),
+        direct_runs=args.direct_runs, out=Path(args.out), lazy=args.lazy, max_loaded=args.max_loaded,
     )
     run_benchmark(cfg)
     return 0
@@ -119,10 +119,13 @@ def register(sub: Any) -> None:
     b.add_argument("--requests", type=int, default=400, help="requests per (combination, clients) cell")
     b.add_argument("--combinations", default=None,
                    help="';'-separated combinations, e.g. 'digit;digit,parity' (default: the cheapest and all tasks)")
-    b.add_argument("--payload", choices=["png", "multipart", "json"], default="png", help="body: raw PNG, multipart PNG, or JSON tensor")
+    b.add_argument("--payload", choices=["png", "multipart", "json"], default="png",
+                   help="body: raw PNG, multipart PNG, or JSON tensor")
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--workers", type=int, default=1)
     b.add_argument("--executor", choices=["thread", "inline"], default="thread")
+    b.add_argument("--lazy", action="store_true", help="serve with lazy method loading")
+    b.add_argument("--max-loaded", type=int, default=None, help="with --lazy: methods kept loaded")
     b.add_argument("--direct-runs", type=int, default=2000, help="runtime calls per combination, direct baseline")
     b.add_argument("--out", default="results/serve-bench", help="output stem: writes STEM.json and STEM.md")
     b.set_defaults(func=run_bench)

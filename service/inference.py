@@ -44,7 +44,8 @@ async def body_to_input(request: Request, manifest: Manifest) -> np.ndarray:
                 raise ServiceError(400, "missing_image", "multipart body has no file part (name it 'image')")
             file_type = (upload.content_type or "").lower()
             if file_type and file_type not in preprocess.IMAGE_TYPES and file_type != "application/octet-stream":
-                raise ServiceError(415, "unsupported_media_type", f"file of type {file_type}; send image/png or image/jpeg")
+                raise ServiceError(415, "unsupported_media_type",
+                                   f"file of type {file_type}; send image/png or image/jpeg")
             data = await upload.read()
         finally:
             await form.close()

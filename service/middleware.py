@@ -91,7 +91,7 @@ class RequestObserver:
         except Exception:  # a bug: never let it kill the connection without an answer
             log.exception("unhandled error on %s %s", scope.get("method"), path)
             if not response_started:
-                await send_json(send_wrapper, 500, {"error": "internal", "detail": "internal error; see the server log"})
+                await send_json(send_wrapper, 500, {"error": "internal", "detail": "internal error; see the log"})
         finally:
             if counted:
                 metrics.IN_FLIGHT.dec()

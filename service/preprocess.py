@@ -41,14 +41,13 @@ def decode_image(data: bytes, manifest: Manifest) -> np.ndarray:
     pre = manifest.preprocessing
     try:
         img.load()  # truncated or corrupt data fails here, not later
-        img = img.convert(pre.channel_order)
-        img = img.resize((pre.size[1], pre.size[0]), Image.Resampling.BILINEAR)
+        resized = img.convert(pre.channel_order).resize((pre.size[1], pre.size[0]), Image.Resampling.BILINEAR)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ServiceError(400, "bad_image", f"cannot decode the image: {e}") from e
-    arr = np.asarray(img, dtype=np.float32) * np.float32(pre.scale)
+    arr: np.ndarray = np.asarray(resized, dtype=np.float32) * np.float32(pre.scale)
     arr = arr[:, :, None] if arr.ndim == 2 else arr  # HW -> HWC
     if pre.invert:
-        arr = 1.0 - arr
+        arr = np.float32(1.0) - arr
     arr = (arr - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1)[None], dtype=np.float32)
 
@@ -68,7 +67,8 @@ def tensor_from_json(data: bytes, manifest: Manifest) -> np.ndarray:
     except (ValidationError, RecursionError) as e:
         msg = "; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors()[:3]) \
             if isinstance(e, ValidationError) else "nested too deeply"
-        raise ServiceError(422, "invalid_tensor_request", f"expected {{'inputs': [...], 'dtype': 'float32'}}: {msg}") from e
+        raise ServiceError(422, "invalid_tensor_request",
+                           f"expected {{'inputs': [...], 'dtype': 'float32'}}: {msg}") from e
     return check_tensor(req.inputs, manifest)
 
 
@@ -88,10 +88,12 @@ def check_tensor(values: Any, manifest: Manifest, shape: list[int] | None = None
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or list(arr.shape[1:]) != want:
-        raise ServiceError(422, "bad_shape", f"input shape {list(arr.shape)} is not (C,H,W)={want} or (N,{','.join(map(str, want))})")
+        raise ServiceError(422, "bad_shape",
+                           f"input shape {list(arr.shape)} is not (C,H,W)={want} or (N,{','.join(map(str, want))})")
     n = arr.shape[0]
     if n < 1 or n > manifest.input.max_batch:
-        raise ServiceError(422, "bad_batch", f"batch of {n} is outside 1..{manifest.input.max_batch} (the manifest's maximum)")
+        raise ServiceError(422, "bad_batch",
+                           f"batch of {n} is outside 1..{manifest.input.max_batch} (the manifest's maximum)")
     out = arr.astype(np.float32)
     if not np.isfinite(out).all():
         raise ServiceError(422, "bad_tensor", "inputs must be finite float32 values")

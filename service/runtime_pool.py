@@ -24,6 +24,7 @@ import numpy as np
 
 from mobile_export.errors import ExportError
 from mobile_export.manifest import Manifest
+from service import metrics
 from service.core.config import Settings
 from service.errors import ServiceError
 
@@ -130,8 +131,9 @@ class RuntimePool:
     async def execute(self, model: LoadedModel, method: str, x: np.ndarray) -> Execution:
         """Run ``method`` on ``x`` through the bounded queue; 503 when full, 504 past the timeout."""
         if self._waiting >= self.settings.queue_bound:
+            metrics.QUEUE_REJECTED.inc()
             raise ServiceError(503, "queue_full",
-                               f"{self._waiting} requests already wait for the runtime (bound {self.settings.queue_bound})",
+                               f"{self._waiting} requests wait for the runtime (bound {self.settings.queue_bound})",
                                headers={"Retry-After": str(self.settings.retry_after_s)})
         self._waiting += 1
         submitted = time.perf_counter()

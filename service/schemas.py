@@ -73,7 +73,7 @@ class TasksResponse(BaseModel):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bundle_dir: str | None = Field(None, description="bundle to switch to; default: the one being served")
+    bundle_dir: str | None = Field(default=None, description="bundle to switch to; default: the one being served")
 
 
 class ReloadResponse(BaseModel):
@@ -106,7 +106,7 @@ class V2InferRequest(BaseModel):
     id: str | None = None
     parameters: dict[str, object] | None = None
     inputs: list[V2Tensor] = Field(min_length=1)
-    outputs: list[V2RequestedOutput] | None = Field(None, description="tasks to run; omitted: all tasks")
+    outputs: list[V2RequestedOutput] | None = Field(default=None, description="tasks to run; omitted: all tasks")
 
 
 class V2InferResponse(BaseModel):

@@ -72,10 +72,9 @@ def digits_bundle() -> Path:
 def _lower(net, bundle: Path) -> None:
     """Prefer the project's exporter when it exists; otherwise lower the methods here."""
     import torch
-    from torch.export import Dim, export
-
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
+    from torch.export import Dim, export
 
     x = torch.zeros(2, 1, 8, 8)
     progs = {"+".join(sorted(c)): export(net.for_combination(c).eval(), (x,),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.service_support import MAX_BATCH, Server, digits_bundle, normalise, png_of, serve, digit_images
+from tests.service_support import MAX_BATCH, Server, digit_images, digits_bundle, normalise, png_of, serve
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,8 @@ def test_png_upload_is_preprocessed_as_the_manifest_says(server: Server, runtime
     if how == "multipart":
         r = httpx.post(server.url + "/infer?tasks=digit", files={"image": ("d.png", png, "image/png")}, timeout=30)
     else:
-        r = httpx.post(server.url + "/infer?tasks=digit", content=png, headers={"content-type": "image/png"}, timeout=30)
+        r = httpx.post(server.url + "/infer?tasks=digit", content=png, headers={"content-type": "image/png"},
+                       timeout=30)
     assert r.status_code == 200, r.text
     # reference: the same 8-bit pixels normalised independently, run on the runtime directly
     x = normalise(np.round(imgs * 255) / 255, server.bundle)
@@ -106,13 +107,15 @@ def _bad_requests(server: Server) -> list[tuple[str, int, str, dict]]:
         ("text/plain", 415, "unsupported_media_type", dict(content=b"1,2,3", headers={"content-type": "text/plain"})),
         ("wrong shape", 422, "bad_shape", dict(json={"inputs": np.zeros((1, 1, 7, 8)).tolist()})),
         ("wrong dtype strings", 422, "bad_dtype", dict(json={"inputs": [[["a"] * 8] * 8]})),
-        ("wrong dtype declared", 422, "invalid_tensor_request", dict(json={"inputs": good["inputs"], "dtype": "int64"})),
+        ("wrong dtype declared", 422, "invalid_tensor_request",
+         dict(json={"inputs": good["inputs"], "dtype": "int64"})),
         ("ragged", 422, "bad_tensor", dict(json={"inputs": [[[0.0] * 8] * 7 + [[0.0] * 3]]})),
         ("non-finite", 422, "bad_tensor", dict(content=b'{"inputs": ' + json.dumps(
             np.full((1, 8, 8), 0.0).tolist()).replace("0.0", "NaN", 1).encode() + b"}",
             headers={"content-type": "application/json"})),
         ("batch above max", 422, "bad_batch", dict(json={"inputs": np.zeros((MAX_BATCH + 1, 1, 8, 8)).tolist()})),
-        ("malformed json", 422, "malformed_json", dict(content=b'{"inputs": [1, 2', headers={"content-type": "application/json"})),
+        ("malformed json", 422, "malformed_json",
+         dict(content=b'{"inputs": [1, 2', headers={"content-type": "application/json"})),
         ("deep json", 422, "malformed_json", dict(content=b"[" * 60000, headers={"content-type": "application/json"})),
         ("json not an object", 422, "invalid_tensor_request", dict(json=[1, 2, 3])),
         ("oversized", 413, "body_too_large", dict(content=b"0" * 70000, headers={"content-type": "application/json"})),
@@ -287,3 +290,18 @@ def test_dashboard_charts_every_called_combination_in_headless_chromium(server: 
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_grafana_dashboard_queries_only_metrics_the_server_exports(server: Server) -> None:
+    from tests.service_support import ROOT
+
+    dash = json.loads((ROOT / "service" / "grafana" / "dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\bpam_[a-z_]+", e)}
+    exported = httpx.get(server.url + "/metrics").text
+    names = set(re.findall(r"^# TYPE (pam_[a-z_]+) (\w+)", exported, re.M))
+    available = {n for n, _ in names} | {n + s for n, kind in names if kind == "histogram"
+                                         for s in ("_bucket", "_sum", "_count")}
+    available |= {n + "_total" for n, kind in names if kind == "counter"}
+    assert used and used <= available, used - available
+    assert any("histogram_quantile(0.95" in e and "pam_request_duration_seconds_bucket" in e for e in exprs)

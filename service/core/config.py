@@ -18,19 +18,19 @@ class Settings(BaseSettings):
 
     bundle_dir: Path | None = None  # the bundle to serve (model.pte + manifest.json)
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    threads: int = Field(1, ge=1, le=64)  # XNNPACK threads per inference: emulates a device's cores
-    workers: int = Field(1, ge=1, le=32)  # uvicorn worker processes, each with its own runtime
+    port: int = Field(default=8000, ge=0, le=65535)
+    threads: int = Field(default=1, ge=1, le=64)  # XNNPACK threads per inference: emulates a device's cores
+    workers: int = Field(default=1, ge=1, le=32)  # uvicorn worker processes, each with its own runtime
     executor: Literal["thread", "inline"] = "thread"  # where execute runs: one runtime thread, or the event loop
-    queue_bound: int = Field(64, ge=1)  # requests admitted to wait for the runtime; beyond it: 503
-    retry_after_s: int = Field(1, ge=0)  # Retry-After of a 503
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # larger request bodies get 413
-    request_timeout_s: float = Field(10.0, gt=0)  # queue wait + execute; beyond it: 504
+    queue_bound: int = Field(default=64, ge=1)  # requests admitted to wait for the runtime; beyond it: 503
+    retry_after_s: int = Field(default=1, ge=0)  # Retry-After of a 503
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)  # larger request bodies get 413
+    request_timeout_s: float = Field(default=10.0, gt=0)  # queue wait + execute; beyond it: 504
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     admin_token: str | None = None  # guards POST /admin/reload; unset: the endpoint answers 403
     lazy: bool = False  # load a method on its first request instead of all at start-up
-    max_loaded: int | None = Field(None, ge=1)  # with lazy: how many methods stay loaded (LRU)
+    max_loaded: int | None = Field(default=None, ge=1)  # with lazy: how many methods stay loaded (LRU)
     probe: bool = True  # load the bundle once in a child process before trusting it (crash-safe)
-    probe_timeout_s: float = Field(120.0, gt=0)
-    dashboard_window: int = Field(1000, ge=10)  # latencies kept per combination for /dashboard
+    probe_timeout_s: float = Field(default=120.0, gt=0)
+    dashboard_window: int = Field(default=1000, ge=10)  # latencies kept per combination for /dashboard

@@ -24,8 +24,8 @@ async def tasks(pool: PoolDep) -> TasksResponse:
     return TasksResponse(
         model=m.model_name, model_version=m.model_version,
         tasks=[TaskInfo(name=t.name, kind=t.kind, labels=t.labels) for t in m.tasks],
-        combinations=[MethodInfo(combination=e.name, tasks=e.tasks, macs=e.macs, params=e.params, loaded=e.name in loaded)
-                      for e in m.methods],
+        combinations=[MethodInfo(combination=e.name, tasks=e.tasks, macs=e.macs, params=e.params,
+                                 loaded=e.name in loaded) for e in m.methods],
         input_shape=m.input.shape, max_batch=m.input.max_batch,
     )
 
