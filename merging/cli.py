@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 COMMAND_MODULES = (
     "merging.commands",
+    "merging.commands_pam",
     "mobile_export.commands",
     "service.commands",
 )

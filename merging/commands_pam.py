@@ -1,0 +1,151 @@
+"""``pam merge``, ``pam prune``, ``pam bench``: merging, pruning and the benchmark (parser side kept light)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from merging.commands import add_dataset_args, dataset_from_args
+from merging.errors import MergingError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (MergingError,)
+BENCH_DATASETS = ("digits", "digits-partitions", "composite")
+
+
+def _print_costs(net: Any, baseline: Any = None) -> None:
+    from merging.cost import cost_table
+    from merging.report import format_table
+    from merging.tasks import set_name
+
+    for l, groups in enumerate(net.layout):
+        parts = ", ".join(f"{set_name(m, net.task_names)}:{w}" for m, w in groups.items())
+        print(f"  layer {l}: {parts}")
+    table = cost_table(net)
+    if baseline is None:
+        print(format_table(["combination", "MACs", "params"], [[k, c.macs, c.params] for k, c in table.items()]))
+        return
+    base = cost_table(baseline)
+    rows = [[k, c.macs, base[k].macs, f"{base[k].macs / c.macs:.2f}x"] for k, c in table.items()]
+    print(format_table(["combination", "MACs", "before", "reduction"], rows))
+
+
+def _pam_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for key in ("delta", "noise", "calib_size", "split", "consistency"):
+        v = getattr(args, key, None)
+        if v is not None:
+            opts[key] = v
+    return opts
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from merging.checkpoint import save_model
+    from merging.mergers import create_merger
+    from merging.zoo import load_zoo
+
+    splits = dataset_from_args(args)
+    nets = load_zoo(Path(args.zoo), tuple(t.name for t in splits.tasks))
+    opts = _pam_options(args) if args.method == "pam" else {}
+    merged = create_merger(args.method, **opts).merge(nets, splits.train, seed=args.seed)
+    merged.meta.setdefault("dataset", splits.name)
+    merged.meta.setdefault("preprocessing", splits.preprocessing.to_json())
+    path = save_model(merged, Path(args.out))
+    print(f"merged {len(nets)} networks with {args.method} -> {path}")
+    if args.method == "pam":
+        print(f"  exactly reproduced before fine-tuning: {', '.join(merged.meta['pam']['exact_tasks']) or 'none'}")
+    _print_costs(merged)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from merging.checkpoint import load_model, save_model
+    from merging.pruning import PruneConfig, check_set, prune, reference_accuracy
+    from merging.train import evaluate
+    from merging.zoo import load_zoo
+
+    net = load_model(args.model)
+    args.tasks = ",".join(net.task_names)
+    splits = dataset_from_args(args)
+    cfg = PruneConfig(budget=args.budget, step=args.step, finetune_epochs=args.finetune_epochs, seed=args.seed,
+                      criterion=args.criterion, cost_aware=not args.cost_blind)
+    if args.max_steps is not None:
+        cfg = replace(cfg, max_steps=args.max_steps)
+    reference = None
+    if args.zoo:
+        zoo = load_zoo(Path(args.zoo), net.task_names)
+        reference = reference_accuracy(zoo, check_set(splits.val, cfg.check_shifts, cfg.seed))
+        print("reference (unpruned single-task, val check set): "
+              + ", ".join(f"{t} {a:.2f}%" for t, a in reference.items()))
+    before = load_model(args.model)
+    pruned, history = prune(net, splits, cfg, reference=reference)
+    stop = next((h for h in reversed(history) if h.get("kind") == "stop"), {})
+    steps = sum(1 for h in history if h.get("accepted"))
+    print(f"{steps} prune steps accepted; stopped: {stop.get('reason', '?')}")
+    print("test accuracy: " + ", ".join(f"{t} {a:.2f}%" for t, a in evaluate(pruned, splits.test).items()))
+    pruned.meta["prune_history"] = [{k: v for k, v in h.items() if k != "reference"} for h in history]
+    path = save_model(pruned, Path(args.out))
+    print(f"pruned model -> {path}")
+    _print_costs(pruned, before)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from merging.bench import BenchConfig, quick_config, run_bench
+
+    datasets = BENCH_DATASETS if args.dataset == "all" else tuple(args.dataset.split(","))
+    mergers = tuple(m.strip() for m in args.mergers.split(",") if m.strip()) if args.mergers else ()
+    for ds in datasets:
+        cfg = quick_config(ds) if args.quick else BenchConfig(dataset=ds)
+        cfg = replace(cfg, mergers=mergers, out_dir=Path(args.out))
+        if args.seeds is not None:
+            cfg = replace(cfg, seeds=tuple(range(args.seeds)))
+        if args.zoo_epochs is not None:
+            cfg = replace(cfg, zoo_epochs=args.zoo_epochs)
+        run_bench(cfg)
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("merge", help="merge a zoo of single-task networks into one multitask network")
+    p.add_argument("--zoo", required=True, help="zoo directory (from `pam train`)")
+    p.add_argument("--method", default="pam", help="merger: pam | separate | shared | any registered one")
+    p.add_argument("--out", required=True, help="output stem (writes STEM.json + STEM.pt)")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("pam")
+    g.add_argument("--delta", type=float, default=None, help="relevant sets keep (1 - delta) of the information")
+    g.add_argument("--noise", type=float, default=None, help="kernel variance per dimension of the MI estimate")
+    g.add_argument("--calib-size", type=int, default=None, help="calibration images")
+    g.add_argument("--split", choices=("general", "two-level"), default=None, help="grouping form")
+    g.add_argument("--consistency", choices=("cut", "expand"), default=None, help="how sets obey the wiring rule")
+    add_dataset_args(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("prune", help="structured pruning of a (multitask) model within an accuracy budget")
+    p.add_argument("model", help="model config (<name>.json) or its stem")
+    p.add_argument("--out", required=True, help="output stem (writes STEM.json + STEM.pt)")
+    p.add_argument("--zoo", default=None, help="zoo whose unpruned networks set the reference accuracy "
+                   "(default: the model's own accuracy before pruning)")
+    p.add_argument("--budget", type=float, default=1.0, help="max accuracy drop per task, in points")
+    p.add_argument("--step", type=float, default=0.15, help="share of combination-weighted MACs cut per step")
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--criterion", choices=("taylor", "magnitude", "taylor+magnitude"), default="taylor+magnitude")
+    p.add_argument("--cost-blind", action="store_true", help="ignore each channel's cost across combinations")
+    p.add_argument("--seed", type=int, default=0)
+    add_dataset_args(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("bench", help="separate vs shared vs pam (vs any registered merger): MACs of every "
+                       "combination after the same pruning, over seeds")
+    p.add_argument("--dataset", default="all", help=f"{' | '.join(BENCH_DATASETS)} | all | comma-separated")
+    p.add_argument("--quick", action="store_true", help="CI mode: 2 seeds, short training")
+    p.add_argument("--mergers", default=None, help="comma-separated mergers (default: every registered merger)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, quick 2)")
+    p.add_argument("--zoo-epochs", type=int, default=None, help="training epochs per single-task network")
+    p.add_argument("--out", default="results", help="directory for bench-<dataset>.{json,md,png}")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,326 @@
+"""``pam``: Pruning-Aware Merging (He et al., arXiv 1905.09676), general form.
+
+Per layer, the channels of all N single-task networks are pooled. On a calibration batch, the
+mutual information (``merging.mi``) between sets of channels and each task's labels decides,
+for every task t, a small set of channels that keeps (1 - delta) of what the whole layer knows
+about t; the rest are *jointly irrelevant* to t. A channel goes to the group of exactly the tasks
+it is relevant to (``split="general"``), or, with ``split="two-level"`` (the paper's form), to
+the shared group of all tasks when relevant to two or more and to its task's exclusive group when
+relevant to one. Channels relevant to no task are dropped.
+
+Choosing each task's relevant set: the candidates are ranked by their own information about t,
+channels already relevant to an earlier task first (``share_first``: reusing a channel another
+task keeps costs that task nothing extra, and a channel shared by more tasks is paid for once
+per combination), then the smallest prefix of that ranking whose joint information reaches
+(1 - delta) of the best joint information seen over prefixes (not of the whole layer's: in high
+dimension the kernel estimate of a huge set is diluted by uninformative channels).
+
+Consistency with the wiring rule: the weights come from the block-diagonal union of the originals,
+so a channel reads the channels below it *of its own source network*, and under the wiring rule
+a group of set S may only read groups of sets S' ⊇ S. The sets are therefore fixed top-down: a
+channel's final set is its own relevance set united with the sets of every kept channel above it
+in the same source network (each of which reads it). No channel ever reads a channel that was
+dropped or that sits in a group it may not read, so the merged network computes every kept
+channel exactly as its source network did. With ``own_task`` (default) a kept channel of task
+t's network always includes t, so head t reads all of them, and a task none of whose channels
+was dropped gets exactly its single-task outputs (listed in ``meta["pam"]["exact_tasks"]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from merging.data.base import MultitaskData
+from merging.errors import MergingError, invariant
+from merging.mergers.base import Merger, check_mergeable, register_merger, single_block
+from merging.mi import DEFAULT_NOISE, label_entropy, mutual_information_many
+from merging.network import MultitaskNet, block_key
+from merging.pruning.surgery import remove_dead_groups
+
+Split = Literal["general", "two-level"]
+Consistency = Literal["cut", "expand"]
+
+
+@dataclass(frozen=True)
+class PamConfig:
+    calib_size: int = 384  # calibration images drawn (seeded) from the training split
+    delta: float = 0.001  # a task's relevant set keeps (1 - delta) of the layer's information about it
+    noise: float = DEFAULT_NOISE  # kernel variance per z-scored dimension of the MI estimate
+    pool: int = 2  # conv maps are average-pooled to at most pool x pool before the estimate
+    split: Split = "general"  # "general": group = exact relevance set; "two-level": shared | exclusive
+    share_first: bool = True  # rank channels other tasks already keep first
+    own_first: bool = True  # then the task's own network's channels (its head reads them), then the rest
+    own_task: bool = True  # a kept channel of t's network always serves t (keeps t exact)
+    drop_irrelevant: bool = True  # False: a channel relevant to nothing stays in its own task's group
+    consistency: Consistency = "cut"  # how sets are made to obey the wiring rule (see the module docstring)
+
+
+@dataclass
+class Channel:
+    net: int  # index of the source network (= task index)
+    index: int  # channel index in the source network's layer
+    relevant: int = 0  # mask of tasks the MI test finds it relevant to
+    final: int = 0  # mask of its group in the merged network (0: dropped)
+
+
+@register_merger
+class PamMerger(Merger):
+    name = "pam"
+
+    def __init__(self, config: PamConfig | None = None, **options: object) -> None:
+        try:
+            self.config = config or PamConfig(**options)  # type: ignore[arg-type]
+        except TypeError as e:
+            raise MergingError("bad_argument", f"pam merger: {e}") from e
+        if not 0.0 <= self.config.delta < 1.0:
+            raise MergingError("bad_argument", f"pam merger: delta must be in [0, 1), got {self.config.delta}")
+        if self.config.consistency not in ("cut", "expand"):
+            raise MergingError("bad_argument", f"pam merger: consistency must be cut or expand, got {self.config.consistency}")
+        if self.config.split not in ("general", "two-level"):
+            raise MergingError("bad_argument", f"pam merger: split must be general or two-level, got {self.config.split}")
+
+    # ------------------------------------------------------------------ grouping
+    def relevance(self, nets: Sequence[MultitaskNet], data: MultitaskData, seed: int = 0) -> list[list[Channel]]:
+        """Channels of every layer with their relevance and final group masks."""
+        cfg = self.config
+        tasks = [net.task_names[0] for net in nets]
+        gen = torch.Generator().manual_seed(seed)
+        n = min(cfg.calib_size, len(data))
+        idx = torch.randperm(len(data), generator=gen)[:n]
+        x = data.x[idx]
+        labels = [data.y[t][idx] for t in tasks]
+        acts = [_layer_outputs(net, x) for net in nets]
+        layers: list[list[Channel]] = []
+        for l in range(len(nets[0].layout)):
+            feats = []
+            chans: list[Channel] = []
+            for i in range(len(nets)):
+                a = acts[i][l]
+                p = min(cfg.pool, a.shape[-2]), min(cfg.pool, a.shape[-1])
+                feats.append(torch.nn.functional.adaptive_avg_pool2d(a, p).flatten(2))
+                chans.extend(Channel(i, j) for j in range(a.shape[1]))
+            layers.append(chans)
+            self._relevant_sets(torch.cat(feats, 1), labels, chans)
+        if cfg.consistency == "expand":
+            _expand_sets(layers, len(nets))
+        else:
+            _cut_sets(layers)
+        return layers
+
+    def _relevant_sets(self, feats: Tensor, labels: list[Tensor], chans: list[Channel]) -> None:
+        cfg = self.config
+        single = torch.tensor([mutual_information_many(feats[:, c], labels, cfg.noise) for c in range(len(chans))])
+        chosen = torch.zeros(len(chans), dtype=torch.bool)
+        # Hardest task first (most label entropy): its channels form the core that easier tasks reuse.
+        for t in sorted(range(len(labels)), key=lambda t: (-label_entropy(labels[t]), t)):
+            lab = labels[t]
+            # Rank by own information about t, tie-broken by index for determinism.
+            def rank(c: int, t: int = t) -> tuple[int, float, int]:
+                tier = 0 if cfg.share_first and bool(chosen[c]) else 1 if cfg.own_first and chans[c].net == t else 2
+                return tier, -float(single[c, t]), c
+
+            order = sorted(range(len(chans)), key=rank)
+            tiers = [[c for c in order if rank(c)[0] == k] for k in range(3)]
+            probe = _PrefixInfo(feats, lab, cfg.noise)
+            target = (1.0 - cfg.delta) * probe.best(order)
+            # Reuse what other tasks keep if that alone suffices, else the task's own network alone,
+            # else the whole ranking: a task drawing on many networks makes each of them serve it.
+            for cand in (tiers[0], tiers[1], order):
+                picked = probe.smallest_prefix(cand, target) if cand else None
+                if picked is not None:
+                    break
+            invariant(picked is not None, "the full ranking reaches its own best prefix")
+            for c in picked or []:
+                chans[c].relevant |= 1 << t
+                chosen[c] = True
+        full = (1 << len(labels)) - 1
+        for ch in chans:
+            if cfg.split == "two-level" and bin(ch.relevant).count("1") >= 2:
+                ch.relevant = full
+            if ch.relevant == 0 and not cfg.drop_irrelevant:
+                ch.relevant = 1 << ch.net
+            if ch.relevant and cfg.own_task:
+                ch.relevant |= 1 << ch.net
+            if cfg.split == "two-level" and ch.relevant != full and bin(ch.relevant).count("1") >= 2:
+                ch.relevant = full  # own_task may have made a single-task channel a two-task one
+
+    # ------------------------------------------------------------------ merging
+    def merge(self, nets: Sequence[MultitaskNet], data: MultitaskData, seed: int = 0) -> MultitaskNet:
+        check_mergeable(nets)
+        tasks = [net.tasks[0] for net in nets]
+        names = [t.name for t in tasks]
+        missing = [t for t in names if t not in data.y]
+        if missing:
+            raise MergingError("bad_data", f"pam needs labels of every task on the calibration data; missing {missing}")
+        layers = self.relevance(nets, data, seed)
+        for t in range(len(nets)):
+            if not any(ch.final >> t & 1 for ch in layers[-1]):
+                raise MergingError("pam_empty_task", f"pam kept no last-layer channel for task {names[t]!r}")
+        # Channels of a group in (source network, index) order.
+        members: list[dict[int, list[Channel]]] = []
+        for chans in layers:
+            groups: dict[int, list[Channel]] = {}
+            for ch in chans:
+                if ch.final:
+                    groups.setdefault(ch.final, []).append(ch)
+            members.append(dict(sorted(groups.items())))
+        layout = [{m: len(g) for m, g in groups.items()} for groups in members]
+        exact = [names[t] for t in range(len(nets)) if _reproduces(layers, t)]
+        meta = {
+            "merger": self.name,
+            "pam": {
+                "config": asdict(self.config),
+                "seed": seed,
+                "exact_tasks": exact,
+                "dropped": [sum(1 for ch in chans if not ch.final) for chans in layers],
+            },
+        }
+        merged = MultitaskNet(tasks, nets[0].arch, layout, meta=meta)
+        _copy_weights(merged, nets, members)
+        # A group no block above may read (no subset group above it) would be computed for nothing.
+        merged.meta["pam"]["dead_groups"] = len(remove_dead_groups(merged))
+        merged.eval()
+        return merged
+
+
+def _expand_sets(layers: list[list[Channel]], n_nets: int) -> None:
+    """Top-down: a channel's set also covers every kept channel above it in its own network (exact)."""
+    above = [0] * n_nets  # union of the final sets of each network's kept channels one layer up
+    for chans in reversed(layers):
+        for ch in chans:
+            ch.final = ch.relevant | above[ch.net]
+        above = [0] * n_nets
+        for ch in chans:
+            above[ch.net] |= ch.final
+
+
+def _cut_sets(layers: list[list[Channel]]) -> None:
+    """Keep each channel's relevance set; a channel reads only the parents the wiring rule allows.
+
+    Weights from a parent whose set is not a superset are cut (the paper's way). Where a group
+    would have no superset group at all to read, the parents of its channels that already serve
+    part of its set (or, failing that, all kept parents of the same networks) take on the group's
+    set too, so every group has an input.
+    """
+    for chans in layers:
+        for ch in chans:
+            ch.final = ch.relevant
+    for l in range(len(layers) - 1, 0, -1):
+        groups = sorted({ch.final for ch in layers[l] if ch.final}, key=lambda m: (-bin(m).count("1"), m))
+        for mask in groups:
+            below = layers[l - 1]
+            if any(p.final & mask == mask for p in below):
+                continue
+            nets = {ch.net for ch in layers[l] if ch.final == mask}
+            parents = [p for p in below if p.net in nets and p.final & mask]
+            parents = parents or [p for p in below if p.net in nets and p.final]
+            parents = parents or [p for p in below if p.net in nets]
+            for p in parents:
+                p.final |= mask
+
+
+def _reproduces(layers: list[list[Channel]], t: int) -> bool:
+    """Whether head t sees exactly its source network: every channel of net t kept, readable, uncut."""
+    for l, chans in enumerate(layers):
+        own = [ch for ch in chans if ch.net == t]
+        if any(not ch.final for ch in own):
+            return False
+        if l > 0:
+            parents = [p for p in layers[l - 1] if p.net == t]
+            if any(p.final & ch.final != ch.final for ch in own for p in parents):
+                return False
+    return all(ch.final >> t & 1 for ch in layers[-1] if ch.net == t)
+
+
+def _grid(n: int) -> list[int]:
+    sizes, k = [], 1
+    while k < n:
+        sizes.append(k)
+        k *= 2
+    return [*sizes, n]
+
+
+class _PrefixInfo:
+    """Joint information of prefixes of channel rankings about one task's labels (cached)."""
+
+    def __init__(self, feats: Tensor, labels: Tensor, noise: float) -> None:
+        self.feats, self.labels, self.noise = feats, labels, noise
+        self.cache: dict[tuple[int, ...], float] = {}
+
+    def info(self, chans: Sequence[int]) -> float:
+        key = tuple(chans)
+        if key not in self.cache:
+            self.cache[key] = mutual_information_many(self.feats[:, list(key)], [self.labels], self.noise)[0]
+        return self.cache[key]
+
+    def best(self, order: Sequence[int]) -> float:
+        """Best information over prefixes of sizes 1, 2, 4, ..., all (the kernel estimate of a huge
+        set is diluted by uninformative channels, so the whole set is not always the best)."""
+        return max(self.info(order[:k]) for k in _grid(len(order)))
+
+    def smallest_prefix(self, order: Sequence[int], target: float) -> list[int] | None:
+        """Shortest prefix reaching ``target`` (grid, then bisection: information is near-monotone)."""
+        sizes = _grid(len(order))
+        hi = next((k for k in sizes if self.info(order[:k]) >= target), None)
+        if hi is None:
+            return None
+        lo = max([k for k in sizes if k < hi], default=0)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.info(order[:mid]) >= target:
+                hi = mid
+            else:
+                lo = mid
+        return list(order[:hi])
+
+
+@torch.no_grad()
+def _layer_outputs(net: MultitaskNet, x: Tensor) -> list[Tensor]:
+    net.eval()
+    outs = []
+    h = x
+    for l in range(len(net.layout)):
+        h = single_block(net, l)(h)
+        outs.append(h)
+    return outs
+
+
+@torch.no_grad()
+def _copy_weights(merged: MultitaskNet, nets: Sequence[MultitaskNet], members: list[dict[int, list[Channel]]]) -> None:
+    """Block-diagonal union: each channel keeps its weights on its own network's channels, zero elsewhere."""
+    for l, groups in enumerate(members):
+        for mask, chans in groups.items():
+            block = merged.blocks[block_key(l, mask)]
+            w = torch.zeros_like(block.conv.weight)
+            inputs = None if l == 0 else [ch for m in merged.reads[(l, mask)] for ch in members[l - 1][m]]
+            for row, ch in enumerate(chans):
+                src = single_block(nets[ch.net], l)
+                if inputs is None:
+                    w[row] = src.conv.weight[ch.index]
+                else:
+                    for col, parent in enumerate(inputs):
+                        if parent.net == ch.net:
+                            w[row, col] = src.conv.weight[ch.index, parent.index]
+                if block.conv.bias is not None:
+                    block.conv.bias[row] = src.conv.bias[ch.index]
+                if block.bn is not None:
+                    for name in ("weight", "bias", "running_mean", "running_var"):
+                        getattr(block.bn, name)[row] = getattr(src.bn, name)[ch.index]
+            block.conv.weight.copy_(w)
+    last = members[-1]
+    for t, task in enumerate(merged.task_names):
+        head = merged.heads[task]
+        src_head = nets[t].heads[task]
+        inputs = [ch for m in merged.head_reads(t) for ch in last[m]]
+        w = torch.zeros_like(head.conv.weight)
+        for col, ch in enumerate(inputs):
+            if ch.net == t:
+                w[:, col] = src_head.conv.weight[:, ch.index]
+        head.conv.weight.copy_(w)
+        if head.conv.bias is not None:
+            head.conv.bias.copy_(src_head.conv.bias)

@@ -1,0 +1,30 @@
+"""The pruner's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Criterion = Literal["taylor", "magnitude", "taylor+magnitude"]
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    budget: float = 1.0  # max accuracy drop (points) of any task vs its reference on the check set
+    step: float = 0.15  # fraction of the combination-weighted MACs removed per prune step
+    min_step: float = 0.02  # after a rejected step the step halves; below this, pruning stops
+    max_steps: int = 40  # hard cap on prune steps (accepted or not)
+    finetune_epochs: int = 3  # joint-loss fine-tuning after every prune step
+    retry_epochs: int = 3  # a step that misses the budget gets this much more fine-tuning before it is undone
+    recover_epochs: int = 30  # fine-tuning before pruning when the start network misses the budget
+    recover_lr: float = 3e-3  # its learning rate (a regrouped network may need real retraining)
+    lr: float = 1e-3  # fine-tuning learning rate (one-cycle per fine-tune)
+    batch_size: int = 64  # fine-tuning batch size
+    criterion: Criterion = "taylor+magnitude"  # channel importance
+    magnitude_weight: float = 0.25  # weight of the (layer-normalised) magnitude term in "taylor+magnitude"
+    taylor_batches: int = 8  # training batches (of 128) whose joint-loss gradients feed Taylor importance
+    cost_aware: bool = True  # divide importance by the channel's MACs weighted over combinations
+    cost_power: float = 1.0  # exponent of that cost (0 = cost-blind)
+    check_shifts: int = 4  # the budget is checked on val plus this many 1-pixel-shifted copies of it
+    seed: int = 0  # seeds fine-tuning, the check set's shifts and the Taylor batches
+    progress: bool = True  # tqdm bar over prune steps

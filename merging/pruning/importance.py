@@ -1,0 +1,122 @@
+"""Channel importance and channel cost for pruning a multitask network.
+
+Importance: Torch-Pruning's group Taylor importance (first-order, on the *joint* loss of all
+tasks, summed over the dependency group: the block's own filter and every consumer's input
+slice) and group magnitude, each normalised by its mean over the layer's channels so layers of
+different sizes compete fairly (global raw scores starve whichever layer has small weights).
+
+Cost: a channel of group S at layer l is paid for by every combination that meets S. Its
+*weighted cost* is the MACs it brings (its own filter, plus its slice in every block or head
+that reads it) times the share of combinations that pay each of those parts, i.e. its expected
+MACs over a uniformly drawn combination. A channel shared by many tasks is thus dearer than an
+exclusive one, and has to be that much more important to survive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import Tensor
+
+from merging.data.base import MultitaskData
+from merging.network import MultitaskNet, block_key
+from merging.pruning.config import PruneConfig
+from merging.train import joint_loss
+
+
+def combination_share(mask: int, n_tasks: int) -> float:
+    """Share of the 2^N - 1 combinations that meet task set ``mask``."""
+    k = bin(mask).count("1")
+    total = (1 << n_tasks) - 1
+    return ((1 << n_tasks) - (1 << (n_tasks - k))) / total
+
+
+@dataclass
+class ChannelScores:
+    layer: int
+    mask: int
+    importance: Tensor  # (width,) layer-normalised importance
+    cost: Tensor  # (width,) expected MACs per channel over combinations
+
+
+def channel_costs(net: MultitaskNet) -> dict[tuple[int, int], float]:
+    """(layer, mask) -> expected MACs one channel of that group brings, over uniform combinations."""
+    n = len(net.tasks)
+    out: dict[tuple[int, int], float] = {}
+    for l, groups in enumerate(net.layout):
+        r = net.resolved[l]
+        for mask in groups:
+            conv = net.blocks[block_key(l, mask)].conv
+            own = conv.in_channels * r.kernel[0] * r.kernel[1] * r.conv_hw[0] * r.conv_hw[1]
+            cost = own * combination_share(mask, n)
+            for key, _, is_head in net.consumers(l, mask):
+                if is_head:
+                    hc = net.heads[key].conv
+                    per_in = hc.out_channels * hc.kernel_size[0] * hc.kernel_size[1]
+                    cost += per_in * combination_share(1 << net.task_names.index(key), n)
+                else:
+                    rl = net.resolved[l + 1]
+                    cc = net.blocks[key].conv
+                    per_in = cc.out_channels * rl.kernel[0] * rl.kernel[1] * rl.conv_hw[0] * rl.conv_hw[1]
+                    cost += per_in * combination_share(int(key.split("_g")[1]), n)
+            out[(l, mask)] = cost
+    return out
+
+
+def weighted_macs(net: MultitaskNet) -> float:
+    """Expected MACs of a uniformly drawn combination (the quantity each prune step cuts)."""
+    from merging.cost import cost_table
+
+    table = cost_table(net)
+    return sum(c.macs for c in table.values()) / len(table)
+
+
+def accumulate_gradients(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig) -> None:
+    net.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    net.eval()  # gradients of the deployed function (BN in inference mode)
+    for b, (xb, yb) in enumerate(data.batches(128, shuffle=True, generator=gen)):
+        if b >= cfg.taylor_batches:
+            break
+        joint_loss(net, net(xb), yb).backward()
+
+
+def score_channels(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig) -> list[ChannelScores]:
+    """Importance and weighted cost of every channel of every group."""
+    module = net.for_combination(None)
+    example = data.x[:2]
+    graph = tp.DependencyGraph().build_dependency(module, example_inputs=example, verbose=False)
+    use_taylor = cfg.criterion in ("taylor", "taylor+magnitude")
+    use_mag = cfg.criterion in ("magnitude", "taylor+magnitude")
+    if use_taylor:
+        accumulate_gradients(net, data, cfg)
+    taylor = tp.importance.GroupTaylorImportance(normalizer=None)
+    magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
+    costs = channel_costs(net)
+    raw: list[tuple[int, int, Tensor | None, Tensor | None]] = []
+    for l, groups in enumerate(net.layout):
+        for mask, width in groups.items():
+            conv = net.blocks[block_key(l, mask)].conv
+            group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(width)))
+            t = taylor(group).detach().abs() if use_taylor else None
+            m = magnitude(group).detach() if use_mag else None
+            raw.append((l, mask, t, m))
+    net.zero_grad(set_to_none=True)
+    out: list[ChannelScores] = []
+    for l in range(len(net.layout)):
+        here = [r for r in raw if r[0] == l]
+        imp_parts: list[list[Tensor]] = [[] for _ in here]
+        for which, weight in ((2, 1.0), (3, cfg.magnitude_weight if use_taylor else 1.0)):
+            vals = [r[which] for r in here]
+            if vals[0] is None:
+                continue
+            mean = torch.cat([v for v in vals if v is not None]).mean().clamp_min(1e-12)
+            for k, v in enumerate(vals):
+                imp_parts[k].append(weight * v / mean)  # type: ignore[operator]
+        for k, (_, mask, _, _) in enumerate(here):
+            imp = torch.stack(imp_parts[k]).sum(0)
+            cost = torch.full_like(imp, costs[(l, mask)])
+            out.append(ChannelScores(l, mask, imp, cost))
+    return out
