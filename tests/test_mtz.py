@@ -173,11 +173,35 @@ def test_partial_zip_is_honest_wired_and_exact(family: str) -> None:
         assert combination_cost(merged, (t,)).macs == combination_cost(net).macs
     separate = cost_table(create_merger("separate").merge(nets, None))  # type: ignore[arg-type]
     assert cost_table(merged)["t0+t1+t2"].macs < separate["t0+t1+t2"].macs
+    # Computing each distinct (neuron, input value) product once would save at most the shared
+    # part of the per-task copies; a single task never has anything to share.
+    for combo in subsets(list(merged.task_names)):
+        mask = sum(1 << merged.task_names.index(t) for t in combo)
+        trunk = combination_cost(merged, combo).macs - sum(merged.heads[t].conv.weight.numel() for t in combo)
+        ideal = zipped.distinct_product_macs(mask)
+        assert ideal == trunk if len(combo) == 1 else ideal <= trunk
     # The MultitaskNet computes exactly what the zipped network (tied weights) computes per task.
     x = torch.randn(5, 1, 8, 8)
     out = merged(x)
     for i, t in enumerate(TRIO):
         torch.testing.assert_close(out[t.name], zipped.forward_task(x, i), rtol=0, atol=1e-5)
+
+
+def test_zipping_above_an_unzipped_layer_shares_weights_but_no_computation() -> None:
+    nets = nets_for(TWIN, "lenet", seed=11)
+    zipped, _ = MtzMerger(retrain_epochs=0, fractions=(0.0, 1.0, 0.5), progress=False).zip_networks(
+        nets, random_data(TWIN, 32, 3)
+    )
+    assert [sorted(set(s)) for s in zipped.sets] == [[1, 2], [3], [1, 2, 3]]
+    merged = zipped.to_multitask()
+    merged.check_wiring()
+    assert all(list(layer) == [1, 2] for layer in merged.layout)  # every zipped neuron computed per task
+    for combo in subsets(list(merged.task_names)):
+        assert combination_cost(merged, combo).macs == counted_macs(merged.for_combination(combo), (1, 1, 8, 8))
+    assert cost_table(merged)["a+b"].macs == sum(combination_cost(n).macs for n in nets)
+    x = torch.randn(3, 1, 8, 8)
+    for i, t in enumerate(TWIN):
+        torch.testing.assert_close(merged(x)[t.name], zipped.forward_task(x, i), rtol=0, atol=1e-5)
 
 
 def test_union_reproduces_each_network_before_zipping() -> None:

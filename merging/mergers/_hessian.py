@@ -34,7 +34,8 @@ def input_correlation(x: Tensor, per_position: bool) -> Tensor:
     over batch and pixels); otherwise the whole flattened map (a (C*H*W+1)-square matrix).
     """
     x = x.detach().to(torch.float64)
-    flat = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if per_position else x.reshape(x.shape[0], -1)
+    b, c, h, w = x.shape  # explicit sizes: c may be 0 (nothing zipped below yet)
+    flat = x.permute(0, 2, 3, 1).reshape(b * h * w, c) if per_position else x.reshape(b, c * h * w)
     aug = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], 1)
     return aug.T @ aug / aug.shape[0]
 
@@ -53,7 +54,7 @@ def weight_vectors(weight: Tensor, bias: Tensor, per_position: bool) -> Tensor:
         vec = w.reshape(n, c, p).transpose(1, 2)  # (N, P, C)
         share = (b / p).view(n, 1, 1).expand(n, p, 1)
         return torch.cat([vec, share], 2)
-    return torch.cat([w.reshape(n, 1, -1), b.view(n, 1, 1)], 2)
+    return torch.cat([w.reshape(n, 1, c * kh * kw), b.view(n, 1, 1)], 2)
 
 
 def vectors_to_weights(vec: Tensor, kernel: tuple[int, int], per_position: bool) -> tuple[Tensor, Tensor]:

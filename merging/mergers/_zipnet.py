@@ -197,6 +197,33 @@ class ZippedNet(nn.Module):
             class_of = layer_class_of
         return out
 
+    def distinct_product_macs(self, combination: int) -> int:
+        """Trunk MACs of a combination (mask) if every distinct (neuron, input value) product were
+        computed once, even inside a neuron whose sum differs per task.
+
+        A lower bound for any implementation of this zipped network, e.g. a kernel that computes
+        the shared-weight partial sum once and adds each task's own part; the per-group blocks of
+        :meth:`to_multitask` recompute such a neuron's shared part per task. Kept to show how
+        much that costs MTZ (one layer's worth at most: the partial sums are shared only where
+        the inputs are).
+        """
+        classes = self.value_classes()
+        total = 0
+        for l, sets in enumerate(self.sets):
+            r = self.resolved[l]
+            per_product = r.kernel[0] * r.kernel[1] * r.conv_hw[0] * r.conv_hw[1]
+            for s in sets:
+                tasks = [t for t in range(len(self.tasks)) if (s & combination) >> t & 1]
+                if l == 0:
+                    products = self.arch.in_channels if tasks else 0
+                else:
+                    below = classes[l - 1]
+                    products = len(
+                        {(m, c) for t in tasks for m, cs in enumerate(below) for c in cs if c >> t & 1}
+                    )
+                total += products * per_product
+        return total
+
     @torch.no_grad()
     def to_multitask(self, meta: dict[str, object] | None = None) -> MultitaskNet:
         """The equivalent MultitaskNet: one channel per (neuron, value class), in the class's group."""
