@@ -42,6 +42,7 @@ class BenchConfig:
     workers: int = 1
     executor: str = "thread"
     direct_runs: int = 2000
+    server_args: tuple[str, ...] = ()  # extra `pam serve` flags, e.g. ("--http", "h11")
     lazy: bool = False  # serve with lazy method loading (and max_loaded) to compare resident memory
     max_loaded: int | None = None
     out: Path = Path("results/serve-bench")
@@ -159,6 +160,7 @@ def start_server(cfg: BenchConfig, port: int, log_path: Path) -> subprocess.Pope
     cmd = [sys.executable, "-m", "merging.cli", "serve", str(cfg.bundle_dir), "--port", str(port),
            "--threads", str(cfg.threads), "--workers", str(cfg.workers), "--executor", cfg.executor,
            "--queue-bound", "4096", "--no-probe"]
+    cmd += list(cfg.server_args)
     if cfg.lazy:
         cmd.append("--lazy")
     if cfg.max_loaded:

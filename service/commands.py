@@ -16,7 +16,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ExportError, ServiceError)
 # CLI flag -> Settings field (flags left unset keep the PAM_* environment value or the default)
 _FLAGS = {"host": "host", "port": "port", "threads": "threads", "workers": "workers", "executor": "executor",
           "queue_bound": "queue_bound", "max_body_bytes": "max_body_bytes", "timeout": "request_timeout_s",
-          "log_format": "log_format", "admin_token": "admin_token", "max_loaded": "max_loaded"}
+          "log_format": "log_format", "http": "http", "loop": "loop", "admin_token": "admin_token", "max_loaded": "max_loaded"}
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
@@ -30,6 +30,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-bound", type=int, default=None, help="requests allowed to wait; beyond: 503")
     g.add_argument("--max-body-bytes", type=int, default=None, help="larger bodies get 413")
     g.add_argument("--timeout", type=float, default=None, help="per-request timeout in seconds (504)")
+    g.add_argument("--http", choices=["auto", "h11", "httptools"], default=None, help="HTTP parser")
+    g.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default=None, help="event loop")
     g.add_argument("--log-format", choices=["json", "text"], default=None)
     g.add_argument("--admin-token", default=None, help="token for POST /admin/reload (X-Admin-Token)")
     g.add_argument("--lazy", action="store_true", default=None, help="load each method on first use")
@@ -87,8 +89,24 @@ def run_serve(args: argparse.Namespace) -> int:
           f"http://{settings.host}:{settings.port}  (try: curl -s -X POST "
           f"'http://{settings.host}:{settings.port}/infer?tasks={','.join(example)}' -F image=@digit.png)",
           file=sys.stderr, flush=True)
-    uvicorn.run("service.main:app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_config=None, access_log=False, log_level=settings.log_level)
+    if settings.workers == 1:
+        uvicorn.run("service.main:app_from_env", factory=True, host=settings.host, port=settings.port,
+                    log_config=None, access_log=False, log_level=settings.log_level,
+                    http=settings.http, loop=settings.loop)
+        return 0
+    import socket
+
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config("service.main:app_from_env", factory=True, host=settings.host, port=settings.port,
+                            workers=settings.workers, log_config=None, access_log=False,
+                            log_level=settings.log_level, http=settings.http, loop=settings.loop)
+    sock = config.bind_socket()
+    # uvicorn's shared listening socket is created with proto 0, so asyncio never sets TCP_NODELAY on the
+    # connections workers accept; measured: every keep-alive request then waited ~44 ms (Nagle + delayed
+    # ACK). Linux copies TCP_NODELAY from the listener to accepted sockets.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    Multiprocess(config, sockets=[sock]).run()
     return 0
 
 
@@ -100,6 +118,7 @@ def run_bench(args: argparse.Namespace) -> int:
         requests=args.requests, combinations=tuple(args.combinations.split(";")) if args.combinations else None,
         payload=args.payload, threads=args.threads, workers=args.workers, executor=args.executor,
         direct_runs=args.direct_runs, out=Path(args.out), lazy=args.lazy, max_loaded=args.max_loaded,
+        server_args=tuple(args.server_args.split()) if args.server_args else (),
     )
     run_benchmark(cfg)
     return 0
@@ -124,6 +143,7 @@ def register(sub: Any) -> None:
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--workers", type=int, default=1)
     b.add_argument("--executor", choices=["thread", "inline"], default="thread")
+    b.add_argument("--server-args", default=None, help="extra `pam serve` flags, e.g. '--http h11 --loop asyncio'")
     b.add_argument("--lazy", action="store_true", help="serve with lazy method loading")
     b.add_argument("--max-loaded", type=int, default=None, help="with --lazy: methods kept loaded")
     b.add_argument("--direct-runs", type=int, default=2000, help="runtime calls per combination, direct baseline")

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=0)  # Retry-After of a 503
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)  # larger request bodies get 413
     request_timeout_s: float = Field(default=10.0, gt=0)  # queue wait + execute; beyond it: 504
+    http: Literal["auto", "h11", "httptools"] = "auto"  # uvicorn's HTTP parser (auto: httptools if installed)
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"  # event loop (auto: uvloop if installed)
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     admin_token: str | None = None  # guards POST /admin/reload; unset: the endpoint answers 403
