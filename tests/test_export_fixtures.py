@@ -1,0 +1,99 @@
+"""Small 3-task networks of each family and their exported bundles, built once per test session.
+
+Lowering with XNNPACK takes ~20 s per 7-method program on this machine, so the bundles are
+cached here (a plain cache, shared by ``test_export*.py`` and ``test_runtime*.py``) instead of
+being rebuilt per module.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from merging.arch import create_arch
+from merging.network import MultitaskNet
+from merging.tasks import TaskSpec
+from mobile_export.export import ExportConfig, export_bundle
+
+TASKS = (
+    TaskSpec("a", "classes", ("a0", "a1", "a2")),
+    TaskSpec("b", "classes", ("b0", "b1")),
+    TaskSpec("c", "attributes", ("c0", "c1")),
+)
+A, B, AB, ABC = 1, 2, 3, 7  # task-set masks over (a, b, c): c lives only in the shared group
+MAX_BATCH = 4
+
+_ROOT = Path(tempfile.mkdtemp(prefix="pam-export-tests-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+
+
+def lenet_net(seed: int = 0) -> MultitaskNet:
+    """Groups {a},{b},{a,b},{a,b,c} at every layer; a wide shared dense layer so weights dominate
+    the program size (the size-ratio test needs that)."""
+    torch.manual_seed(seed)
+    arch = create_arch("lenet", input_size=(16, 16))
+    layout = [
+        {A: 4, B: 4, AB: 6, ABC: 8},
+        {A: 8, B: 8, AB: 8, ABC: 32},
+        {A: 8, B: 8, AB: 8, ABC: 256},
+    ]
+    return MultitaskNet(TASKS, arch, layout, meta={"merger": "test", "test_accuracy": {"a": 90.0, "b": 80.0}}).eval()
+
+
+def vgg_net(seed: int = 1) -> MultitaskNet:
+    torch.manual_seed(seed)
+    arch = create_arch("vgg", input_size=(16, 16), stages=((8,), (16,)), fc_widths=(32,))
+    layout = [{A: 2, B: 2, AB: 3, ABC: 4}, {A: 4, B: 4, AB: 4, ABC: 8}, {A: 8, B: 8, AB: 8, ABC: 16}]
+    net = MultitaskNet(TASKS, arch, layout, meta={"merger": "test"})
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding them is really tested
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def pruned(net: MultitaskNet) -> MultitaskNet:
+    """Slice groups with ``select_channels``, removing the first layer's {b} group entirely."""
+    net.select_channels(0, B, [])
+    net.select_channels(0, AB, [0, 2])
+    net.select_channels(1, A, [1, 3])
+    net.select_channels(1, ABC, list(range(0, net.group_width(1, ABC), 2)))
+    net.select_channels(2, AB, [0, 5])
+    net.check_wiring()
+    assert B not in net.layout[0]
+    return net.eval()
+
+
+NETS = {
+    "lenet": lambda: lenet_net(),
+    "lenet-pruned": lambda: pruned(lenet_net()),
+    "vgg": lambda: vgg_net(),
+    "vgg-pruned": lambda: pruned(vgg_net()),
+}
+
+
+# What each bundle's export also measures (each measurement costs a lowering or child processes).
+MEASURE = {"lenet": (True, False), "lenet-pruned": (False, True), "vgg": (False, False), "vgg-pruned": (False, False)}
+
+
+@functools.cache
+def bundle(kind: str) -> tuple[MultitaskNet, Path]:
+    """(network, bundle dir) exported with every combination, verified by export itself."""
+    net = NETS[kind]()
+    out = _ROOT / kind
+    size, memory = MEASURE[kind]
+    cfg = ExportConfig(max_batch=MAX_BATCH, measure=size, memory=memory)
+    export_bundle(net, out, cfg, log=lambda *_: None)
+    return net, out
+
+
+def scratch(name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_ROOT))
