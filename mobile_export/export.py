@@ -364,7 +364,11 @@ def export_bundle(
 
     log(f"exporting {len(combos)} method(s): {', '.join('+'.join(c) for c in combos)}")
     program = lower_programs(export_programs(net, combos, cfg.max_batch))
-    report: dict[str, Any] = {"methods": ["+".join(c) for c in combos], "max_batch": cfg.max_batch}
+    report: dict[str, Any] = {
+        "model_path": str(model_path.resolve()) if model_path else None,
+        "methods": ["+".join(c) for c in combos],
+        "max_batch": cfg.max_batch,
+    }
     full = tuple(sorted(net.task_names))
     if cfg.measure:
         single = program if combos == [full] else lower_programs(export_programs(net, [full], cfg.max_batch))
