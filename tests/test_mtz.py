@@ -237,3 +237,26 @@ def test_bad_options_are_typed_errors() -> None:
         MtzMerger(fractions=(1.0,), progress=False).merge(nets, random_data(TWIN, 16, 0))
     assert e.value.code == "bad_option"
     assert isinstance(create_merger("mtz"), MtzMerger)
+
+
+@pytest.mark.slow
+def test_real_digits_zip_saves_computation_within_budget() -> None:
+    from merging.data import load_dataset
+    from merging.train import TrainConfig, evaluate, train_single_task
+
+    torch.set_num_threads(1)
+    splits = load_dataset("digits", tasks=("parity", "loop"))
+    arch = create_arch("lenet")
+    nets = [train_single_task(t, arch, splits.train, TrainConfig(epochs=30, progress=False)) for t in splits.tasks]
+    merged = MtzMerger(progress=False).merge(nets, splits.train, seed=0)
+    merged.check_wiring()
+    info = merged.meta["mtz"]
+    for rec in info["layers"]:  # the kept zip passed the budget on the check data
+        kept = [t for t in rec["trials"] if t["pairs"] == rec["zipped"]]
+        assert rec["zipped"] == 0 or kept[-1]["ok"]
+    val = evaluate(merged, splits.val)
+    for net in nets:
+        t = net.task_names[0]
+        assert val[t] >= evaluate(net, splits.val)[t] - 2.0  # 1-point budget on a hold-out, plus val noise
+    separate = cost_table(create_merger("separate").merge(nets, None))  # type: ignore[arg-type]
+    assert cost_table(merged)["loop+parity"].macs < separate["loop+parity"].macs
