@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--preprocessing",
         default=None,
-        help="if the model records none: a data set name (digits, composite) or a JSON file "
-        "(a zoo model, a manifest, or a preprocessing object); default: digits mean/std",
+        help="preprocessing to ship (overrides the model's own record): a data set name (digits, composite) "
+        "or a JSON file (a zoo model, a manifest, a preprocessing object); default: the model's meta, "
+        "else digits mean/std",
     )
     p.add_argument("--name", default=None, help="model name in the manifest (default: the model file's stem)")
     p.add_argument("--version", dest="model_version", default=None, help="model version (default: from weights sha256)")

@@ -225,8 +225,8 @@ def _preprocessing_from_json(d: Mapping[str, Any]) -> Preprocessing:
 
 
 def resolve_preprocessing(net: MultitaskNet, source: str | None) -> tuple[Preprocessing, str]:
-    """(preprocessing, where it came from): the model's meta, then ``source`` (a data set name, a
-    model JSON, a manifest, or a plain preprocessing JSON), else the digits defaults."""
+    """(preprocessing, where it came from): ``source`` if given (a data set name, a model JSON, a
+    manifest, or a plain preprocessing JSON), else the model's meta, else the digits defaults."""
     found: Preprocessing | None = None
     origin = ""
     meta_pre = net.meta.get("preprocessing")

@@ -244,3 +244,26 @@ def test_export_command_end_to_end_with_subset_and_force() -> None:
     m = Manifest.load(out)
     assert [e.name for e in m.methods] == ["a"] and m.lite_program is None
     assert not (out / "model.ptl").exists()
+
+
+def test_preprocessing_sources_and_fallback() -> None:
+    from mobile_export.export import resolve_preprocessing
+
+    arch8 = create_arch("lenet")  # 8x8 grayscale, like digits
+    net = MultitaskNet(TASKS, arch8, [{7: 2}, {7: 2}, {7: 2}])
+    pre, origin = resolve_preprocessing(net, None)
+    assert origin.startswith("default") and pre.mean == [0.3] and pre.size == [8, 8]
+    net.meta["preprocessing"] = {"size": [8, 8], "channels": 1, "mean": [0.5], "std": [0.25], "invert": True}
+    pre, origin = resolve_preprocessing(net, None)
+    assert origin == "model meta" and pre.mean == [0.5] and pre.invert and pre.channel_order == "L"
+    pre, origin = resolve_preprocessing(net, "digits")  # an explicit source wins
+    assert origin == "data set digits" and pre.mean == [0.3]
+    f = scratch("pre") / "model.json"
+    f.write_text(json.dumps({"meta": {"preprocessing": {"size": [8, 8], "channels": 1, "mean": [0.1], "std": [0.2]}}}))
+    assert resolve_preprocessing(net, str(f))[0].mean == [0.1]
+    with pytest.raises(ExportError) as e:  # 16x16 composite images do not fit an 8x8 network
+        resolve_preprocessing(net, "composite")
+    assert e.value.code == "bad_preprocessing"
+    with pytest.raises(ExportError) as e:
+        resolve_preprocessing(net, "no-such-dataset")
+    assert e.value.code == "bad_preprocessing"
