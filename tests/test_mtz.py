@@ -213,7 +213,7 @@ def test_union_reproduces_each_network_before_zipping() -> None:
     torch.testing.assert_close(z.to_multitask()(x)["t1"], nets[1](x)["t1"], rtol=0, atol=1e-5)
 
 
-def test_budget_search_and_retraining_are_deterministic() -> None:
+def test_budget_search_and_retraining_are_deterministic(tmp_path) -> None:
     nets = nets_for(TWIN, "lenet", seed=5)
     data = random_data(TWIN, 96, 2)
     a = MtzMerger(retrain_epochs=1, search_steps=2, progress=False).merge(nets, data, seed=4)
@@ -226,6 +226,12 @@ def test_budget_search_and_retraining_are_deterministic() -> None:
     for rec in a.meta["mtz"]["layers"]:  # what was kept passed the budget (or zipped nothing)
         kept = [t for t in rec["trials"] if t["pairs"] == rec["zipped"]]
         assert rec["zipped"] == 0 or kept[-1]["ok"]
+    from merging.checkpoint import load_model, save_model
+
+    loaded = load_model(save_model(a, tmp_path / "mtz"))  # the search record is plain JSON
+    assert loaded.meta["mtz"]["layers"] == a.meta["mtz"]["layers"]
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(loaded(x)["b"], a(x)["b"], rtol=0, atol=0)
 
 
 def test_bad_options_are_typed_errors() -> None:
