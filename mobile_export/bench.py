@@ -193,8 +193,20 @@ def bench_bundle(
             row["separate_1t_ms"] = r["median_ms"][k]
             row["separate_macs"] = sum(sep_macs[t] for t in seqs[k])
     result["load_average_at_end"] = list(os.getloadavg())
+    result["export"] = export_summary(bundle)
     _ratios(result)
     return result
+
+
+def export_summary(bundle: Path) -> dict[str, Any]:
+    """Size and memory figures that ``pam export`` measured for this bundle (report.json)."""
+    rep = bundle / "report.json"
+    if not rep.is_file():
+        return {}
+    r = json.loads(rep.read_text())
+    mem = r.get("memory") or {}
+    return {"sizes": r.get("sizes"), "memory_unbounded": mem.get("unbounded"),
+            "memory_max_loaded_1": mem.get("max_loaded_1"), "lite_status": r.get("lite_status")}
 
 
 def _ratios(result: dict[str, Any]) -> None:
@@ -240,6 +252,24 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"{f(r.get('separate_1t_ms'))} | {f(r.get('latency_ratio_separate_over_this'), '.2f')} | "
             f"{f(r.get('mac_ratio_separate_over_this'), '.2f')} |"
         )
+    sizes = (result.get("export") or {}).get("sizes")
+    if sizes:
+        lines += [
+            "",
+            f"model.pte {sizes['program_bytes'] / 1e3:.1f} KB with all {len(result['methods'])} methods; "
+            f"the all-task method alone {sizes['all_task_only_bytes'] / 1e3:.1f} KB (ratio {sizes['ratio']:.3f}); "
+            f"parameters {sizes['parameters_bytes'] / 1e3:.1f} KB.",
+        ]
+    mem = (result.get("export") or {}).get("memory_unbounded")
+    bounded = (result.get("export") or {}).get("memory_max_loaded_1")
+    if mem and "error" not in mem:
+        text = (
+            f"RSS: program loaded {mem['rss_program_mb']:.1f} MB; with {mem['one_method']} "
+            f"{mem['rss_one_method_mb']:.1f} MB; all {mem['methods']} methods {mem['rss_all_methods_mb']:.1f} MB"
+        )
+        if bounded and "error" not in bounded:
+            text += f"; at most 1 loaded (LRU) {bounded['rss_all_methods_mb']:.1f} MB"
+        lines.append(text + ".")
     if result.get("onnx_errors"):
         lines += ["", "ONNX notes: " + "; ".join(f"{k}: {v}" for k, v in result["onnx_errors"].items())]
     return "\n".join(lines) + "\n"

@@ -377,6 +377,8 @@ def export_bundle(
             "all_task_only_bytes": len(single),
             "ratio": round(len(program) / len(single), 4),
             "parameters_bytes": 4 * sum(p.numel() for p in net.parameters()),
+            # what the methods would weigh if each stored its own copy of the weights it reads
+            "unshared_weights_bytes": 4 * sum(combination_cost(net, c).params for c in combos),
         }
 
     lite_bytes, lite_status, lite_names = (

@@ -82,6 +82,8 @@ def test_program_size_close_to_all_task_method_alone() -> None:
     assert sizes["program_bytes"] <= 1.15 * sizes["all_task_only_bytes"]
     # and the file really holds the weights (not a stub): at least the parameter bytes
     assert sizes["all_task_only_bytes"] >= sizes["parameters_bytes"]
+    # 7 separate copies of the weights each method reads would weigh far more than the program
+    assert sizes["program_bytes"] < 0.4 * sizes["unshared_weights_bytes"]
 
 
 @pytest.mark.slow
