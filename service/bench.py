@@ -195,6 +195,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     from service.preprocess import decode_image
 
     manifest = Manifest.load(cfg.bundle_dir)
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     all_tasks = "+".join(sorted(manifest.task_names))
     if cfg.combinations:
         methods = [manifest.method_for(c).name for c in cfg.combinations]
@@ -244,7 +245,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     result = {
         "config": {**asdict(cfg), "bundle_dir": str(cfg.bundle_dir), "out": str(cfg.out)},
         "model": manifest.model_name, "model_version": manifest.model_version,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]}},
         "direct": direct, "http": cells, "summary": summary,
         "server_rss_mb": {"ready": rss_ready, "end": rss_end},
         "total_errors": sum(c["errors"] for c in cells),
@@ -259,11 +261,13 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
 
 def markdown(r: dict[str, Any]) -> str:
     c = r["config"]
+    load = r["machine"].get("load_average_1min", {"start": float("nan"), "end": float("nan")})
     lines = [f"# pam bench-serve: {r['model']} {r['model_version']}", "",
              f"payload `{c['payload']}`, threads {c['threads']}, workers {c['workers']}, executor `{c['executor']}`, "
              f"lazy {c['lazy']} (max loaded {c['max_loaded']}), {r['machine']['cpus']} CPUs; loopback, keep-alive "
              f"clients in one asyncio process. Server RSS: {r['server_rss_mb']['ready']:.0f} MB when ready, "
-             f"{r['server_rss_mb']['end']:.0f} MB at the end.", "",
+             f"{r['server_rss_mb']['end']:.0f} MB at the end. Load average (1 min) {load['start']:.1f} at the start, "
+             f"{load['end']:.1f} at the end.", "",
              "| combination | MACs | clients | req/s | p50 ms | p95 ms | p99 ms | server execute p50 ms | errors |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for cell in r["http"]:

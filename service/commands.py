@@ -80,8 +80,10 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"pam serve: checking {bundle} (manifest, sha256{', child-process probe' if settings.probe else ''})",
           file=sys.stderr, flush=True)
     manifest = verify_bundle(bundle, settings)  # a bad bundle stops here with a clean message
-    # the probe is done: workers skip it and load straight away
-    os.environ.update(settings_env(settings.model_copy(update={"probe": False})))
+    # The probe is done: a single worker loads straight away. Several workers keep probing, because
+    # uvicorn restarts them (SIGHUP to the master, or a crash) and the bundle may have changed since.
+    probe_again = settings.probe and settings.workers > 1
+    os.environ.update(settings_env(settings.model_copy(update={"probe": probe_again})))
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="pam-prom-")
     example = manifest.methods[0].tasks

@@ -3,9 +3,9 @@ real uvicorn subprocess on a free loopback port (always stopped)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
-import hashlib
 import io
 import os
 import shutil
@@ -30,58 +30,34 @@ MAX_BATCH = 4
 
 @functools.lru_cache(maxsize=1)
 def digits_bundle() -> Path:
-    """A real bundle: 3 digits tasks trained 3 epochs, merged with `separate`, 3 methods lowered
-    to XNNPACK in one .pte (built once per test process, ~15 s)."""
+    """A real bundle from the project's exporter: 3 digits tasks trained 3 epochs, merged with
+    `separate`, 3 methods lowered to XNNPACK in one .pte (built once per test process, ~15 s)."""
     import torch
 
     from merging.arch import create_arch
-    from merging.cost import combination_cost
     from merging.data import load_dataset
     from merging.mergers import create_merger
     from merging.train import TrainConfig
     from merging.zoo import load_zoo, train_zoo
-    from mobile_export.manifest import Manifest
+    from mobile_export.export import ExportConfig, export_bundle
 
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp(prefix="pam-service-bundle-"))
+    atexit.register(shutil.rmtree, out, True)
     splits = load_dataset("digits", tasks=TASKS)
     arch = create_arch("lenet", input_size=splits.preprocessing.size)
     train_zoo(splits, arch, TrainConfig(epochs=3, progress=False), out / "zoo", verbose=False)
     net = create_merger("separate").merge(load_zoo(out / "zoo"), splits.train).eval()
     bundle = out / "bundle"
-    bundle.mkdir()
-    _lower(net, bundle)
+    export_bundle(net, bundle, ExportConfig(
+        combinations=["+".join(c) for c in COMBINATIONS], max_batch=MAX_BATCH, lite=False, verify=False,
+        measure=False, memory=False, preprocessing="digits", model_name="digits", model_version="test-1"),
+        log=lambda *a, **k: None)
     pre = splits.preprocessing
-    sha = hashlib.sha256((bundle / "model.pte").read_bytes()).hexdigest()
-    manifest = Manifest(
-        model_name="digits", model_version="test-1", program_sha256=sha,
-        tasks=[{"name": t.name, "kind": t.kind, "labels": list(t.labels)} for t in splits.tasks],
-        input={"shape": [pre.channels, *pre.size], "max_batch": MAX_BATCH},
-        preprocessing={"size": list(pre.size), "channel_order": "L" if pre.channels == 1 else "RGB",
-                       "invert": pre.invert, "mean": list(pre.mean), "std": list(pre.std)},
-        methods=[{"name": "+".join(sorted(c)), "tasks": sorted(c), "macs": combination_cost(net, c).macs,
-                  "params": combination_cost(net, c).params} for c in COMBINATIONS],
-    )
-    manifest.save(bundle)
     # real test digits back to pixels in [0, 1] (the splits hold normalised network inputs)
     x01 = splits.test.x[:8].numpy() * np.float32(pre.std[0]) + np.float32(pre.mean[0])
     np.save(out / "test_x.npy", 1.0 - x01 if pre.invert else x01)
     return bundle
-
-
-def _lower(net, bundle: Path) -> None:
-    """Prefer the project's exporter when it exists; otherwise lower the methods here."""
-    import torch
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-    from torch.export import Dim, export
-
-    x = torch.zeros(2, 1, 8, 8)
-    progs = {"+".join(sorted(c)): export(net.for_combination(c).eval(), (x,),
-                                         dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
-             for c in COMBINATIONS}
-    et = to_edge_transform_and_lower(progs, partitioner=[XnnpackPartitioner()]).to_executorch()
-    (bundle / "model.pte").write_bytes(et.buffer)
 
 
 def digit_images() -> np.ndarray:

@@ -95,15 +95,18 @@ def test_a_bad_bundle_stops_start_up_with_a_clear_message(tmp_path: Path) -> Non
     r = _pam_serve(bundle, "--no-probe")
     assert r.returncode == 2 and "sha256" in r.stderr and "pam serve: error:" in r.stderr
 
-    crashing = copy_bundle(tmp_path / "crashing")
+    (tmp_path / "empty").mkdir()
+    r = _pam_serve(tmp_path / "empty", "--no-probe")
+    assert r.returncode == 2 and "no manifest" in r.stderr
+
+
+@pytest.mark.slow
+def test_an_unloadable_bundle_is_refused_by_the_start_up_probe(tmp_path: Path) -> None:
+    crashing = copy_bundle(tmp_path / "unloadable")
     unloadable_bundle(crashing)
     r = _pam_serve(crashing)
     assert r.returncode == 2, r.stderr[-500:]
     assert "probe" in r.stderr and "ExecuTorch refused" in r.stderr
-
-    (tmp_path / "empty").mkdir()
-    r = _pam_serve(tmp_path / "empty", "--no-probe")
-    assert r.returncode == 2 and "no manifest" in r.stderr
 
 
 @pytest.fixture(scope="module")
