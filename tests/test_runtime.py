@@ -36,7 +36,7 @@ def _random_bytes(n: int = 4096, seed: int = 7) -> bytes:
 
 
 def test_flipped_weight_byte_is_refused_by_sha256() -> None:
-    d = _copy("vgg-pruned", "flip")
+    d = _copy("vgg-pruned-3", "flip")
     pte = d / "model.pte"
     data = bytearray(pte.read_bytes())
     data[len(data) // 2] ^= 0xFF  # the magic stays valid: only the checksum can tell
@@ -52,7 +52,7 @@ def test_flipped_weight_byte_is_refused_by_sha256() -> None:
 
 
 def test_random_bytes_abort_the_raw_loader_but_not_the_probe(tmp_path: Path) -> None:
-    d = _copy("vgg-pruned", "random")
+    d = _copy("vgg-pruned-3", "random")
     (d / "model.pte").write_bytes(_random_bytes())
     # the hazard is real: handed straight to ExecuTorch, these bytes kill the process
     code = textwrap.dedent(
@@ -74,7 +74,7 @@ def test_random_bytes_abort_the_raw_loader_but_not_the_probe(tmp_path: Path) -> 
 
 
 def test_probe_of_a_good_bundle_runs_every_method_and_reports_rss() -> None:
-    _, path = bundle("vgg-pruned")
+    _, path = bundle("vgg-pruned-3")
     result = probe_bundle(path)
     assert result.ok, result.error
     assert result.methods == [m.name for m in Manifest.load(path).methods]
@@ -82,17 +82,17 @@ def test_probe_of_a_good_bundle_runs_every_method_and_reports_rss() -> None:
 
 
 def test_probe_timeout_and_missing_files_are_reports() -> None:
-    _, path = bundle("vgg-pruned")
+    _, path = bundle("vgg-pruned-3")
     slow = probe_bundle(path, timeout_s=0.05)
     assert not slow.ok and "timed out" in (slow.error or "")
-    d = _copy("vgg-pruned", "missing")
+    d = _copy("vgg-pruned-3", "missing")
     (d / "model.pte").unlink()
     missing = probe_bundle(d)
     assert not missing.ok and "missing_program" in (missing.error or "")
 
 
 def test_batch_bounds_and_bad_inputs() -> None:
-    net, path = bundle("vgg-pruned")
+    net, path = bundle("vgg-pruned-3")
     rt = BundleRuntime(path, lazy=True)
     for b in (1, MAX_BATCH):
         x = torch.randn(b, 1, 16, 16)
@@ -105,24 +105,27 @@ def test_batch_bounds_and_bad_inputs() -> None:
     }
     for code, x in cases.items():
         with pytest.raises(ExportError) as e:
-            rt.run("a", x)
+            rt.run("b", x)
         assert e.value.code == code
     with pytest.raises(ExportError) as e:
-        rt.run("a", torch.zeros(0, 1, 16, 16))
+        rt.run("b", torch.zeros(0, 1, 16, 16))
     assert e.value.code == "bad_shape"
     with pytest.raises(ExportError) as e:
         rt.run("a+d", torch.zeros(1, 1, 16, 16))
     assert e.value.code == "unknown_method"
+    with pytest.raises(ExportError) as e:  # a real combination that this bundle did not export
+        rt.run_tasks("a,b", torch.zeros(1, 1, 16, 16))
+    assert e.value.code == "combination_not_exported"
     # the bound is in the program itself, not only in our check: ExecuTorch refuses max + 1 cleanly
     from executorch.runtime import Runtime
 
-    method = Runtime.get().load_program((path / "model.pte").read_bytes()).load_method("a")
+    method = Runtime.get().load_program((path / "model.pte").read_bytes()).load_method("b")
     with pytest.raises(RuntimeError):
         method.execute([torch.zeros(MAX_BATCH + 1, 1, 16, 16)])
 
 
 def test_lazy_loading_keeps_at_most_max_loaded_and_stays_exact() -> None:
-    net, path = bundle("vgg-pruned")
+    net, path = bundle("lenet")
     rt = BundleRuntime(path, lazy=True, max_loaded=2)
     assert rt.loaded_methods() == []
     x = torch.randn(2, 1, 16, 16)
@@ -142,7 +145,7 @@ def test_lazy_loading_keeps_at_most_max_loaded_and_stays_exact() -> None:
 
 
 def test_set_threads_only_before_loading() -> None:
-    _, path = bundle("vgg-pruned")
+    _, path = bundle("vgg-pruned-3")
     code = textwrap.dedent(
         f"""
         from mobile_export.runtime import BundleRuntime, ExportError, set_threads, thread_count
@@ -164,7 +167,7 @@ def test_set_threads_only_before_loading() -> None:
 
 
 def test_missing_or_corrupt_manifest_is_a_clear_error() -> None:
-    d = _copy("vgg-pruned", "manifest")
+    d = _copy("vgg-pruned-3", "manifest")
     (d / "manifest.json").write_text("{not json")
     with pytest.raises(ExportError) as e:
         BundleRuntime(d)
