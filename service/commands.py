@@ -16,7 +16,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ExportError, ServiceError)
 # CLI flag -> Settings field (flags left unset keep the PAM_* environment value or the default)
 _FLAGS = {"host": "host", "port": "port", "threads": "threads", "workers": "workers", "executor": "executor",
           "queue_bound": "queue_bound", "max_body_bytes": "max_body_bytes", "timeout": "request_timeout_s",
-          "log_format": "log_format", "http": "http", "loop": "loop", "admin_token": "admin_token", "max_loaded": "max_loaded"}
+          "log_format": "log_format", "http": "http", "loop": "loop", "admin_token": "admin_token",
+          "max_loaded": "max_loaded"}
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:

@@ -218,7 +218,7 @@ def test_one_json_log_line_per_request_with_its_fields(server: Server) -> None:
 
 
 def test_property_based_run_against_the_openapi_schema_finds_no_5xx(server: Server) -> None:
-    _run_schemathesis(server, max_examples=25)
+    _run_schemathesis(server, max_examples=40)
 
 
 @pytest.mark.slow
