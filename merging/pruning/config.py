@@ -16,7 +16,8 @@ class PruneConfig:
     max_steps: int = 40  # hard cap on prune steps (accepted or not)
     finetune_epochs: int = 3  # joint-loss fine-tuning after every prune step
     retry_epochs: int = 3  # a step that misses the budget gets this much more fine-tuning before it is undone
-    recover_epochs: int = 30  # fine-tuning before pruning when the start network misses the budget
+    recover_epochs: int = 20  # fine-tuning before pruning when the start network misses the budget
+    recover_rounds: int = 3  # ... repeated (each round checked) at most this many times
     recover_lr: float = 3e-3  # its learning rate (a regrouped network may need real retraining)
     lr: float = 1e-3  # fine-tuning learning rate (one-cycle per fine-tune)
     batch_size: int = 64  # fine-tuning batch size

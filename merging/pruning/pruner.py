@@ -160,8 +160,12 @@ def prune(
 
     history: list[dict[str, Any]] = []
     start = record("start", reference=ref)
-    if not start["within_budget"] and cfg.recover_epochs > 0:
-        _finetune(net, train, cfg, cfg.recover_epochs, cfg.seed, cfg.recover_lr)
+    for r in range(cfg.recover_rounds if cfg.recover_epochs > 0 else 0):
+        if start["within_budget"]:
+            break
+        # A regrouped network (PAM, MTZ) starts with heads reading zero-initialised weights: retrain
+        # it on the joint loss, decaying the learning rate round by round.
+        _finetune(net, train, cfg, cfg.recover_epochs, cfg.seed + 100 * r, cfg.recover_lr / (1 + r))
         start = record("recover")
     if not start["within_budget"]:
         history.append({"kind": "stop", "reason": "start network misses the budget; not pruned"})
