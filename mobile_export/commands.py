@@ -32,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "or a JSON file (a zoo model, a manifest, a preprocessing object); default: the model's meta, "
         "else digits mean/std",
     )
+    p.add_argument(
+        "--accuracy-data",
+        default=None,
+        help="measure per-task test accuracy on this built-in data set (digits, digits-partitions, composite) "
+        "for the manifest; default: what the model's meta records",
+    )
     p.add_argument("--name", default=None, help="model name in the manifest (default: the model file's stem)")
     p.add_argument("--version", dest="model_version", default=None, help="model version (default: from weights sha256)")
     p.add_argument("--no-lite", action="store_true", help="do not try to write model.ptl")
@@ -73,6 +79,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         measure=not args.no_measure,
         memory=not args.no_measure,
         preprocessing=args.preprocessing,
+        accuracy_data=args.accuracy_data,
         model_name=args.name,
         model_version=args.model_version,
         force=args.force,

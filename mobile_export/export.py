@@ -61,6 +61,7 @@ class ExportConfig:
     model_version: str | None = None  # default: "w" + first 12 hex digits of the weights' sha256
     force: bool = False  # replace an existing bundle directory
     seed: int = 0  # of the verification inputs
+    accuracy_data: str | None = None  # data set whose test split measures accuracy (else the model's meta)
 
 
 @dataclass
@@ -283,6 +284,25 @@ def accuracy_of(net: MultitaskNet) -> dict[str, float]:
     return {}
 
 
+def measure_accuracy(net: MultitaskNet, dataset: str) -> dict[str, float]:
+    """Eager test accuracy per task on a built-in data set's test split (same split as training)."""
+    from merging.data import load_dataset
+    from merging.train import evaluate
+
+    try:
+        splits = load_dataset(dataset, tasks=net.task_names) if dataset == "digits" else load_dataset(dataset)
+        test = splits.test.select_tasks(net.task_names)
+    except MergingError as e:
+        raise ExportError("bad_accuracy_data", f"accuracy data {dataset!r}: {e.message}") from e
+    except (KeyError, TypeError) as e:
+        raise ExportError("bad_accuracy_data", f"data set {dataset!r} lacks the model's tasks {net.task_names}") from e
+    want = (net.arch.in_channels, *net.arch.input_size)
+    if tuple(test.x.shape[1:]) != want:
+        raise ExportError("bad_accuracy_data", f"data set {dataset!r} has inputs {tuple(test.x.shape[1:])}, not {want}")
+    with torch.no_grad():
+        return {t: round(a, 3) for t, a in evaluate(net, test).items()}
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -359,6 +379,7 @@ def export_bundle(
     check_exportable(net)
     combos = resolve_combinations(net, cfg.combinations)
     preprocessing, pre_origin = resolve_preprocessing(net, cfg.preprocessing)
+    accuracy = measure_accuracy(net, cfg.accuracy_data) if cfg.accuracy_data else accuracy_of(net)
     if not pre_origin.startswith(("model", "file", "data set")):
         log(f"note: preprocessing: {pre_origin}")
 
@@ -413,7 +434,7 @@ def export_bundle(
             preprocessing=preprocessing,
             preprocessing_source=pre_origin,
             methods=methods,
-            accuracy=accuracy_of(net),
+            accuracy=accuracy,
             provenance=provenance_of(net, model_path),
         )
         _write_reference(tmp, net, combos, cfg)
@@ -430,6 +451,8 @@ def export_bundle(
             report["memory"] = measure_memory(tmp)
         report["lite_status"] = lite_status
         report["preprocessing_source"] = pre_origin
+        report["accuracy"] = accuracy
+        report["accuracy_source"] = f"test split of {cfg.accuracy_data}" if cfg.accuracy_data else "model meta"
         atomic_write_json(tmp / REPORT_FILE, report)
         for f in tmp.iterdir():
             os.chmod(f, 0o644)

@@ -270,3 +270,21 @@ def test_preprocessing_sources_and_fallback() -> None:
     with pytest.raises(ExportError) as e:
         resolve_preprocessing(net, "no-such-dataset")
     assert e.value.code == "bad_preprocessing"
+
+
+def test_accuracy_measured_on_a_data_set_or_refused() -> None:
+    from merging.data import load_dataset
+    from mobile_export.export import measure_accuracy
+
+    tasks = [TaskSpec("parity", "classes", ("even", "odd")), TaskSpec("large", "classes", ("small", "large"))]
+    torch.manual_seed(0)
+    net = MultitaskNet(tasks, create_arch("lenet"), [{3: 4}, {3: 4}, {1: 4, 2: 4, 3: 4}]).eval()
+    acc = measure_accuracy(net, "digits")
+    test = load_dataset("digits", tasks=("parity", "large")).test
+    with torch.no_grad():
+        out = net(test.x)
+    for t in ("parity", "large"):
+        assert acc[t] == pytest.approx(100.0 * float((out[t].argmax(1) == test.y[t]).float().mean()), abs=1e-3)
+    with pytest.raises(ExportError) as e:
+        measure_accuracy(lenet_net(), "digits")  # tasks a, b, c are not digits tasks
+    assert e.value.code == "bad_accuracy_data"
