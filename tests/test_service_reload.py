@@ -45,7 +45,23 @@ def test_reload_keeps_the_old_model_when_the_new_bundle_is_bad(tmp_path: Path) -
     bundle = copy_bundle(tmp_path / "bundle")
     good_program = (bundle / "model.pte").read_bytes()
     good_manifest = Manifest.load(bundle)
-    with serve(bundle, tmp_path / "server.log", "--no-probe") as s:
+    with serve(bundle, tmp_path / "server.log", "--no-probe", wait_ready=False) as s:
+        # live at once; ready (and /infer) only once the runtime has loaded the methods
+        while True:
+            try:
+                live = httpx.get(s.url + "/v2/health/live", timeout=2)
+                break
+            except httpx.TransportError:
+                assert s.proc.poll() is None
+                time.sleep(0.05)
+        assert live.json() == {"live": True}
+        first = [httpx.get(s.url + "/v2/health/ready"), _infer(s.url)]
+        assert [r.status_code for r in first] == [503, 503], [r.text for r in first]
+        assert first[0].json()["ready"] is False and first[1].headers["retry-after"] == "1"
+        deadline = time.time() + 120
+        while httpx.get(s.url + "/v2/health/ready").status_code != 200:
+            assert time.time() < deadline and s.proc.poll() is None
+            time.sleep(0.2)
         before = _infer(s.url).json()
         assert httpx.post(s.url + "/admin/reload").status_code == 401
         assert httpx.post(s.url + "/admin/reload", headers={"x-admin-token": "wrong"}).status_code == 401
