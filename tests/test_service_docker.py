@@ -81,3 +81,15 @@ def args_in_docs(docs: str, port: str) -> bool:
             if f"{port}:{port}" in words and any(w.endswith(":/bundle:ro") or w.endswith(":/bundle") for w in words):
                 return True
     return False
+
+
+def test_the_service_imports_nothing_from_merging() -> None:
+    """Like a phone, the service has the runtime and the manifest only (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import service.main, service.commands, service.bench, mobile_export.runtime; "
+            "print(sorted(m for m in sys.modules if m == 'merging' or m.startswith('merging.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip() == "[]"
