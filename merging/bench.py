@@ -38,6 +38,7 @@ from merging.tasks import combination_name
 from merging.train import TrainConfig, evaluate, train_single_task
 
 BASELINE = "separate"
+REFERENCE_TRAIN_SIZE = 1078  # digits' training split, for which the epoch counts are set
 REFERENCE = "pam"
 
 
@@ -71,10 +72,10 @@ def _median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
-def _merger_options(cfg: BenchConfig, name: str) -> dict[str, Any]:
+def _merger_options(cfg: BenchConfig, name: str, epochs: int) -> dict[str, Any]:
     opts = dict(cfg.merger_options.get(name, {}))
     if name == "shared" and "train" not in opts:  # the trunk gets the zoo's training length
-        opts["train"] = TrainConfig(epochs=cfg.zoo_epochs, progress=False)
+        opts["train"] = TrainConfig(epochs=epochs, progress=False)
     return opts
 
 
@@ -84,10 +85,16 @@ def run_seed(
     pre = splits.preprocessing
     arch = create_arch(cfg.arch, in_channels=pre.channels, input_size=tuple(pre.size))
     nets = [
-        train_single_task(t, arch, splits.train, TrainConfig(epochs=cfg.zoo_epochs, seed=seed, progress=False))
+        train_single_task(t, arch, splits.train, TrainConfig(epochs=epochs, seed=seed, progress=False))
         for t in splits.tasks
     ]
-    pcfg = replace(cfg.prune, seed=seed)
+    # Epoch counts are set for the ~1,100-image digits splits; larger training sets get proportionally
+    # fewer epochs (about the same number of gradient steps), so composite fits the time budget.
+    scale = min(1.0, REFERENCE_TRAIN_SIZE / len(splits.train))
+    epochs = max(1, round(cfg.zoo_epochs * scale))
+    pcfg = replace(cfg.prune, seed=seed, finetune_epochs=max(1, round(cfg.prune.finetune_epochs * scale)),
+                   retry_epochs=max(1, round(cfg.prune.retry_epochs * scale)) if cfg.prune.retry_epochs else 0,
+                   recover_epochs=max(1, round(cfg.prune.recover_epochs * scale)))
     checks = check_set(splits.val, pcfg.check_shifts, seed)
     ref = reference_accuracy(nets, checks)
     ref_test: dict[str, float] = {}
@@ -97,7 +104,7 @@ def run_seed(
     for name in mergers:
         t0 = time.perf_counter()
         try:
-            merged = create_merger(name, **_merger_options(cfg, name)).merge(nets, splits.train, seed=seed)
+            merged = create_merger(name, **_merger_options(cfg, name, epochs)).merge(nets, splits.train, seed=seed)
             t1 = time.perf_counter()
             merged_cost = cost_table(merged)
             pruned, history = prune(merged, splits, pcfg, reference=ref)
@@ -221,7 +228,8 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
         cells += [f"{med[(m, c)]['macs']:,.0f}" if (m, c) in med else "-" for m in mergers]
         for m in others:
             r = med.get((m, c))
-            cells.append(_fmt_range(r["ratio_to_pam"], r["ratio_to_pam_range"], ".2f") if r and "ratio_to_pam" in r else "-")
+            ok = r is not None and "ratio_to_pam" in r
+            cells.append(_fmt_range(r["ratio_to_pam"], r["ratio_to_pam_range"], ".2f") if r and ok else "-")
         p = med[(REFERENCE, c)]
         cells.append(_fmt_range(p["sharing_efficiency"], p["sharing_efficiency_range"], ".2f")
                      if "sharing_efficiency" in p else "-")
@@ -279,7 +287,7 @@ def plot(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str], p
     for i, c in enumerate(combos):
         lim = med[(REFERENCE, c)].get("limit")
         if lim:
-            ax.hlines(lim, i - 0.45, i + 0.45, colors="black", linewidth=1.2, label="limit" if i == 0 else None)
+            ax.hlines(lim, i - 0.45, i + 0.45, colors="black", linewidth=1.2, label="limit" if i == 0 else "_nolegend_")
     ax.set_xticks(range(len(combos)))
     ax.set_xticklabels(combos, rotation=75, fontsize=7)
     ax.set_ylabel("MACs after pruning (median over seeds)")

@@ -81,7 +81,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
               + ", ".join(f"{t} {a:.2f}%" for t, a in reference.items()))
     before = load_model(args.model)
     pruned, history = prune(net, splits, cfg, reference=reference)
-    stop = next((h for h in reversed(history) if h.get("kind") == "stop"), {})
+    stop: dict[str, Any] = next((h for h in reversed(history) if h.get("kind") == "stop"), {})
     steps = sum(1 for h in history if h.get("accepted"))
     print(f"{steps} prune steps accepted; stopped: {stop.get('reason', '?')}")
     print("test accuracy: " + ", ".join(f"{t} {a:.2f}%" for t, a in evaluate(pruned, splits.test).items()))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -80,9 +80,9 @@ class PamMerger(Merger):
         if not 0.0 <= self.config.delta < 1.0:
             raise MergingError("bad_argument", f"pam merger: delta must be in [0, 1), got {self.config.delta}")
         if self.config.consistency not in ("cut", "expand"):
-            raise MergingError("bad_argument", f"pam merger: consistency must be cut or expand, got {self.config.consistency}")
+            raise MergingError("bad_argument", f"pam merger: consistency is cut or expand, not {self.config.consistency}")
         if self.config.split not in ("general", "two-level"):
-            raise MergingError("bad_argument", f"pam merger: split must be general or two-level, got {self.config.split}")
+            raise MergingError("bad_argument", f"pam merger: split is general or two-level, not {self.config.split}")
 
     # ------------------------------------------------------------------ grouping
     def relevance(self, nets: Sequence[MultitaskNet], data: MultitaskData, seed: int = 0) -> list[list[Channel]]:
@@ -295,7 +295,7 @@ def _copy_weights(merged: MultitaskNet, nets: Sequence[MultitaskNet], members: l
     """Block-diagonal union: each channel keeps its weights on its own network's channels, zero elsewhere."""
     for l, groups in enumerate(members):
         for mask, chans in groups.items():
-            block = merged.blocks[block_key(l, mask)]
+            block: Any = merged.blocks[block_key(l, mask)]
             w = torch.zeros_like(block.conv.weight)
             inputs = None if l == 0 else [ch for m in merged.reads[(l, mask)] for ch in members[l - 1][m]]
             for row, ch in enumerate(chans):
@@ -314,8 +314,8 @@ def _copy_weights(merged: MultitaskNet, nets: Sequence[MultitaskNet], members: l
             block.conv.weight.copy_(w)
     last = members[-1]
     for t, task in enumerate(merged.task_names):
-        head = merged.heads[task]
-        src_head = nets[t].heads[task]
+        head: Any = merged.heads[task]
+        src_head: Any = nets[t].heads[task]
         inputs = [ch for m in merged.head_reads(t) for ch in last[m]]
         w = torch.zeros_like(head.conv.weight)
         for col, ch in enumerate(inputs):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
-from torch import Tensor
+from torch import Tensor, nn
 
 from merging.data.base import MultitaskData
 from merging.network import MultitaskNet, block_key
@@ -48,20 +48,20 @@ def channel_costs(net: MultitaskNet) -> dict[tuple[int, int], float]:
     for l, groups in enumerate(net.layout):
         r = net.resolved[l]
         for mask in groups:
-            conv = net.blocks[block_key(l, mask)].conv
+            conv: nn.Conv2d = net.blocks[block_key(l, mask)].conv  # type: ignore[assignment]
             own = conv.in_channels * r.kernel[0] * r.kernel[1] * r.conv_hw[0] * r.conv_hw[1]
-            cost = own * combination_share(mask, n)
+            cost: float = own * combination_share(mask, n)
             for key, _, is_head in net.consumers(l, mask):
                 if is_head:
-                    hc = net.heads[key].conv
+                    hc: nn.Conv2d = net.heads[key].conv  # type: ignore[assignment]
                     per_in = hc.out_channels * hc.kernel_size[0] * hc.kernel_size[1]
                     cost += per_in * combination_share(1 << net.task_names.index(key), n)
                 else:
                     rl = net.resolved[l + 1]
-                    cc = net.blocks[key].conv
+                    cc: nn.Conv2d = net.blocks[key].conv  # type: ignore[assignment]
                     per_in = cc.out_channels * rl.kernel[0] * rl.kernel[1] * rl.conv_hw[0] * rl.conv_hw[1]
                     cost += per_in * combination_share(int(key.split("_g")[1]), n)
-            out[(l, mask)] = cost
+            out[(l, mask)] = float(cost)
     return out
 
 
@@ -112,11 +112,12 @@ def score_channels(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig) -> 
             vals = [r[which] for r in here]
             if vals[0] is None:
                 continue
-            mean = torch.cat([v for v in vals if v is not None]).mean().clamp_min(1e-12)
+            present: list[Tensor] = [v for v in vals if isinstance(v, Tensor)]
+            mean = torch.cat(present).mean().clamp_min(1e-12)
             for k, v in enumerate(vals):
                 imp_parts[k].append(weight * v / mean)  # type: ignore[operator]
         for k, (_, mask, _, _) in enumerate(here):
-            imp = torch.stack(imp_parts[k]).sum(0)
+            imp = torch.stack(imp_parts[k]).sum(0)  # type: ignore[misc]
             cost = torch.full_like(imp, costs[(l, mask)])
             out.append(ChannelScores(l, mask, imp, cost))
     return out

@@ -1,0 +1,135 @@
+"""The pruner: wiring kept, every combination runs, MACs equal FlopCounterMode, emptied groups removed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from merging.arch import create_arch
+from merging.cost import combination_cost
+from merging.errors import MergingError
+from merging.mergers import create_merger
+from merging.network import MultitaskNet, block_key
+from merging.pruning import PruneConfig, check_set, prune, prune_step, reference_accuracy, remove_dead_groups
+from merging.pruning.importance import combination_share
+from merging.tasks import TaskSpec, all_combinations
+from tests.pam_support import tiny_zoo
+
+QUICK = PruneConfig(step=0.3, max_steps=2, finetune_epochs=1, retry_epochs=0, recover_epochs=2, recover_rounds=1,
+                    taylor_batches=2, check_shifts=1, progress=False, budget=100.0)
+
+
+@pytest.fixture(scope="module")
+def zoo():  # type: ignore[no-untyped-def]
+    nets, splits = tiny_zoo()
+    return list(nets), splits
+
+
+def _flops_macs(net: MultitaskNet, combo: tuple[str, ...]) -> int:
+    module = net.for_combination(combo)
+    x = torch.zeros(1, net.arch.in_channels, *net.arch.input_size)
+    with FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops() // 2
+
+
+def _check_every_combination(net: MultitaskNet, x: torch.Tensor) -> None:
+    net.check_wiring()
+    for combo in all_combinations(net.task_names):
+        assert _flops_macs(net, combo) == combination_cost(net, combo).macs, combo
+        outs = net(x, combo)
+        alone = net.for_combination(combo)(x)
+        for t, o in zip(combo, alone, strict=True):
+            torch.testing.assert_close(outs[t], o)
+            assert o.shape == (len(x), net.task(t).out_dim)
+
+
+@pytest.mark.parametrize("merger", ["separate", "pam"])
+def test_pruned_network_keeps_wiring_and_exact_macs(zoo, merger: str) -> None:  # type: ignore[no-untyped-def]
+    nets, splits = zoo
+    merged = create_merger(merger).merge(nets, splits.train)
+    before = combination_cost(merged).macs
+    pruned, history = prune(merged, splits, QUICK)
+    assert combination_cost(pruned).macs < before  # the budget of 100 points lets every step through
+    assert sum(1 for h in history if h.get("accepted")) == 2
+    _check_every_combination(pruned, splits.val.x[:4])
+
+
+def test_a_group_whose_every_channel_is_cut_is_removed() -> None:
+    digits_splits = tiny_zoo()[1]
+    tasks = digits_splits.tasks[:2]
+    arch = create_arch("lenet", width_mult=0.25)
+    # Layer 0: a shared group (3) and one of task 0 only (1), read by task 0's group above.
+    layout = [{1: 4, 3: 4}, {1: 4, 2: 4, 3: 4}, {1: 4, 2: 4, 3: 4}]
+    torch.manual_seed(0)
+    net = MultitaskNet(tasks, arch, layout).eval()
+    with torch.no_grad():  # a useless group (weights in and out zero): every criterion ranks it last
+        net.blocks[block_key(0, 1)].conv.weight.zero_()
+        net.blocks[block_key(0, 1)].conv.bias.zero_()
+        net.blocks[block_key(1, 1)].conv.weight[:, :4] = 0.0  # its only reader: group 1 reads groups 1, 3
+    cfg = PruneConfig(criterion="magnitude", cost_aware=False, taylor_batches=1, progress=False)
+    info = prune_step(net, digits_splits.train.select_tasks(net.task_names), cfg, fraction=0.35)
+    assert (0, 1) in info["removed_groups"]
+    assert 1 not in net.layout[0]
+    _check_every_combination(net, digits_splits.val.x[:4])
+
+
+def test_last_input_of_a_head_is_never_removed() -> None:
+    digits_splits = tiny_zoo()[1]
+    tasks = digits_splits.tasks[:2]
+    arch = create_arch("lenet", width_mult=0.25)
+    net = MultitaskNet(tasks, arch, [{3: 4}, {3: 4}, {1: 2, 2: 4}]).eval()
+    with torch.no_grad():  # task 0's only exclusive group is useless, and its head's only input
+        net.blocks[block_key(2, 1)].conv.weight.zero_()
+        net.blocks[block_key(2, 1)].conv.bias.zero_()
+        net.heads[tasks[0].name].conv.weight.zero_()
+    cfg = PruneConfig(criterion="magnitude", cost_aware=False, taylor_batches=1, progress=False)
+    prune_step(net, digits_splits.train.select_tasks(net.task_names), cfg, fraction=0.02)
+    assert net.group_width(2, 1) >= 1  # head 0 still has an input
+    _check_every_combination(net, digits_splits.val.x[:4])
+
+
+def test_dead_groups_are_removed_without_changing_outputs() -> None:
+    digits_splits = tiny_zoo()[1]
+    tasks = digits_splits.tasks[:2]
+    arch = create_arch("lenet", width_mult=0.25)
+    torch.manual_seed(1)
+    # Group 1 at layer 1 has no subset group at layer 2 to read it: computed for nothing.
+    net = MultitaskNet(tasks, arch, [{3: 4}, {1: 3, 3: 4}, {2: 4, 3: 4}]).eval()
+    x = digits_splits.val.x[:8]
+    ref = {c: net(x, c) for c in all_combinations(net.task_names)}
+    assert remove_dead_groups(net) == [(1, 1)]
+    for c, outs in ref.items():
+        for t, o in net(x, c).items():
+            torch.testing.assert_close(o, outs[t])
+    _check_every_combination(net, x)
+
+
+def test_budget_is_checked_against_the_reference(zoo) -> None:  # type: ignore[no-untyped-def]
+    nets, splits = zoo
+    merged = create_merger("separate").merge(nets, splits.train)
+    cfg = PruneConfig(step=0.5, min_step=0.4, max_steps=2, finetune_epochs=1, retry_epochs=0, taylor_batches=1,
+                      recover_epochs=1, recover_rounds=1,
+                      check_shifts=1, progress=False, budget=0.0)
+    ref = reference_accuracy(nets, check_set(splits.val, cfg.check_shifts, cfg.seed))
+    impossible = {t: 101.0 for t in ref}  # no network reaches 101%: recovery fails, nothing is pruned
+    net, history = prune(copy.deepcopy(merged), splits, cfg, reference=impossible)
+    assert history[-1]["kind"] == "stop" and "not pruned" in history[-1]["reason"]
+    assert combination_cost(net).macs == combination_cost(merged).macs
+    # Against the real reference, every accepted step met the budget on the check set.
+    _, history = prune(copy.deepcopy(merged), splits, cfg, reference=ref)
+    for h in history:
+        if h.get("accepted"):
+            assert all(h["check_accuracy"][t] >= ref[t] - cfg.budget for t in ref)
+
+
+def test_combination_share_and_bad_config() -> None:
+    assert combination_share(0b111, 3) == 1.0
+    assert combination_share(0b001, 3) == pytest.approx(4 / 7)  # combinations containing one given task
+    assert combination_share(0b011, 3) == pytest.approx(6 / 7)
+    with pytest.raises(MergingError):
+        net = MultitaskNet.single_task(TaskSpec("t", "classes", ("a", "b")), create_arch("lenet"))
+        prune(net, None, PruneConfig(step=1.5))  # type: ignore[arg-type]
