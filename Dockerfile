@@ -3,10 +3,14 @@
 #   docker build -t pam-mobile .
 #   docker run --rm -p 8000:8000 -v "$PWD/runs/demo/bundle:/bundle:ro" pam-mobile
 ARG PYTHON_IMAGE=python:3.11-slim
+# torch==2.13.0 from the default index is the large CUDA build; point this at a CPU wheel index
+# (or a local wheel directory via PIP_FIND_LINKS) to keep the image CPU-only and small.
+ARG PIP_EXTRA_INDEX_URL=
 
 # ---------------------------------------------------------------- build: a virtualenv with everything
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG PIP_EXTRA_INDEX_URL
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL}
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
@@ -14,7 +18,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
- && pip install --extra-index-url https://download.pytorch.org/whl/cpu -r /tmp/requirements.txt
+ && pip install -r /tmp/requirements.txt
 # Then the code (no dependency resolution any more).
 COPY README.md ./
 COPY merging ./merging
