@@ -131,7 +131,7 @@ TRIO = [TaskSpec(f"t{i}", "classes", tuple(f"c{j}" for j in range(2 + i))) for i
 @pytest.mark.parametrize("family", ["lenet", "vgg"])
 def test_zipping_two_copies_merges_every_neuron_at_zero_cost_and_reproduces_outputs(family: str) -> None:
     nets = nets_for(TWIN, family, seed=3, same=True)
-    merged = MtzMerger(retrain_epochs=0, progress=False).merge(nets, random_data(TWIN, 64, 0))
+    merged = MtzMerger(retrain_steps=0, progress=False).merge(nets, random_data(TWIN, 64, 0))
     merged.check_wiring()
     assert merged.layout == [{3: s.width} for s in nets[0].arch.layers]
     for rec in merged.meta["mtz"]["layers"]:
@@ -152,7 +152,7 @@ def test_partial_zip_is_honest_wired_and_exact(family: str) -> None:
     nets = nets_for(TRIO, family, seed=7)
     n_layers = len(nets[0].layout)
     fractions = (1.0,) + (0.5,) * (n_layers - 1)
-    zipped, _ = MtzMerger(retrain_epochs=0, fractions=fractions, progress=False).zip_networks(
+    zipped, _ = MtzMerger(retrain_steps=0, fractions=fractions, progress=False).zip_networks(
         nets, random_data(TRIO, 48, 1)
     )
     merged = zipped.to_multitask()
@@ -189,7 +189,7 @@ def test_partial_zip_is_honest_wired_and_exact(family: str) -> None:
 
 def test_zipping_above_an_unzipped_layer_shares_weights_but_no_computation() -> None:
     nets = nets_for(TWIN, "lenet", seed=11)
-    zipped, _ = MtzMerger(retrain_epochs=0, fractions=(0.0, 1.0, 0.5), progress=False).zip_networks(
+    zipped, _ = MtzMerger(retrain_steps=0, fractions=(0.0, 1.0, 0.5), progress=False).zip_networks(
         nets, random_data(TWIN, 32, 3)
     )
     assert [sorted(set(s)) for s in zipped.sets] == [[1, 2], [3], [1, 2, 3]]
@@ -216,8 +216,8 @@ def test_union_reproduces_each_network_before_zipping() -> None:
 def test_budget_search_and_retraining_are_deterministic(tmp_path) -> None:
     nets = nets_for(TWIN, "lenet", seed=5)
     data = random_data(TWIN, 96, 2)
-    a = MtzMerger(retrain_epochs=1, search_steps=2, progress=False).merge(nets, data, seed=4)
-    b = MtzMerger(retrain_epochs=1, search_steps=2, progress=False).merge(nets, data, seed=4)
+    a = MtzMerger(retrain_steps=4, search_steps=2, progress=False).merge(nets, data, seed=4)
+    b = MtzMerger(retrain_steps=4, search_steps=2, progress=False).merge(nets, data, seed=4)
     assert a.layout == b.layout
     assert a.meta["mtz"]["layers"] == b.meta["mtz"]["layers"]
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):

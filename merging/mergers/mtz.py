@@ -43,7 +43,7 @@ from merging.train import evaluate, random_shift, seed_everything, task_loss
 class MtzConfig:
     accuracy_budget: float = 1.0  # max accuracy drop (points) per task against its own network, on the check data
     damping: float = 1e-3  # H + damping x mean(diag H) x I before inverting (relative, so scale-free)
-    retrain_epochs: int = 4  # light joint retraining after zipping each layer (0: none)
+    retrain_steps: int = 60  # light joint retraining after zipping a layer: this many batches (0: none)
     retrain_lr: float = 1e-3  # Adam learning rate of that retraining, cosine-annealed to 0
     batch_size: int = 64  # images per retraining step
     shift: int = 1  # random translation augmentation of the retraining, in pixels (as the zoo)
@@ -138,17 +138,18 @@ def shifted_copies(data: MultitaskData, shift: int) -> MultitaskData:
 
 
 def retrain(z: ZippedNet, data: MultitaskData, tasks: int, cfg: MtzConfig, seed: int) -> None:
-    """A few epochs of joint training of every parameter on the summed loss of the first ``tasks`` tasks."""
-    if cfg.retrain_epochs <= 0:
+    """A fixed number of batches of joint training of every parameter on the summed loss of the first
+    ``tasks`` tasks (a step count, as the authors' per-layer iterations, so cost does not grow with the data)."""
+    if cfg.retrain_steps <= 0:
         return
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(z.parameters(), lr=cfg.retrain_lr)
-    steps = cfg.retrain_epochs * -(-len(data) // cfg.batch_size)
     # Annealed to zero: a constant rate leaves the networks off the minimum their long training
     # reached, which alone can cost a point and fail the budget for reasons unrelated to zipping.
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.retrain_steps)
     z.train()
-    for _ in range(cfg.retrain_epochs):
+    done = 0
+    while done < cfg.retrain_steps:
         for xb, yb in data.batches(cfg.batch_size, shuffle=True, generator=gen):
             xb = random_shift(xb, cfg.shift, gen)
             loss = sum(
@@ -159,6 +160,9 @@ def retrain(z: ZippedNet, data: MultitaskData, tasks: int, cfg: MtzConfig, seed:
             loss.backward()
             opt.step()
             sched.step()
+            done += 1
+            if done == cfg.retrain_steps:
+                break
     z.eval()
 
 
