@@ -50,6 +50,7 @@ BENCH_PRUNE = PruneConfig(step=0.2, min_step=0.05, max_steps=20, finetune_epochs
 @dataclass(frozen=True)
 class BenchConfig:
     dataset: str = "digits"  # digits | digits-partitions | composite (or any registered data set)
+    tasks: tuple[str, ...] = ()  # subset of the data set's tasks (empty: all)
     mergers: tuple[str, ...] = ()  # empty: every registered merger
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # each seed trains its own zoo, merges and prunes
     arch: str = "lenet"  # architecture family of the zoo
@@ -84,10 +85,6 @@ def run_seed(
 ) -> list[dict[str, Any]]:
     pre = splits.preprocessing
     arch = create_arch(cfg.arch, in_channels=pre.channels, input_size=tuple(pre.size))
-    nets = [
-        train_single_task(t, arch, splits.train, TrainConfig(epochs=epochs, seed=seed, progress=False))
-        for t in splits.tasks
-    ]
     # Epoch counts are set for the ~1,100-image digits splits; larger training sets get proportionally
     # fewer epochs (about the same number of gradient steps), so composite fits the time budget.
     scale = min(1.0, REFERENCE_TRAIN_SIZE / len(splits.train))
@@ -95,6 +92,10 @@ def run_seed(
     pcfg = replace(cfg.prune, seed=seed, finetune_epochs=max(1, round(cfg.prune.finetune_epochs * scale)),
                    retry_epochs=max(1, round(cfg.prune.retry_epochs * scale)) if cfg.prune.retry_epochs else 0,
                    recover_epochs=max(1, round(cfg.prune.recover_epochs * scale)))
+    nets = [
+        train_single_task(t, arch, splits.train, TrainConfig(epochs=epochs, seed=seed, progress=False))
+        for t in splits.tasks
+    ]
     checks = check_set(splits.val, pcfg.check_shifts, seed)
     ref = reference_accuracy(nets, checks)
     ref_test: dict[str, float] = {}
@@ -175,7 +176,7 @@ def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(1)  # the machine is shared; intra-op threads on tiny convs mostly spin
     known = list_mergers()
     mergers = list(cfg.mergers) or known
     unknown = [m for m in mergers if m not in known]
@@ -185,6 +186,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         if need not in mergers:
             mergers.insert(0, need)  # the ratios and the limit need both
     splits = load_dataset(cfg.dataset, split_seed=cfg.split_seed)
+    if cfg.tasks:
+        for part in ("train", "val", "test"):
+            setattr(splits, part, getattr(splits, part).select_tasks(cfg.tasks))
     log(f"bench {cfg.dataset}: {len(splits.tasks)} tasks, mergers {', '.join(mergers)}, seeds {list(cfg.seeds)}")
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []

@@ -1,0 +1,55 @@
+"""``pam bench`` on a tiny configuration: rows, ratios, limit and efficiency are consistent; files written."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from merging.bench import BenchConfig, quick_config, run_bench
+from merging.errors import MergingError
+from merging.pruning import PruneConfig
+from merging.tasks import all_combinations
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    out = tmp_path_factory.mktemp("bench")
+    pc = PruneConfig(step=0.3, max_steps=1, finetune_epochs=1, retry_epochs=0, recover_epochs=1, recover_rounds=1,
+                     taylor_batches=1, check_shifts=1, progress=False)
+    cfg = BenchConfig(dataset="digits", tasks=("parity", "loop"), mergers=("pam", "separate"), seeds=(0,),
+                      zoo_epochs=3, prune=pc, out_dir=out, progress=False)
+    rows = run_bench(cfg, log=lambda _: None)
+    return rows, out
+
+
+def test_rows_cover_every_merger_and_combination(bench) -> None:  # type: ignore[no-untyped-def]
+    rows, out = bench
+    combos = {"+".join(c) for c in all_combinations(["parity", "loop"])}
+    for merger in ("separate", "pam"):
+        for seed in (0, "median"):
+            got = {r["combination"] for r in rows if r["merger"] == merger and r["seed"] == seed}
+            assert got == combos
+    assert json.loads((out / "bench-digits.json").read_text()) == rows
+    assert (out / "bench-digits.md").read_text().startswith("# Benchmark: digits")
+    assert (out / "bench-digits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ratios_limit_and_efficiency(bench) -> None:  # type: ignore[no-untyped-def]
+    rows, _ = bench
+    by = {(r["merger"], r["combination"]): r for r in rows if r["seed"] == 0}
+    for (_, combo), r in by.items():
+        assert r["ratio_to_pam"] == pytest.approx(r["macs"] / by[("pam", combo)]["macs"])
+        assert r["limit"] == max(by[("separate", t)]["macs"] for t in combo.split("+"))
+        assert set(r["accuracy"]) == set(combo.split("+"))
+    both = "loop+parity"
+    assert by[("pam", both)]["sharing_efficiency"] == pytest.approx(by[("pam", both)]["macs"] / by[("pam", both)]["limit"])
+    # separate: a combination costs the sum of its tasks' costs (no sharing at all).
+    assert by[("separate", both)]["macs"] == by[("separate", "loop")]["macs"] + by[("separate", "parity")]["macs"]
+
+
+def test_unknown_merger_is_a_typed_error(tmp_path: Path) -> None:
+    with pytest.raises(MergingError):
+        run_bench(replace(quick_config("digits"), mergers=("nope",), out_dir=tmp_path), log=lambda _: None)
