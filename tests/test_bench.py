@@ -45,7 +45,8 @@ def test_ratios_limit_and_efficiency(bench) -> None:  # type: ignore[no-untyped-
         assert r["limit"] == max(by[("separate", t)]["macs"] for t in combo.split("+"))
         assert set(r["accuracy"]) == set(combo.split("+"))
     both = "loop+parity"
-    assert by[("pam", both)]["sharing_efficiency"] == pytest.approx(by[("pam", both)]["macs"] / by[("pam", both)]["limit"])
+    pam = by[("pam", both)]
+    assert pam["sharing_efficiency"] == pytest.approx(pam["macs"] / pam["limit"])
     # separate: a combination costs the sum of its tasks' costs (no sharing at all).
     assert by[("separate", both)]["macs"] == by[("separate", "loop")]["macs"] + by[("separate", "parity")]["macs"]
 

@@ -28,6 +28,7 @@ was dropped gets exactly its single-task outputs (listed in ``meta["pam"]["exact
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -48,6 +49,7 @@ Consistency = Literal["cut", "expand"]
 
 @dataclass(frozen=True)
 class PamConfig:
+    min_keep: float = 0.25  # each task keeps at least this share of its own network's width per layer
     calib_size: int = 384  # calibration images drawn (seeded) from the training split
     delta: float = 0.001  # a task's relevant set keeps (1 - delta) of the layer's information about it
     noise: float = DEFAULT_NOISE  # kernel variance per z-scored dimension of the MI estimate
@@ -77,6 +79,8 @@ class PamMerger(Merger):
             self.config = config or PamConfig(**options)  # type: ignore[arg-type]
         except TypeError as e:
             raise MergingError("bad_argument", f"pam merger: {e}") from e
+        if not 0.0 <= self.config.min_keep <= 1.0:
+            raise MergingError("bad_argument", f"pam merger: min_keep must be in [0, 1], got {self.config.min_keep}")
         if not 0.0 <= self.config.delta < 1.0:
             raise MergingError("bad_argument", f"pam merger: delta must be in [0, 1), got {self.config.delta}")
         if self.config.consistency not in ("cut", "expand"):
@@ -135,6 +139,12 @@ class PamMerger(Merger):
                 if picked is not None:
                     break
             invariant(picked is not None, "the full ranking reaches its own best prefix")
+            # Information on a calibration batch saturates long before accuracy does (a binary task's
+            # label is "known" from 2-3 neurons): keep a floor of capacity, along the same ranking.
+            floor = math.ceil(cfg.min_keep * sum(1 for ch in chans if ch.net == t))
+            if picked is not None and len(picked) < floor:
+                rest = [c for c in cand + order if c not in set(picked)]
+                picked = picked + list(dict.fromkeys(rest))[: floor - len(picked)]
             for c in picked or []:
                 chans[c].relevant |= 1 << t
                 chosen[c] = True
