@@ -21,11 +21,16 @@ from mobile_export.errors import ExportError
 from mobile_export.export import ExportConfig, export_bundle, parse_combinations, resolve_combinations
 from mobile_export.manifest import Manifest
 from mobile_export.runtime import BundleRuntime
-from tests.test_export_fixtures import COMBINATIONS, MAX_BATCH, TASKS, bundle, lenet_net, scratch
+from tests.test_export_fixtures import COMBINATIONS, MAX_BATCH, TASKS, bundle, lenet_net, prefetch, scratch
 
 DEFAULT_KINDS = ["lenet", "vgg-pruned-3"]
 SLOW_KINDS = ["lenet-pruned", "vgg", "vgg-pruned"]
 KINDS = [*DEFAULT_KINDS, *(pytest.param(k, marks=pytest.mark.slow) for k in SLOW_KINDS)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _lower_vgg_alongside() -> None:
+    prefetch("vgg-pruned-3")  # lowered by a child while this process lowers the LeNet bundle
 
 
 def _bundle(kind: str) -> tuple[MultitaskNet, Path]:
