@@ -326,8 +326,13 @@ def provenance_of(net: MultitaskNet, model_path: Path | None) -> Provenance:
         if w:
             sources[str((cfg.get("weights") or {}).get("file"))] = str(w)
     pruner = net.meta.get("pruner")
-    if pruner is None and isinstance(net.meta.get("prune"), dict):
-        pruner = net.meta["prune"].get("pruner") or net.meta["prune"].get("criterion")
+    for key in ("pruned", "prune"):  # the pruner records {"config": {"criterion": ...}, ...}
+        rec = net.meta.get(key)
+        if pruner is None and isinstance(rec, dict):
+            inner = rec.get("config")
+            cfg: dict[str, Any] = inner if isinstance(inner, dict) else rec
+            crit = cfg.get("criterion") or cfg.get("pruner")
+            pruner = f"{crit} (budget {cfg['budget']} points)" if crit and "budget" in cfg else crit
     return Provenance(
         merger=net.meta.get("merger") or net.meta.get("kind"),
         pruner=None if pruner is None else str(pruner),
