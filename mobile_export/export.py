@@ -330,9 +330,9 @@ def provenance_of(net: MultitaskNet, model_path: Path | None) -> Provenance:
         rec = net.meta.get(key)
         if pruner is None and isinstance(rec, dict):
             inner = rec.get("config")
-            cfg: dict[str, Any] = inner if isinstance(inner, dict) else rec
-            crit = cfg.get("criterion") or cfg.get("pruner")
-            pruner = f"{crit} (budget {cfg['budget']} points)" if crit and "budget" in cfg else crit
+            conf: dict[str, Any] = inner if isinstance(inner, dict) else rec
+            crit = conf.get("criterion") or conf.get("pruner")
+            pruner = f"{crit} (budget {conf['budget']} points)" if crit and "budget" in conf else crit
     return Provenance(
         merger=net.meta.get("merger") or net.meta.get("kind"),
         pruner=None if pruner is None else str(pruner),
