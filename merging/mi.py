@@ -10,7 +10,7 @@ of non-constant dimensions); the entropy of that mixture is bounded above by
 and ``I(T; Y) = H(T) - sum_c p(c) H(T | Y = c)``, each term from the same pairwise distances
 (the constant cancels). Why this one: it is the authors' choice (results comparable in kind),
 it needs no training (unlike MINE-style neural estimators), it works for any set size from one
-channel to a whole layer at O(n^2 d) cost, it is differentiable-free and deterministic, and it is
+channel to a whole layer at O(n^2 d) cost, it is training-free and deterministic, and it is
 invariant to the order of the samples. Scaling the kernel variance with ``d`` keeps distances
 between typical samples comparable for sets of different sizes, so the estimate of a large set
 does not collapse to ``H(Y)`` merely because every sample becomes isolated in high dimension.
@@ -19,6 +19,12 @@ Labels: ``(n,)`` integer class ids, or ``(n, k)`` 0/1 attributes; for attributes
 the sum over attributes of the information about each one (the joint label vector would split
 the calibration batch into up to ``2^k`` tiny classes, where the kernel estimate is poor).
 Values are in nats.
+
+Leave-one-out (default): the bound as written counts each sample's own kernel (= 1) in both
+sums; within a small class that self term dominates and independent 4-dimensional noise then
+"carries" 0.6 of the 2.3 nats of a 10-class label. Dropping the diagonal (the usual
+leave-one-out kernel entropy estimate) removes that bias: independent features score ~0, a copy
+of the labels ~H(Y). ``leave_one_out=False`` gives the plain bound.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from torch import Tensor
 
 from merging.errors import MergingError
 
-DEFAULT_NOISE = 0.1  # kernel variance per (z-scored) dimension (wide kernels blur 10-class structure; much narrower ones isolate every sample)
+# Kernel variance per z-scored dimension: 0.5 blurred 10-class structure, 0.03 isolated every sample.
+DEFAULT_NOISE = 0.1
 
 
 def standardize(x: Tensor) -> Tensor:

@@ -15,15 +15,29 @@ per combination), then the smallest prefix of that ranking whose joint informati
 (1 - delta) of the best joint information seen over prefixes (not of the whole layer's: in high
 dimension the kernel estimate of a huge set is diluted by uninformative channels).
 
-Consistency with the wiring rule: the weights come from the block-diagonal union of the originals,
-so a channel reads the channels below it *of its own source network*, and under the wiring rule
-a group of set S may only read groups of sets S' ⊇ S. The sets are therefore fixed top-down: a
-channel's final set is its own relevance set united with the sets of every kept channel above it
-in the same source network (each of which reads it). No channel ever reads a channel that was
-dropped or that sits in a group it may not read, so the merged network computes every kept
-channel exactly as its source network did. With ``own_task`` (default) a kept channel of task
-t's network always includes t, so head t reads all of them, and a task none of whose channels
-was dropped gets exactly its single-task outputs (listed in ``meta["pam"]["exact_tasks"]``).
+Hardest task first (most label entropy); for each task the candidate lists tried are: channels
+earlier tasks keep (``share_first``), then the task's own network's channels (``own_first``: its
+head reads them), then the whole ranking. ``min_keep`` then pads the set, along the same
+ranking, to a floor of the task's own network width: information on a calibration batch
+saturates long before accuracy does (2-3 neurons "know" a binary label).
+
+Consistency with the wiring rule: the weights come from the block-diagonal union of the
+originals, so a channel reads the channels below it *of its own source network*, and under the
+wiring rule a group of set S may only read groups of sets S' ⊇ S. Two ways to reconcile them:
+
+- ``consistency="cut"`` (default, the paper's way): every channel keeps its relevance set and
+  reads only the parents the wiring rule allows; weights from a parent whose set is not a
+  superset are cut (zero). Where a group would have no superset group at all below it, the
+  parents of its channels that already serve part of its set take on the whole set.
+- ``consistency="expand"``: top-down, a channel's set is widened to cover every kept channel
+  above it in its own network (each of which reads it), so nothing is ever cut and every kept
+  channel computes exactly what it did in its source network. The price: a network whose top
+  channels serve many tasks makes all of them pay for its whole lower stack.
+
+With ``own_task`` (default) a kept channel of task t's network always includes t. A task whose
+every channel is kept, readable and uncut gets exactly its single-task outputs before any
+fine-tuning; those tasks are listed in ``meta["pam"]["exact_tasks"]`` (with ``expand`` and
+``drop_irrelevant=False``, all of them). Groups no block above may read are removed.
 """
 
 from __future__ import annotations
@@ -84,7 +98,7 @@ class PamMerger(Merger):
         if not 0.0 <= self.config.delta < 1.0:
             raise MergingError("bad_argument", f"pam merger: delta must be in [0, 1), got {self.config.delta}")
         if self.config.consistency not in ("cut", "expand"):
-            raise MergingError("bad_argument", f"pam merger: consistency is cut or expand, not {self.config.consistency}")
+            raise MergingError("bad_argument", f"pam: consistency is cut or expand, not {self.config.consistency}")
         if self.config.split not in ("general", "two-level"):
             raise MergingError("bad_argument", f"pam merger: split is general or two-level, not {self.config.split}")
 

@@ -4,4 +4,12 @@ from merging.pruning.config import PruneConfig
 from merging.pruning.pruner import check_set, prune, prune_step, reference_accuracy, within_budget
 from merging.pruning.surgery import remove_dead_groups
 
-__all__ = ["PruneConfig", "check_set", "prune", "prune_step", "reference_accuracy", "remove_dead_groups", "within_budget"]
+__all__ = [
+    "PruneConfig",
+    "check_set",
+    "prune",
+    "prune_step",
+    "reference_accuracy",
+    "remove_dead_groups",
+    "within_budget",
+]
