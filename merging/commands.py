@@ -134,4 +134,5 @@ def register(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-serve", action="store_true", help="stop before serving (for scripts)")
+    p.add_argument("--port", type=int, default=8000, help="port to serve the demo bundle on")
     p.set_defaults(func=cmd_demo)
