@@ -389,7 +389,10 @@ def export_bundle(
         log(f"note: preprocessing: {pre_origin}")
 
     log(f"exporting {len(combos)} method(s): {', '.join('+'.join(c) for c in combos)}")
-    program = lower_programs(export_programs(net, combos, cfg.max_batch))
+    try:
+        program = lower_programs(export_programs(net, combos, cfg.max_batch))
+    except Exception as e:  # torch.export / ExecuTorch raise many types; the user needs one clear error
+        raise ExportError("lowering_failed", f"torch.export/XNNPACK lowering failed: {type(e).__name__}: {e}") from e
     report: dict[str, Any] = {
         "model_path": str(model_path.resolve()) if model_path else None,
         "methods": ["+".join(c) for c in combos],
