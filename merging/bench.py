@@ -254,6 +254,13 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
         if "error" in r:
             lines.append(f"- **{r['merger']} failed on seed {r['seed']}**: {r['error']}")
     lines += ["", "## Targets (as measured, medians)", ""]
+    missed = {m: len(seeds) - v for m, v in budget.items() if v < len(seeds)}
+    if missed:
+        lines.append("**Caution:** " + ", ".join(f"{m} missed the accuracy budget on {k}/{len(seeds)} seed(s)"
+                                                  for m, k in missed.items())
+                     + "; those networks were left unpruned or stopped above the budget's accuracy loss, so "
+                       "their MACs are not costs *at the same accuracy*.")
+        lines.append("")
     eff = [med[(REFERENCE, c)].get("sharing_efficiency", float("inf")) for c in combos]
     single_ratio = [med[(REFERENCE, t)]["macs"] / med[(BASELINE, t)]["macs"] for t in tasks]
     full = combination_name(tasks)
@@ -302,6 +309,18 @@ def plot(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str], p
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def render(json_path: Path) -> None:
+    """Rewrite the markdown and plot of a bench JSON (with its .config.json) after a report change."""
+    meta = json.loads(json_path.with_suffix(".config.json").read_text())
+    c = meta["config"]
+    cfg = BenchConfig(dataset=c["dataset"], seeds=tuple(c["seeds"]), arch=c["arch"], zoo_epochs=c["zoo_epochs"],
+                      prune=PruneConfig(**c["prune"]), out_dir=json_path.parent)
+    rows = load_rows(json_path)
+    md = markdown(cfg, rows, meta["mergers"], meta["seconds"])
+    atomic_write_bytes(json_path.with_suffix(".md"), md.encode())
+    plot(cfg, rows, meta["mergers"], json_path.with_suffix(".png"))
 
 
 def write_results(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str], elapsed: float) -> None:
