@@ -101,7 +101,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     mergers = tuple(m.strip() for m in args.mergers.split(",") if m.strip()) if args.mergers else ()
     for ds in datasets:
         cfg = quick_config(ds) if args.quick else BenchConfig(dataset=ds)
-        cfg = replace(cfg, mergers=mergers, out_dir=Path(args.out))
+        out = args.out or ("results/quick" if args.quick else "results")  # quick runs never overwrite the full run
+        cfg = replace(cfg, mergers=mergers, out_dir=Path(out))
         if args.seeds is not None:
             cfg = replace(cfg, seeds=tuple(range(args.seeds)))
         if args.zoo_epochs is not None:
@@ -147,5 +148,6 @@ def register(sub: Any) -> None:
     p.add_argument("--mergers", default=None, help="comma-separated mergers (default: every registered merger)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, quick 2)")
     p.add_argument("--zoo-epochs", type=int, default=None, help="training epochs per single-task network")
-    p.add_argument("--out", default="results", help="directory for bench-<dataset>.{json,md,png}")
+    p.add_argument("--out", default=None, help="directory for bench-<dataset>.{json,md,png} "
+                   "(default results/, or results/quick/ with --quick)")
     p.set_defaults(func=cmd_bench)
