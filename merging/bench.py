@@ -185,6 +185,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     for need in (BASELINE, REFERENCE):
         if need not in mergers:
             mergers.insert(0, need)  # the ratios and the limit need both
+    first = [BASELINE, "shared", REFERENCE]  # report columns: baselines and PAM first, then the rest
+    mergers.sort(key=lambda m: (first.index(m) if m in first else len(first), m))
     splits = load_dataset(cfg.dataset, split_seed=cfg.split_seed)
     if cfg.tasks:
         for part in ("train", "val", "test"):
