@@ -163,12 +163,16 @@ class Manifest(_Strict):
         p = Path(path)
         if p.is_dir():
             p = p / MANIFEST_FILE
-        data = json.dumps(self.model_dump(mode="json"), indent=2).encode() + b"\n"
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=p.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(p, json.dumps(self.model_dump(mode="json"), indent=2).encode() + b"\n")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (readers never see half a file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -118,6 +118,18 @@ class ProbeResult:
 PROBE_MARK = "PAM-PROBE-RESULT "  # prefix of the child's one result line on stdout
 
 
+def run_probe_child(args: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """``python -m mobile_export.probe ARGS`` in a child process (this package importable there).
+
+    Raises ``subprocess.TimeoutExpired``; a crash of the child is just a non-zero return code.
+    """
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "mobile_export.probe", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, errors="replace")
+
+
 def probe_bundle(bundle_dir: str | Path, timeout_s: float = 120.0) -> ProbeResult:
     """Load and run every method of a bundle in a child process; never crashes the caller.
 
@@ -125,12 +137,8 @@ def probe_bundle(bundle_dir: str | Path, timeout_s: float = 120.0) -> ProbeResul
     program, loads it, runs every method on zeros at batch 1 and compares output shapes with
     the manifest. A crash of the child (e.g. SIGABRT, exit 134) or a timeout is ``ok=False``.
     """
-    cmd = [sys.executable, "-m", "mobile_export.probe", str(bundle_dir)]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, errors="replace")
+        proc = run_probe_child([str(bundle_dir)], timeout_s)
     except subprocess.TimeoutExpired:
         return ProbeResult(False, f"probe of {bundle_dir} timed out after {timeout_s:.0f} s")
     for line in reversed(proc.stdout.splitlines()):

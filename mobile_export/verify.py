@@ -7,9 +7,7 @@ bundle at export time (``reference.pt``, tensors only, checked against the manif
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,14 +128,11 @@ def measure_memory(bundle_dir: str | Path, timeout_s: float = 300.0) -> dict[str
 
 
 def _memory_child(bundle_dir: str | Path, max_loaded: int | None, timeout_s: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "mobile_export.probe", "--memory", str(bundle_dir)]
-    if max_loaded is not None:
-        cmd.append(str(max_loaded))
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    from mobile_export.runtime import run_probe_child
+
+    args = ["--memory", str(bundle_dir)] + ([] if max_loaded is None else [str(max_loaded)])
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, errors="replace")
+        proc = run_probe_child(args, timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"memory probe timed out after {timeout_s:.0f} s"}
     from mobile_export.runtime import PROBE_MARK

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from mobile_export.manifest import Manifest
+from mobile_export.manifest import Manifest, atomic_write_bytes
 from service.errors import ServiceError
 
 
@@ -252,8 +252,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         "total_errors": sum(c["errors"] for c in cells),
     }
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(cfg.out.with_suffix(".json"), json.dumps(result, indent=2).encode())
-    _atomic_write(cfg.out.with_suffix(".md"), markdown(result).encode())
+    atomic_write_bytes(cfg.out.with_suffix(".json"), json.dumps(result, indent=2).encode())
+    atomic_write_bytes(cfg.out.with_suffix(".md"), markdown(result).encode())
     print(markdown(result))
     print(f"wrote {cfg.out.with_suffix('.json')} and {cfg.out.with_suffix('.md')}")
     return result
@@ -283,12 +283,3 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
