@@ -69,7 +69,12 @@ def run_demo(args: argparse.Namespace) -> int:
     pruned = {}
     for name, net in merged.items():
         t0 = time.perf_counter()
-        pruned[name], _ = prune(net, splits, replace(BENCH_PRUNE, seed=args.seed, progress=True), reference=ref)
+        pruned[name], history = prune(net, splits, replace(BENCH_PRUNE, seed=args.seed, progress=True), reference=ref)
+        stop = next((h["reason"] for h in reversed(history) if h.get("kind") == "stop"), "")
+        if stop.startswith("start network misses"):
+            worst = min(ref, key=lambda t: history[-2]["check_accuracy"][t] - ref[t])
+            print(f"  {name:>8}: NOT PRUNED: the merged network misses the budget before pruning "
+                  f"({worst}: {history[-2]['check_accuracy'][worst]:.1f}% vs {ref[worst]:.1f}% on the check set)")
         pruned[name].meta["preprocessing"] = splits.preprocessing.to_json()
         pruned[name].meta["test_accuracy"] = evaluate(pruned[name], splits.test)
         save_model(pruned[name], out / f"{name}-pruned")
