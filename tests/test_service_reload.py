@@ -156,8 +156,12 @@ def test_queue_bound_gives_503_with_retry_after_and_timeouts_504(loaded_model) -
     assert pool.waiting == 0
     pool.shutdown()
 
-    slow = RuntimePool(Settings(request_timeout_s=1e-6))
+    # The single runtime thread is kept busy, so every request waits past its timeout: 504, not a race.
+    slow = RuntimePool(Settings(request_timeout_s=0.05))
+    assert slow._executor is not None
+    blocker = slow._executor.submit(__import__("time").sleep, 0.5)
     results = asyncio.run(burst(slow, 3))
-    assert any(isinstance(r, ServiceError) and r.status == 504 for r in results)
+    assert all(isinstance(r, ServiceError) and r.status == 504 for r in results), results
+    blocker.result()
     assert slow.waiting == 0
     slow.shutdown()
