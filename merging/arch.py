@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from merging.errors import MergingError
+from merging.registry import Registry
 
 LayerKind = Literal["conv", "fc"]
 
@@ -105,25 +106,16 @@ def resolve(arch: ArchConfig) -> list[ResolvedLayer]:
 
 
 ArchFactory = Callable[..., ArchConfig]
-_REGISTRY: dict[str, ArchFactory] = {}
-
-
-def register_arch(name: str) -> Callable[[ArchFactory], ArchFactory]:
-    def deco(fn: ArchFactory) -> ArchFactory:
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+_REGISTRY: Registry[ArchFactory] = Registry("arch", "architecture")
+register_arch = _REGISTRY.register
 
 
 def list_archs() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY.names())
 
 
 def create_arch(name: str, **kwargs: Any) -> ArchConfig:
-    if name not in _REGISTRY:
-        raise MergingError("unknown_arch", f"unknown architecture {name!r}; known: {', '.join(list_archs())}")
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY.get(name)(**kwargs)
 
 
 def _scaled(base: int, mult: float) -> int:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from merging.errors import MergingError
+from merging.registry import Registry
 from merging.tasks import TaskSpec
 
 
@@ -94,25 +95,16 @@ class Splits:
 
 
 DatasetFactory = Callable[..., Splits]
-_REGISTRY: dict[str, DatasetFactory] = {}
-
-
-def register_dataset(name: str) -> Callable[[DatasetFactory], DatasetFactory]:
-    def deco(fn: DatasetFactory) -> DatasetFactory:
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+_REGISTRY: Registry[DatasetFactory] = Registry("dataset", "dataset")
+register_dataset = _REGISTRY.register
 
 
 def list_datasets() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY.names())
 
 
 def load_dataset(name: str, **kwargs: Any) -> Splits:
-    if name not in _REGISTRY:
-        raise MergingError("unknown_dataset", f"unknown dataset {name!r}; known: {', '.join(list_datasets())}")
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY.get(name)(**kwargs)
 
 
 def split_indices(n: int, seed: int, fractions: tuple[float, float] = (0.6, 0.2), stratify: Any = None) -> tuple[

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from merging.data.base import MultitaskData
 from merging.errors import MergingError
 from merging.network import MultitaskNet
+from merging.registry import Registry
 
 
 class Merger(ABC):
@@ -21,22 +22,20 @@ class Merger(ABC):
         """Merge ``nets`` (one per task, same architecture); ``data`` is the training split."""
 
 
-_REGISTRY: dict[str, Callable[..., Merger]] = {}
+_REGISTRY: Registry[Callable[..., Merger]] = Registry("merger", "merger")
 
 
 def register_merger(cls: type[Merger]) -> type[Merger]:
-    _REGISTRY[cls.name] = cls
+    _REGISTRY.add(cls.name, cls)
     return cls
 
 
 def list_mergers() -> list[str]:
-    return list(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def create_merger(name: str, **options: Any) -> Merger:
-    if name not in _REGISTRY:
-        raise MergingError("unknown_merger", f"unknown merger {name!r}; known: {', '.join(list_mergers())}")
-    return _REGISTRY[name](**options)
+    return _REGISTRY.get(name)(**options)
 
 
 def check_mergeable(nets: Sequence[MultitaskNet]) -> None:
