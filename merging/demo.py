@@ -20,7 +20,7 @@ import numpy as np
 
 from merging.arch import create_arch
 from merging.checkpoint import save_model
-from merging.cost import cost_table
+from merging.cost import combination_cost, cost_table
 from merging.data import load_dataset
 from merging.data.digits import raw_digits
 from merging.mergers import create_merger
@@ -60,7 +60,7 @@ def run_demo(args: argparse.Namespace) -> int:
     merged = {name: create_merger(name).merge(nets, splits.train, seed=args.seed) for name in ("separate", "pam")}
     for name, net in merged.items():
         groups = ", ".join(str(len(g)) for g in net.layout)
-        print(f"  {name:>8}: groups per layer {groups}; all-task MACs {cost_table(net)[_all(net)].macs:,}")
+        print(f"  {name:>8}: groups per layer {groups}; all-task MACs {combination_cost(net).macs:,}")
 
     print("\n== 3/5 prune both with the same pruner and budget (every task within 1 point of its own network)",
           flush=True)
@@ -88,8 +88,9 @@ def run_demo(args: argparse.Namespace) -> int:
                      f"{pam[combo].macs / max(1, limit):.2f}"])
     print(format_table(["combination", "separate MACs", "pam MACs", "separate/pam", "pam/limit"], rows))
     acc = {n: p.meta["test_accuracy"] for n, p in pruned.items()}
+    own = {n.task_names[0]: n.meta["test_accuracy"] for n in nets}  # recorded by train_zoo
     print(format_table(["task", "own network %", "separate pruned %", "pam pruned %"],
-                       [[t, _own_test(nets, splits, t), acc["separate"][t], acc["pam"][t]] for t in pam_tasks(pam)]))
+                       [[t, own[t], acc["separate"][t], acc["pam"][t]] for t in own]))
 
     # Every single task, one pair and all tasks: lowering all 31 methods of five tasks takes many minutes
     # and gigabytes on 2 cores; `pam export` (no --combinations) exports every combination.
@@ -120,15 +121,3 @@ def run_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
 
-
-def _all(net) -> str:  # type: ignore[no-untyped-def]
-    return "+".join(sorted(net.task_names))
-
-
-def pam_tasks(table: dict) -> list[str]:  # type: ignore[type-arg]
-    return [c for c in table if "+" not in c]
-
-
-def _own_test(nets, splits, task: str) -> float:  # type: ignore[no-untyped-def]
-    net = next(n for n in nets if n.task_names == (task,))
-    return evaluate(net, splits.test.select_tasks((task,)))[task]
