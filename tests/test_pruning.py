@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,9 +14,19 @@ from merging.cost import combination_cost
 from merging.errors import MergingError
 from merging.mergers import create_merger
 from merging.network import MultitaskNet, block_key
-from merging.pruning import PruneConfig, check_set, prune, prune_step, reference_accuracy, remove_dead_groups
+from merging.pruning import (
+    PruneConfig,
+    check_set,
+    prune,
+    prune_step,
+    reference_accuracy,
+    remove_dead_groups,
+    within_budget,
+)
+from merging.pruning.pruner import finetune_unfrozen
 from merging.pruning.importance import combination_share
 from merging.tasks import TaskSpec, all_combinations
+from merging.train import evaluate
 from tests.pam_support import tiny_zoo
 
 QUICK = PruneConfig(step=0.3, max_steps=2, finetune_epochs=1, retry_epochs=0, recover_epochs=2, recover_rounds=1,
@@ -133,3 +144,75 @@ def test_combination_share_and_bad_config() -> None:
     with pytest.raises(MergingError):
         net = MultitaskNet.single_task(TaskSpec("t", "classes", ("a", "b")), create_arch("lenet"))
         prune(net, None, PruneConfig(step=1.5))  # type: ignore[arg-type]
+
+
+def _vgg_pair() -> tuple[MultitaskNet, object]:
+    """Two tasks on a tiny VGG (batch norm) with a shared, an exclusive-0 and an exclusive-1 group per layer."""
+    splits = tiny_zoo()[1]
+    tasks = splits.tasks[:2]
+    arch = create_arch("vgg", width_mult=0.125, input_size=(8, 8))
+    torch.manual_seed(3)
+    layout = [{1: 2, 2: 2, 3: 2} for _ in arch.layers]
+    return MultitaskNet(tasks, arch, layout).eval(), splits
+
+
+def test_frozen_parts_stay_bit_identical_while_the_rest_is_finetuned() -> None:
+    net, splits = _vgg_pair()
+    data = splits.train.select_tasks(net.task_names)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    frozen = 0b01  # task 0: its exclusive groups, the shared groups and its head are frozen
+    finetune_unfrozen(net, data, PruneConfig(lr=1e-2, batch_size=128), epochs=1, seed=0, frozen=frozen)
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "the live parts were not trained"
+    for k in before:
+        if k.startswith("blocks."):
+            mask = int(k.split(".")[1].split("_g")[1])
+            if mask & frozen:
+                assert k not in changed, k  # weights and batch-norm statistics alike
+            elif k.endswith("conv.weight"):
+                assert k in changed, k
+        elif k.startswith(f"heads.{net.task_names[0]}."):
+            assert k not in changed, k
+        elif k.startswith(f"heads.{net.task_names[1]}."):
+            assert k in changed, k
+    assert all(p.requires_grad for p in net.parameters())  # the freeze is undone afterwards
+
+
+def test_prune_step_never_cuts_a_group_serving_a_frozen_task() -> None:
+    net, splits = _vgg_pair()
+    widths = copy.deepcopy(net.layout)
+    cfg = PruneConfig(criterion="magnitude", cost_aware=False, taylor_batches=1, progress=False)
+    prune_step(net, splits.train.select_tasks(net.task_names), cfg, fraction=0.3, frozen=0b01)
+    for l, groups in enumerate(widths):
+        for mask in (1, 3):  # serve task 0
+            assert net.layout[l].get(mask) == groups[mask], (l, mask)
+    assert combination_cost(net, (net.task_names[1],)).macs < combination_cost(_vgg_pair()[0], (net.task_names[1],)).macs
+    _check_every_combination(net, splits.val.x[:4])
+
+
+def test_a_task_out_of_budget_stops_only_what_serves_it(zoo) -> None:  # type: ignore[no-untyped-def]
+    nets, splits = zoo
+    merged = create_merger("separate").merge(nets, splits.train)
+    cfg = PruneConfig(step=0.6, min_step=0.3, max_steps=6, finetune_epochs=1, retry_epochs=0, taylor_batches=1,
+                      check_shifts=1, progress=False, budget=0.0, criterion="magnitude")
+    checks = check_set(splits.val, cfg.check_shifts, cfg.seed)
+    first = merged.task_names[0]
+    # The first task may lose nothing at all; the others anything.
+    ref = {t: (reference_accuracy([n], checks)[t] if t == first else 0.0) for n, t in zip(nets, merged.task_names)}
+    pruned, history = prune(copy.deepcopy(merged), splits, cfg, reference=ref)
+    freezes = [h for h in history if h["kind"] == "freeze"]
+    assert freezes and freezes[0]["tasks"] == [first]
+    at_freeze = freezes[0]["layout"]
+    own = 1 << 0
+    for l, groups in enumerate(pruned.layout):
+        assert groups.get(own) == at_freeze[l].get(own), l  # nothing serving the frozen task was cut after
+    others = [t for t in merged.task_names if t != first]
+    after_freeze = combination_cost(pruned, tuple(others)).macs
+    # ... while the other tasks went on being pruned (below where the global stop would have left them).
+    _, hist_global = prune(copy.deepcopy(merged), splits, replace(cfg, per_task_stop=False), reference=ref)
+    assert not any(h["kind"] == "freeze" for h in hist_global)
+    assert after_freeze < combination_cost(merged, tuple(others)).macs
+    accepted_after = [h for h in history[history.index(freezes[0]):] if h.get("accepted")]
+    assert accepted_after, "no step was accepted after the freeze"
+    assert within_budget(evaluate(pruned, checks), ref, cfg.budget)

@@ -27,5 +27,6 @@ class PruneConfig:
     cost_aware: bool = True  # divide importance by the channel's MACs weighted over combinations
     cost_power: float = 1.0  # exponent of that cost (0 = cost-blind)
     check_shifts: int = 4  # the budget is checked on val plus this many 1-pixel-shifted copies of it
+    per_task_stop: bool = True  # a task whose budget stops pruning freezes what serves it; the rest go on
     seed: int = 0  # seeds fine-tuning, the check set's shifts and the Taylor batches
     progress: bool = True  # tqdm bar over prune steps

@@ -3,7 +3,12 @@
 Each step scores every channel (``importance.score_channels``), removes the channels of lowest
 importance per unit of combination-weighted cost until ``step`` of the network's expected MACs
 is gone, fine-tunes on the joint loss, and checks the budget. A step that breaks the budget is
-undone and retried at half the size; pruning stops when the step falls below ``min_step``.
+undone and retried at half the size. When the step falls below ``min_step``, the tasks that
+broke the last attempt are *frozen* (``per_task_stop``): every group serving one of them and
+their heads keep their accepted weights from then on, and pruning goes on, at full step, with
+the groups that serve only other tasks, until every task is frozen. One task's budget thus stops
+only what it depends on: separate networks are pruned as if each were alone, and a merged
+network's task-specific groups shrink as far as their own task allows.
 
 Partial cuts go through Torch-Pruning's dependency graph (which slices every consumer of the
 channel, across the ``torch.cat`` joins between groups); a group whose every channel is selected
@@ -60,11 +65,12 @@ def within_budget(acc: Mapping[str, float], ref: Mapping[str, float], budget: fl
 
 
 def _finetune(
-    net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, epochs: int, seed: int, lr: float | None = None
+    net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, epochs: int, seed: int, lr: float | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> None:
     if epochs > 0:
         tc = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr or cfg.lr, seed=seed, progress=False)
-        fit(net, data, tc)
+        fit(net, data, tc, tasks=tasks)
 
 
 def _removable(net: MultitaskNet, layer: int, mask: int) -> bool:
@@ -79,9 +85,23 @@ def _removable(net: MultitaskNet, layer: int, mask: int) -> bool:
     return True
 
 
-def prune_step(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, fraction: float) -> dict[str, Any]:
-    """Remove about ``fraction`` of the expected MACs, lowest importance per unit cost first (in place)."""
+def failing_tasks(acc: Mapping[str, float], ref: Mapping[str, float], budget: float) -> list[str]:
+    return [t for t in ref if acc[t] < ref[t] - budget]
+
+
+def task_mask(net: MultitaskNet, tasks: Sequence[str]) -> int:
+    return sum(1 << net.task_names.index(t) for t in set(tasks))
+
+
+def prune_step(
+    net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, fraction: float, frozen: int = 0
+) -> dict[str, Any]:
+    """Remove about ``fraction`` of the expected MACs of the groups serving no ``frozen`` task
+    (a task mask), lowest importance per unit cost first (in place)."""
     scores = score_channels(net, data, cfg)
+    everything = float(sum(float(sc.cost.sum()) for sc in scores)) or 1.0
+    scores = [sc for sc in scores if not sc.mask & frozen]
+    prunable = float(sum(float(sc.cost.sum()) for sc in scores))
     # Importance per unit of price, a channel's price being its weighted cost relative to the mean channel's.
     all_costs = torch.cat([sc.cost for sc in scores])
     avg = float(all_costs.mean()) if all_costs.numel() else 1.0
@@ -92,7 +112,7 @@ def prune_step(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, fractio
         ratio = sc.importance / price
         entries.extend((float(ratio[j]), float(sc.cost[j]), sc.layer, sc.mask, j) for j in range(len(ratio)))
     entries.sort(key=lambda e: (e[0], e[2], e[3], e[4]))
-    target = fraction * weighted_macs(net)
+    target = fraction * weighted_macs(net) * prunable / everything
     chosen: dict[tuple[int, int], list[int]] = {}
     removed = 0.0
     for _, cost, l, mask, j in entries:
@@ -125,7 +145,44 @@ def prune_step(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, fractio
             net.select_channels(l, mask, keep or [int(sc.importance.argmax())])
     removed_groups += remove_dead_groups(net)
     net.check_wiring()
-    return {"fraction": fraction, "channels": sum(len(v) for v in chosen.values()), "removed_groups": removed_groups}
+    return {"fraction": fraction, "channels": sum(len(v) for v in chosen.values()), "removed_groups": removed_groups,
+            "frozen": frozen}
+
+
+def _freeze(net: MultitaskNet, frozen: int) -> list[torch.nn.Parameter]:
+    """Stop gradients into every group serving a frozen task and into those tasks' heads."""
+    params: list[torch.nn.Parameter] = []
+    for l, groups in enumerate(net.layout):
+        params += [p for mask in groups if mask & frozen for p in net.blocks[block_key(l, mask)].parameters()]
+    params += [p for t, name in enumerate(net.task_names) if frozen >> t & 1 for p in net.heads[name].parameters()]
+    for p in params:
+        p.requires_grad_(False)
+    return params
+
+
+def finetune_unfrozen(
+    net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, epochs: int, seed: int, frozen: int
+) -> None:
+    """Fine-tune on the loss of the tasks still being pruned; frozen parts stay bit-identical."""
+    if not frozen:
+        _finetune(net, data, cfg, epochs, seed)
+        return
+    live = [t for i, t in enumerate(net.task_names) if not frozen >> i & 1]
+    if epochs <= 0 or not live:
+        return
+    params = _freeze(net, frozen)
+    # Batch-norm statistics are buffers, not parameters: restore them on the frozen blocks.
+    buffers = {name: b.clone() for name, b in net.named_buffers()}
+    try:
+        _finetune(net, data, cfg, epochs, seed, tasks=live)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    with torch.no_grad():
+        for name, b in net.named_buffers():
+            key = name.split(".")[1] if name.startswith("blocks.") else None
+            if key is not None and int(key.split("_g")[1]) & frozen and name in buffers:
+                b.copy_(buffers[name])
 
 
 def prune(
@@ -172,27 +229,44 @@ def prune(
         return net, history
     best = copy.deepcopy(net)
     step = cfg.step
+    frozen = 0  # tasks whose budget stopped pruning (mask)
+    everyone = (1 << len(tasks)) - 1
     bar = tqdm(range(cfg.max_steps), desc="prune", disable=None if cfg.progress else True, leave=False)
     for k in bar:
-        info = prune_step(net, train, replace(cfg, seed=cfg.seed + k), step)
-        _finetune(net, train, cfg, cfg.finetune_epochs, cfg.seed + 1000 + k)
+        info = prune_step(net, train, replace(cfg, seed=cfg.seed + k), step, frozen)
+        finetune_unfrozen(net, train, cfg, cfg.finetune_epochs, cfg.seed + 1000 + k, frozen)
         row = record("step", **info)
         if not row["within_budget"] and cfg.retry_epochs > 0:
             # One more round of fine-tuning before giving up on the step: a short fine-tune after a cut
             # often leaves a task a fraction of a point short, and rejecting then is mostly noise.
-            _finetune(net, train, cfg, cfg.retry_epochs, cfg.seed + 2000 + k)
+            finetune_unfrozen(net, train, cfg, cfg.retry_epochs, cfg.seed + 2000 + k, frozen)
             row = record("retry", **info)
         bar.set_postfix(macs=row["macs_all"], step=f"{step:.3f}")
         if row["within_budget"]:
             best = copy.deepcopy(net)
             row["accepted"] = True
-        else:
-            row["accepted"] = False
-            net = copy.deepcopy(best)
-            step /= 2
-            if step < cfg.min_step:
-                history.append({"kind": "stop", "reason": "step below min_step"})
-                break
+            continue
+        row["accepted"] = False
+        failed = failing_tasks(row["check_accuracy"], ref, cfg.budget)
+        net = copy.deepcopy(best)
+        step /= 2
+        if step >= cfg.min_step:
+            continue
+        if not cfg.per_task_stop:
+            history.append({"kind": "stop", "reason": "step below min_step"})
+            break
+        # Freeze the tasks that broke the budget (all live ones if the failure came from a frozen
+        # task drifting, which cannot happen as frozen parts do not change, but be safe).
+        newly = task_mask(net, failed) & ~frozen or everyone & ~frozen
+        frozen |= newly
+        history.append({"kind": "freeze", "tasks": [t for i, t in enumerate(tasks) if newly >> i & 1],
+                        "layout": copy.deepcopy(net.layout)})
+        live_groups = any(not mask & frozen for groups in net.layout for mask in groups)
+        if frozen == everyone or not live_groups:
+            history.append({"kind": "stop", "reason": "every task frozen" if frozen == everyone
+                            else "no group left that serves only unfrozen tasks"})
+            break
+        step = cfg.step
     else:
         history.append({"kind": "stop", "reason": "max_steps"})
     best.meta = {**best.meta, "pruned": {"config": {k: v for k, v in vars(cfg).items()}, "reference": ref,
