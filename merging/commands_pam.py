@@ -32,7 +32,7 @@ def _print_costs(net: Any, baseline: Any = None) -> None:
 
 def _pam_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
-    for key in ("delta", "noise", "calib_size", "split", "consistency"):
+    for key in ("delta", "noise", "calib_size", "split", "consistency", "min_keep"):
         v = getattr(args, key, None)
         if v is not None:
             opts[key] = v
@@ -62,7 +62,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from merging.checkpoint import load_model, save_model
-    from merging.pruning import PruneConfig, check_set, prune, reference_accuracy
+    from merging.pruning import PruneConfig, check_set, missed_at_start, prune, reference_accuracy
     from merging.train import evaluate
     from merging.zoo import load_zoo
 
@@ -84,6 +84,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     stop: dict[str, Any] = next((h for h in reversed(history) if h.get("kind") == "stop"), {})
     steps = sum(1 for h in history if h.get("accepted"))
     print(f"{steps} prune steps accepted; stopped: {stop.get('reason', '?')}")
+    if missed_at_start(history) and net.meta.get("merger") == "pam":
+        floor = net.meta.get("pam", {}).get("config", {}).get("min_keep", 0.25)
+        print(f"  the PAM merge kept too little for retraining to meet the budget: merge again with "
+              f"`pam merge --min-keep {min(1.0, 2 * floor):g}` (`pam bench` and `pam demo` do this themselves)")
     print("test accuracy: " + ", ".join(f"{t} {a:.2f}%" for t, a in evaluate(pruned, splits.test).items()))
     pruned.meta["prune_history"] = [{k: v for k, v in h.items() if k != "reference"} for h in history]
     path = save_model(pruned, Path(args.out))
@@ -123,6 +127,8 @@ def register(sub: Any) -> None:
     g.add_argument("--calib-size", type=int, default=None, help="calibration images")
     g.add_argument("--split", choices=("general", "two-level"), default=None, help="grouping form")
     g.add_argument("--consistency", choices=("cut", "expand"), default=None, help="how sets obey the wiring rule")
+    g.add_argument("--min-keep", type=float, default=None,
+                   help="floor of each task's set per layer, as a share of its own network's width (default 0.25)")
     add_dataset_args(p)
     p.set_defaults(func=cmd_merge)
 

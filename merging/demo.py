@@ -42,7 +42,8 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from merging.bench import BENCH_PRUNE
-    from merging.pruning import check_set, prune, reference_accuracy
+    from merging.pipeline import merge_and_prune
+    from merging.pruning import check_set, reference_accuracy
 
     # These networks are tiny: one intra-op thread is as fast, and far faster on a busy machine.
     torch.set_num_threads(1)
@@ -56,30 +57,32 @@ def run_demo(args: argparse.Namespace) -> int:
     train_zoo(splits, arch, TrainConfig(epochs=args.epochs, seed=args.seed), out / "zoo")
     nets = load_zoo(out / "zoo")
 
-    print("\n== 2/5 merge (separate baseline, pam)", flush=True)
-    merged = {name: create_merger(name).merge(nets, splits.train, seed=args.seed) for name in ("separate", "pam")}
-    for name, net in merged.items():
-        groups = ", ".join(str(len(g)) for g in net.layout)
-        print(f"  {name:>8}: groups per layer {groups}; all-task MACs {combination_cost(net).macs:,}")
-
-    print("\n== 3/5 prune both with the same pruner and budget (every task within 1 point of its own network)",
-          flush=True)
+    print("\n== 2/5 merge (separate baseline, pam), then prune both with the same pruner and budget "
+          "(every task within 1 point of its own network)", flush=True)
     checks = check_set(splits.val, BENCH_PRUNE.check_shifts, args.seed)
     ref = reference_accuracy(nets, checks)
     pruned = {}
-    for name, net in merged.items():
+    for name in ("separate", "pam"):
         t0 = time.perf_counter()
-        pruned[name], history = prune(net, splits, replace(BENCH_PRUNE, seed=args.seed, progress=True), reference=ref)
-        stop = next((h["reason"] for h in reversed(history) if h.get("kind") == "stop"), "")
-        if stop.startswith("start network misses"):
-            worst = min(ref, key=lambda t: history[-2]["check_accuracy"][t] - ref[t])
+        result = merge_and_prune(create_merger(name), nets, splits, replace(BENCH_PRUNE, seed=args.seed, progress=True),
+                                 ref, seed=args.seed, log=print)
+        groups = ", ".join(str(len(g)) for g in result.merged.layout)
+        print(f"  {name:>8}: merged: groups per layer {groups}; all-task MACs {combination_cost(result.merged).macs:,}")
+        history = result.history
+        if result.missed_budget:
+            last = [h for h in history if "check_accuracy" in h][-1]["check_accuracy"]
+            worst = min(ref, key=lambda t: last[t] - ref[t])
             print(f"  {name:>8}: NOT PRUNED: the merged network misses the budget before pruning "
-                  f"({worst}: {history[-2]['check_accuracy'][worst]:.1f}% vs {ref[worst]:.1f}% on the check set)")
+                  f"({worst}: {last[worst]:.1f}% vs {ref[worst]:.1f}% on the check set)")
+        pruned[name] = result.pruned
         pruned[name].meta["preprocessing"] = splits.preprocessing.to_json()
         pruned[name].meta["test_accuracy"] = evaluate(pruned[name], splits.test)
         save_model(pruned[name], out / f"{name}-pruned")
-        print(f"  {name:>8}: pruned in {time.perf_counter() - t0:.0f}s", flush=True)
+        print(f"  {name:>8}: pruned to {combination_cost(pruned[name]).macs:,} all-task MACs "
+              f"in {time.perf_counter() - t0:.0f}s", flush=True)
 
+    print("\n== 3/5 cost of every combination after pruning (limit = the costliest task's own pruned network)",
+          flush=True)
     sep, pam = (cost_table(pruned[n]) for n in ("separate", "pam"))
     rows = []
     for combo in sep:

@@ -21,6 +21,10 @@ class Merger(ABC):
     def merge(self, nets: Sequence[MultitaskNet], data: MultitaskData, seed: int = 0) -> MultitaskNet:
         """Merge ``nets`` (one per task, same architecture); ``data`` is the training split."""
 
+    def larger(self) -> Merger | None:
+        """The same merger set to keep more capacity, or None (see ``merging.pipeline``)."""
+        return None
+
 
 _REGISTRY: Registry[Callable[..., Merger]] = Registry("merger", "merger")
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -101,6 +101,13 @@ class PamMerger(Merger):
             raise MergingError("bad_argument", f"pam: consistency is cut or expand, not {self.config.consistency}")
         if self.config.split not in ("general", "two-level"):
             raise MergingError("bad_argument", f"pam merger: split is general or two-level, not {self.config.split}")
+
+    def larger(self) -> PamMerger | None:
+        """Twice the per-task floor (up to the whole network): the floor is a guess at the capacity
+        a task needs, which calibration information cannot tell; the pruner's budget can."""
+        if self.config.min_keep >= 1.0:
+            return None
+        return PamMerger(replace(self.config, min_keep=min(1.0, 2 * self.config.min_keep)))
 
     # ------------------------------------------------------------------ grouping
     def relevance(self, nets: Sequence[MultitaskNet], data: MultitaskData, seed: int = 0) -> list[list[Channel]]:

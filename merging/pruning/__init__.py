@@ -1,12 +1,20 @@
 """Structured pruning of multitask networks (Torch-Pruning DepGraph, Taylor + magnitude, budgeted)."""
 
 from merging.pruning.config import PruneConfig
-from merging.pruning.pruner import check_set, prune, prune_step, reference_accuracy, within_budget
+from merging.pruning.pruner import (
+    check_set,
+    missed_at_start,
+    prune,
+    prune_step,
+    reference_accuracy,
+    within_budget,
+)
 from merging.pruning.surgery import remove_dead_groups
 
 __all__ = [
     "PruneConfig",
     "check_set",
+    "missed_at_start",
     "prune",
     "prune_step",
     "reference_accuracy",

@@ -60,6 +60,14 @@ def reference_accuracy(nets: Sequence[MultitaskNet], checks: MultitaskData) -> d
     return out
 
 
+START_MISSED = "start network misses the budget; not pruned"
+
+
+def missed_at_start(history: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether ``prune`` gave up before the first step (the start network missed the budget)."""
+    return any(h.get("kind") == "stop" and h.get("reason") == START_MISSED for h in history)
+
+
 def within_budget(acc: Mapping[str, float], ref: Mapping[str, float], budget: float) -> bool:
     return all(acc[t] >= ref[t] - budget for t in ref)
 
@@ -225,7 +233,7 @@ def prune(
         _finetune(net, train, cfg, cfg.recover_epochs, cfg.seed + 100 * r, cfg.recover_lr / (1 + r))
         start = record("recover")
     if not start["within_budget"]:
-        history.append({"kind": "stop", "reason": "start network misses the budget; not pruned"})
+        history.append({"kind": "stop", "reason": START_MISSED})
         return net, history
     best = copy.deepcopy(net)
     step = cfg.step

@@ -1,0 +1,72 @@
+"""Merge then prune, with the pruner's budget as the judge of the merge's capacity.
+
+A merger that drops channels (PAM's per-task floor) guesses how much capacity each task needs;
+the information estimate it works from saturates long before accuracy does, so the guess can be
+too small for any retraining to bring a task back within the budget. When the pruner reports
+that the merged network missed the budget before the first step (even after its recovery
+retraining), the merge is redone with the merger's :meth:`~merging.mergers.base.Merger.larger`
+setting, until it meets the budget or the merger has nothing larger. Decisions use the
+validation check set only, as everywhere in pruning.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from merging.cost import Cost, cost_table
+from merging.data.base import Splits
+from merging.mergers.base import Merger
+from merging.network import MultitaskNet
+from merging.pruning import PruneConfig, missed_at_start, prune
+
+
+@dataclass
+class MergePruneResult:
+    merged: MultitaskNet  # the merged network the accepted attempt started from (before pruning)
+    pruned: MultitaskNet
+    history: list[dict[str, Any]]  # the pruner's history of the accepted attempt
+    merged_costs: dict[str, Cost]  # cost of every combination before pruning
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # one row per merge tried
+
+    @property
+    def missed_budget(self) -> bool:
+        return missed_at_start(self.history)
+
+
+def merge_and_prune(
+    merger: Merger,
+    nets: Sequence[MultitaskNet],
+    splits: Splits,
+    cfg: PruneConfig,
+    reference: Mapping[str, float],
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> MergePruneResult:
+    """Merge ``nets`` and prune the result within ``cfg``'s budget of ``reference``, growing the
+    merge while its network misses the budget before pruning (see the module docstring)."""
+    current: Merger | None = merger
+    attempts: list[dict[str, Any]] = []
+    result: MergePruneResult | None = None
+    while current is not None:
+        merged = current.merge(nets, splits.train, seed=seed)
+        costs = cost_table(merged)
+        pruned, history = prune(copy.deepcopy(merged), splits, cfg, reference=reference)
+        attempts.append({"options": _options(current), "macs_merged": max(c.macs for c in costs.values()),
+                         "missed_budget": missed_at_start(history)})
+        result = MergePruneResult(merged, pruned, history, costs, attempts)
+        if not result.missed_budget:
+            break
+        previous, current = current, current.larger()
+        if current is not None and log is not None:
+            changed = {k: v for k, v in _options(current).items() if _options(previous).get(k) != v}
+            log(f"  {merger.name}: the merged network missed the budget before pruning; merging again with {changed}")
+    assert result is not None  # the loop runs at least once
+    return result
+
+
+def _options(merger: Merger) -> dict[str, Any]:
+    config = getattr(merger, "config", None)
+    return dict(vars(config)) if config is not None else {}
