@@ -23,8 +23,8 @@ from merging.pruning import (
     remove_dead_groups,
     within_budget,
 )
-from merging.pruning.pruner import finetune_unfrozen
 from merging.pruning.importance import combination_share
+from merging.pruning.pruner import finetune_unfrozen
 from merging.tasks import TaskSpec, all_combinations
 from merging.train import evaluate
 from tests.pam_support import tiny_zoo
@@ -187,7 +187,8 @@ def test_prune_step_never_cuts_a_group_serving_a_frozen_task() -> None:
     for l, groups in enumerate(widths):
         for mask in (1, 3):  # serve task 0
             assert net.layout[l].get(mask) == groups[mask], (l, mask)
-    assert combination_cost(net, (net.task_names[1],)).macs < combination_cost(_vgg_pair()[0], (net.task_names[1],)).macs
+    other = (net.task_names[1],)
+    assert combination_cost(net, other).macs < combination_cost(_vgg_pair()[0], other).macs
     _check_every_combination(net, splits.val.x[:4])
 
 
@@ -199,7 +200,8 @@ def test_a_task_out_of_budget_stops_only_what_serves_it(zoo) -> None:  # type: i
     checks = check_set(splits.val, cfg.check_shifts, cfg.seed)
     first = merged.task_names[0]
     # The first task may lose nothing at all; the others anything.
-    ref = {t: (reference_accuracy([n], checks)[t] if t == first else 0.0) for n, t in zip(nets, merged.task_names)}
+    own = reference_accuracy(nets, checks)
+    ref = {t: own[t] if t == first else 0.0 for t in merged.task_names}
     pruned, history = prune(copy.deepcopy(merged), splits, cfg, reference=ref)
     freezes = [h for h in history if h["kind"] == "freeze"]
     assert freezes and freezes[0]["tasks"] == [first]

@@ -103,11 +103,16 @@ class PamMerger(Merger):
             raise MergingError("bad_argument", f"pam merger: split is general or two-level, not {self.config.split}")
 
     def larger(self) -> PamMerger | None:
-        """Twice the per-task floor (up to the whole network): the floor is a guess at the capacity
-        a task needs, which calibration information cannot tell; the pruner's budget can."""
-        if self.config.min_keep >= 1.0:
-            return None
-        return PamMerger(replace(self.config, min_keep=min(1.0, 2 * self.config.min_keep)))
+        """Twice the per-task floor, up to the whole network: the floor is a guess at the capacity a
+        task needs, which calibration information cannot tell; the pruner's budget can. Past the
+        whole network, the exact merge: nothing dropped or cut (``expand``), so every task starts
+        at its single-task network's outputs, within any budget."""
+        cfg = self.config
+        if cfg.min_keep < 1.0:
+            return PamMerger(replace(cfg, min_keep=min(1.0, 2 * cfg.min_keep)))
+        if cfg.consistency != "expand" or cfg.drop_irrelevant:
+            return PamMerger(replace(cfg, consistency="expand", drop_irrelevant=False))
+        return None
 
     # ------------------------------------------------------------------ grouping
     def relevance(self, nets: Sequence[MultitaskNet], data: MultitaskData, seed: int = 0) -> list[list[Channel]]:
