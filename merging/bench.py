@@ -133,6 +133,7 @@ def run_seed(
                 "reference_accuracy": {t: ref_test[t] for t in tasks},
                 "reference_check_accuracy": {t: ref[t] for t in tasks},
                 "within_budget": ok, "pruned": pruned_flag, "merge_attempts": len(result.attempts),
+                "final_merger": result.attempts[-1]["merger"],
                 "seconds": round(t2 - t0, 2),
             })
     return rows
@@ -173,6 +174,7 @@ def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                for t in rs[0]["accuracy"]}
         m["within_budget"] = sum(bool(r["within_budget"]) for r in rs)
         m["merge_attempts"] = [r.get("merge_attempts", 1) for r in rs]
+        m["fell_back"] = sum(1 for r in rs if r.get("final_merger", merger) != merger)
         out.append(m)
     return out
 
@@ -256,8 +258,11 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
     lines += ["", "In budget (seeds): " + ", ".join(f"{m} {v}/{len(seeds)}" for m, v in budget.items()), ""]
     regrown = {m: sum(a > 1 for a in med[(m, tasks[0])]["merge_attempts"]) for m in mergers if (m, tasks[0]) in med}
     if any(regrown.values()):
+        fell = {m: med[(m, tasks[0])]["fell_back"] for m in regrown}
         lines += ["Merged again with more capacity after missing the budget before pruning (seeds): "
-                  + ", ".join(f"{m} {v}" for m, v in regrown.items() if v) + " (`merging.pipeline`).", ""]
+                  + ", ".join(f"{m} {v}" + (f" (of which {fell[m]} fell back to keeping the networks apart)"
+                                            if fell[m] else "") for m, v in regrown.items() if v)
+                  + " (`merging.pipeline`).", ""]
     for r in rows:
         if "error" in r:
             lines.append(f"- **{r['merger']} failed on seed {r['seed']}**: {r['error']}")

@@ -5,8 +5,9 @@ the information estimate it works from saturates long before accuracy does, so t
 too small for any retraining to bring a task back within the budget. When the pruner reports
 that the merged network missed the budget before the first step (even after its recovery
 retraining), the merge is redone with the merger's :meth:`~merging.mergers.base.Merger.larger`
-setting, until it meets the budget or the merger has nothing larger. Decisions use the
-validation check set only, as everywhere in pruning.
+setting (which may be another merger: PAM's last resort keeps the networks apart), until it
+meets the budget or there is nothing larger. Decisions use the validation check set only, as
+everywhere in pruning.
 """
 
 from __future__ import annotations
@@ -54,15 +55,16 @@ def merge_and_prune(
         merged = current.merge(nets, splits.train, seed=seed)
         costs = cost_table(merged)
         pruned, history = prune(copy.deepcopy(merged), splits, cfg, reference=reference)
-        attempts.append({"options": _options(current), "macs_merged": max(c.macs for c in costs.values()),
-                         "missed_budget": missed_at_start(history)})
+        attempts.append({"merger": current.name, "options": _options(current),
+                         "macs_merged": max(c.macs for c in costs.values()), "missed_budget": missed_at_start(history)})
         result = MergePruneResult(merged, pruned, history, costs, attempts)
         if not result.missed_budget:
             break
         previous, current = current, current.larger()
         if current is not None and log is not None:
             changed = {k: v for k, v in _options(current).items() if _options(previous).get(k) != v}
-            log(f"  {merger.name}: the merged network missed the budget before pruning; merging again with {changed}")
+            what = f"with {changed}" if current.name == previous.name else f"falling back to {current.name!r}"
+            log(f"  {merger.name}: the merged network missed the budget before pruning; merging again {what}")
     assert result is not None  # the loop runs at least once
     return result
 

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from merging.data.base import MultitaskData
 from merging.errors import MergingError, invariant
-from merging.mergers.base import Merger, check_mergeable, register_merger, single_block
+from merging.mergers.base import Merger, check_mergeable, create_merger, register_merger, single_block
 from merging.mi import DEFAULT_NOISE, label_entropy, mutual_information_many
 from merging.network import MultitaskNet, block_key
 from merging.pruning.surgery import remove_dead_groups
@@ -102,17 +102,17 @@ class PamMerger(Merger):
         if self.config.split not in ("general", "two-level"):
             raise MergingError("bad_argument", f"pam merger: split is general or two-level, not {self.config.split}")
 
-    def larger(self) -> PamMerger | None:
+    def larger(self) -> Merger | None:
         """Twice the per-task floor, up to the whole network: the floor is a guess at the capacity a
         task needs, which calibration information cannot tell; the pruner's budget can. Past the
-        whole network, the exact merge: nothing dropped or cut (``expand``), so every task starts
-        at its single-task network's outputs, within any budget."""
+        whole network, no regrouping met the budget: keep the networks apart (``separate``, exact,
+        so within any budget). An exact regrouping (``expand``, nothing dropped) would also start
+        within budget, but its groups read every superset group below, zero weights included:
+        measured on digits, 4.2M MACs for all tasks against 1.0M kept apart."""
         cfg = self.config
         if cfg.min_keep < 1.0:
             return PamMerger(replace(cfg, min_keep=min(1.0, 2 * cfg.min_keep)))
-        if cfg.consistency != "expand" or cfg.drop_irrelevant:
-            return PamMerger(replace(cfg, consistency="expand", drop_irrelevant=False))
-        return None
+        return create_merger("separate")
 
     # ------------------------------------------------------------------ grouping
     def relevance(self, nets: Sequence[MultitaskNet], data: MultitaskData, seed: int = 0) -> list[list[Channel]]:
