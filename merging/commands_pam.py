@@ -85,9 +85,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     steps = sum(1 for h in history if h.get("accepted"))
     print(f"{steps} prune steps accepted; stopped: {stop.get('reason', '?')}")
     if missed_at_start(history) and net.meta.get("merger") == "pam":
-        floor = net.meta.get("pam", {}).get("config", {}).get("min_keep", 0.25)
-        print(f"  the PAM merge kept too little for retraining to meet the budget: merge again with "
-              f"`pam merge --min-keep {min(1.0, 2 * floor):g}` (`pam bench` and `pam demo` do this themselves)")
+        from merging.mergers.pam import PamConfig, PamMerger
+
+        larger = PamMerger(PamConfig(**net.meta["pam"]["config"])).larger()
+        again = (f"`pam merge --min-keep {larger.config.min_keep:g}`" if isinstance(larger, PamMerger)
+                 else "`pam merge --method separate`")
+        print(f"  the PAM merge kept too little for retraining to meet the budget: merge again with {again} "
+              f"(`pam bench` and `pam demo` do this themselves)")
     print("test accuracy: " + ", ".join(f"{t} {a:.2f}%" for t, a in evaluate(pruned, splits.test).items()))
     pruned.meta["prune_history"] = [{k: v for k, v in h.items() if k != "reference"} for h in history]
     path = save_model(pruned, Path(args.out))

@@ -68,8 +68,12 @@ def missed_at_start(history: Sequence[Mapping[str, Any]]) -> bool:
     return any(h.get("kind") == "stop" and h.get("reason") == START_MISSED for h in history)
 
 
+def failing_tasks(acc: Mapping[str, float], ref: Mapping[str, float], budget: float) -> list[str]:
+    return [t for t in ref if acc[t] < ref[t] - budget]
+
+
 def within_budget(acc: Mapping[str, float], ref: Mapping[str, float], budget: float) -> bool:
-    return all(acc[t] >= ref[t] - budget for t in ref)
+    return not failing_tasks(acc, ref, budget)
 
 
 def _finetune(
@@ -91,10 +95,6 @@ def _removable(net: MultitaskNet, layer: int, mask: int) -> bool:
             return False
         raise
     return True
-
-
-def failing_tasks(acc: Mapping[str, float], ref: Mapping[str, float], budget: float) -> list[str]:
-    return [t for t in ref if acc[t] < ref[t] - budget]
 
 
 def task_mask(net: MultitaskNet, tasks: Sequence[str]) -> int:
@@ -263,9 +263,8 @@ def prune(
         if not cfg.per_task_stop:
             history.append({"kind": "stop", "reason": "step below min_step"})
             break
-        # Freeze the tasks that broke the budget (all live ones if the failure came from a frozen
-        # task drifting, which cannot happen as frozen parts do not change, but be safe).
-        newly = task_mask(net, failed) & ~frozen or everyone & ~frozen
+        # Freeze the tasks that broke the budget (frozen parts never change, so they are live ones).
+        newly = task_mask(net, failed) & ~frozen
         frozen |= newly
         history.append({"kind": "freeze", "tasks": [t for i, t in enumerate(tasks) if newly >> i & 1],
                         "layout": copy.deepcopy(net.layout)})
