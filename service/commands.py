@@ -92,10 +92,13 @@ def run_serve(args: argparse.Namespace) -> int:
           f"http://{settings.host}:{settings.port}  (try: curl -s -X POST "
           f"'http://{settings.host}:{settings.port}/infer?tasks={','.join(example)}' -F image=@digit.png)",
           file=sys.stderr, flush=True)
+    from service.http_protocol import protocol_for
+
+    bounds = dict(http=protocol_for(settings.http), limit_concurrency=settings.max_connections,
+                  timeout_keep_alive=settings.keep_alive_s, h11_max_incomplete_event_size=settings.max_header_bytes)
     if settings.workers == 1:
         uvicorn.run("service.main:app_from_env", factory=True, host=settings.host, port=settings.port,
-                    log_config=None, access_log=False, log_level=settings.log_level,
-                    http=settings.http, loop=settings.loop)
+                    log_config=None, access_log=False, log_level=settings.log_level, loop=settings.loop, **bounds)
         return 0
     import socket
 
@@ -103,7 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = uvicorn.Config("service.main:app_from_env", factory=True, host=settings.host, port=settings.port,
                             workers=settings.workers, log_config=None, access_log=False,
-                            log_level=settings.log_level, http=settings.http, loop=settings.loop)
+                            log_level=settings.log_level, loop=settings.loop, **bounds)
     sock = config.bind_socket()
     # uvicorn's shared listening socket is created with proto 0, so asyncio never sets TCP_NODELAY on the
     # connections workers accept; measured: every keep-alive request then waited ~44 ms (Nagle + delayed

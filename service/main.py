@@ -20,7 +20,7 @@ from service.core.config import Settings
 from service.logging import configure
 from service.middleware import RequestObserver
 from service.runtime_pool import LoadedModel, RuntimePool
-from service.schemas import TensorRequest, V2InferRequest
+from service.schemas import TensorRequest, V2InferRequestDoc
 
 log = logging.getLogger("pam.service")
 
@@ -83,14 +83,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for router in (infer.router, v2.router, meta.router, admin.router):
         app.include_router(router)
-    app.add_middleware(RequestObserver, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestObserver, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)
 
     def openapi() -> dict[str, Any]:
         # Bodies parsed by hand (to map every malformed body to a 4xx) still get documented schemas.
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             comps = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (TensorRequest, V2InferRequest):
+            for model in (TensorRequest, V2InferRequestDoc):
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 comps.update(js.pop("$defs", {}))
                 comps[model.__name__] = js

@@ -6,10 +6,15 @@ anything else for bad input (decoders' own exceptions are translated at this bou
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import io
 import json
 import math
-from typing import Any
+import struct
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,37 +24,101 @@ from mobile_export.manifest import Manifest
 from service.errors import ServiceError
 from service.schemas import TensorRequest
 
+T = TypeVar("T")
+
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG"}
-MAX_IMAGE_PIXELS = 4096 * 4096  # refuse decompression bombs before decoding a single row
+FORMATS = ("PNG", "JPEG", "MPO")  # MPO: a JPEG with an MPF segment (phone cameras); its first frame is read
+ABS_MAX_IMAGE_PIXELS = 4096 * 4096  # never decode more, whatever the model's input
+MIN_IMAGE_PIXELS_LIMIT = 1024 * 1024  # a small model still accepts a 1-megapixel photo
+IMAGE_PIXEL_FACTOR = 256  # by default: up to 256x the model's input pixels (16x per side)
+JSON_BYTES_PER_VALUE = 64  # generous text per number ("-1.2345678901234567e-05, " is 25)
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed/decoded on the decode threads
+
+_decode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pam-decode")
 
 
-def decode_image(data: bytes, manifest: Manifest) -> np.ndarray:
-    """PNG/JPEG bytes -> (1, C, H, W) float32 network input."""
+def image_pixel_limit(manifest: Manifest, configured: int | None = None) -> int:
+    """Largest declared width x height decoded for this model (checked before any pixel is decoded)."""
+    if configured is not None:
+        return configured
+    h, w = manifest.preprocessing.size
+    return min(ABS_MAX_IMAGE_PIXELS, max(MIN_IMAGE_PIXELS_LIMIT, IMAGE_PIXEL_FACTOR * h * w))
+
+
+def json_body_limit(manifest: Manifest, max_body_bytes: int) -> int:
+    """Largest JSON tensor body worth parsing: ``max_batch`` inputs at a generous size per number."""
+    values = manifest.input.max_batch * math.prod(manifest.input.shape)
+    return min(max_body_bytes, max(OFF_LOOP_BYTES, JSON_BYTES_PER_VALUE * values + 4096))
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the header only and check the declared size: no pixel is decoded here."""
     if not data:
         raise ServiceError(400, "empty_image", "the image is empty")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])  # JPEG opens MPO too
     except UnidentifiedImageError as e:
         raise ServiceError(415, "unsupported_image", "not a PNG or JPEG image") from e
-    except (OSError, ValueError) as e:
+    except Image.DecompressionBombError as e:
+        raise ServiceError(400, "image_too_large", f"the image declares too many pixels ({e}); "
+                                                   f"at most {max_pixels}") from e
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError) as e:
         raise ServiceError(400, "bad_image", f"cannot read the image: {e}") from e
-    if img.format not in ("PNG", "JPEG"):
+    if img.format not in FORMATS:
         raise ServiceError(415, "unsupported_image", f"image format {img.format} is not accepted; send PNG or JPEG")
     w, h = img.size
-    if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
-        raise ServiceError(400, "bad_image", f"image of {w}x{h} pixels is outside 1..{MAX_IMAGE_PIXELS} pixels")
+    if w < 1 or h < 1:
+        raise ServiceError(400, "bad_image", f"image of {w}x{h} pixels is empty")
+    if w * h > max_pixels:
+        raise ServiceError(400, "image_too_large",
+                           f"image declares {w}x{h} = {w * h} pixels; this model accepts at most {max_pixels} "
+                           f"(refused before decoding)")
+    return img
+
+
+def _decode_opened(img: Image.Image, manifest: Manifest) -> np.ndarray:
     pre = manifest.preprocessing
     try:
-        img.load()  # truncated or corrupt data fails here, not later
-        resized = img.convert(pre.channel_order).resize((pre.size[1], pre.size[0]), Image.Resampling.BILINEAR)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()  # truncated or corrupt data fails here, not later
+            resized = img.convert(pre.channel_order).resize((pre.size[1], pre.size[0]), Image.Resampling.BILINEAR)
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError, Image.DecompressionBombError) as e:
         raise ServiceError(400, "bad_image", f"cannot decode the image: {e}") from e
+    finally:
+        img.close()
     arr: np.ndarray = np.asarray(resized, dtype=np.float32) * np.float32(pre.scale)
     arr = arr[:, :, None] if arr.ndim == 2 else arr  # HW -> HWC
     if pre.invert:
         arr = np.float32(1.0) - arr
     arr = (arr - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+def decode_image(data: bytes, manifest: Manifest, max_pixels: int | None = None) -> np.ndarray:
+    """PNG/JPEG bytes -> (1, C, H, W) float32 network input (blocking)."""
+    img = open_image(data, image_pixel_limit(manifest, max_pixels))
+    return _decode_opened(img, manifest)
+
+
+async def decode_image_async(data: bytes, manifest: Manifest, max_pixels: int | None = None,
+                             inline_pixels: int = 0) -> np.ndarray:
+    """Check the declared size on the loop, then decode on the decode threads (inline only for images
+    of at most ``inline_pixels`` pixels in a small body, where a thread hand-off costs more than it)."""
+    img = open_image(data, image_pixel_limit(manifest, max_pixels))
+    w, h = img.size
+    if w * h <= inline_pixels and len(data) <= OFF_LOOP_BYTES:
+        return _decode_opened(img, manifest)
+    return await asyncio.get_running_loop().run_in_executor(_decode_pool, _decode_opened, img, manifest)
+
+
+async def off_loop(fn: Callable[..., T], *args: Any, size: int) -> T:
+    """``fn(*args)`` on the decode threads when ``size`` (bytes of input) is large, else inline."""
+    if size <= OFF_LOOP_BYTES:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(_decode_pool, fn, *args)
 
 
 def parse_json(data: bytes) -> Any:

@@ -19,7 +19,8 @@ class TensorRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list = Field(description="nested lists of numbers, shape (C,H,W) or (N,C,H,W)")  # type: ignore[type-arg]
+    inputs: list = Field(min_length=1,  # type: ignore[type-arg]
+                         description="nested lists of numbers, shape (C,H,W) or (N,C,H,W)")
     dtype: Literal["float32"] = "float32"
 
 
@@ -39,10 +40,14 @@ class InferResponse(BaseModel):
     request_id: str
     model: str
     model_version: str
-    combination: str = Field(description="canonical combination: sorted task names joined by '+'")
-    method: str = Field(description="the .pte method that ran")
+    combination: str = Field(description="the requested combination, canonical: sorted task names joined by '+'")
+    method: str = Field(description="the .pte method that ran: the combination's own, or its cheapest exported "
+                                    "superset when the combination was not exported (extra outputs dropped)")
+    superset: bool = Field(default=False, description="true when a superset method answered")
     macs: int = Field(description="multiply-accumulates of that method per image")
-    batch: int
+    batch: int = Field(description="images in this request")
+    executed_batch: int = Field(description="rows of the execute that served it (> batch when dynamic batching "
+                                            "joined other requests)")
     predictions: list[dict[str, TaskPrediction]] = Field(description="one entry per image: task -> prediction")
     timings_ms: Timings
 
@@ -90,22 +95,46 @@ V2Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT
 
 
 class V2Tensor(BaseModel):
+    """An output tensor (JSON ``data``), or an input one; with the binary tensor data extension the values
+    follow the JSON header as raw little-endian bytes and ``parameters.binary_data_size`` says how many."""
+
     name: str
     shape: list[int]
     datatype: V2Datatype
-    data: list  # type: ignore[type-arg]
+    data: list | None = None  # type: ignore[type-arg]
     parameters: dict[str, object] | None = None
+
+
+class V2InputTensor(BaseModel):
+    """What the server accepts as its one input (the published schema; parsing is lenient and answers
+    422 ``bad_dtype``/``bad_shape`` for the rest)."""
+
+    name: str = Field(description="'input'")
+    shape: list[int] = Field(min_length=1, max_length=4, description="(N, C, H, W), (C, H, W) or flat")
+    datatype: Literal["FP32"]
+    data: list[float] | None = Field(default=None, description="values, row-major (absent with binary data)")
+    parameters: dict[str, object] | None = Field(default=None, description="binary_data_size: bytes of raw "
+                                                                           "little-endian FP32 after the JSON header")
 
 
 class V2RequestedOutput(BaseModel):
     name: str
-    parameters: dict[str, object] | None = None
+    parameters: dict[str, object] | None = None  # binary_data: bool
 
 
 class V2InferRequest(BaseModel):
     id: str | None = None
-    parameters: dict[str, object] | None = None
+    parameters: dict[str, object] | None = None  # binary_data_output: bool; strict: bool
     inputs: list[V2Tensor] = Field(min_length=1)
+    outputs: list[V2RequestedOutput] | None = Field(default=None, description="tasks to run; omitted: all tasks")
+
+
+class V2InferRequestDoc(BaseModel):
+    """The documented request: one FP32 input; ``outputs`` name the tasks."""
+
+    id: str | None = None
+    parameters: dict[str, object] | None = None
+    inputs: list[V2InputTensor] = Field(min_length=1, max_length=1)
     outputs: list[V2RequestedOutput] | None = Field(default=None, description="tasks to run; omitted: all tasks")
 
 
@@ -129,6 +158,12 @@ class V2ModelMetadata(BaseModel):
     platform: str
     inputs: list[V2TensorMeta]
     outputs: list[V2TensorMeta]
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
 
 
 class V2Ready(BaseModel):

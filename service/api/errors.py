@@ -12,10 +12,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.errors import ServiceError
 from service.schemas import ErrorResponse
 
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": why}
+    for code, why in [(401, "missing or wrong X-Admin-Token"), (403, "reload disabled: no admin token configured"),
+                      (413, "body too large"), (422, "malformed body, or the bundle was refused (the old one keeps "
+                                                     "serving)")]
+}
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": why}
-    for code, why in [(400, "bad request: unknown or empty tasks, unreadable image"), (404, "unknown model"),
-                      (413, "body too large"), (415, "unsupported media type"),
+    for code, why in [(400, "bad request: unknown or empty tasks, unreadable or oversized image"),
+                      (404, "unknown model, or a combination not exported (strict)"),
+                      (408, "the body arrived too slowly"), (413, "body too large"), (415, "unsupported media type"),
                       (422, "wrong tensor shape, dtype or batch; malformed JSON"),
                       (503, "queue full or model not ready (Retry-After)"), (504, "per-request timeout")]
 }

@@ -36,3 +36,17 @@ class Settings(BaseSettings):
     probe: bool = True  # load the bundle once in a child process before trusting it (crash-safe)
     probe_timeout_s: float = Field(default=120.0, gt=0)
     dashboard_window: int = Field(default=1000, ge=10)  # latencies kept per combination for /dashboard
+    strict_combinations: bool = False  # a combination without its own method: 404 instead of a superset method
+    # bounded work per request
+    max_image_pixels: int | None = Field(default=None, ge=1)  # declared w*h decoded at most (None: from the input)
+    decode_inline_pixels: int = Field(default=4096, ge=0)  # smaller images decode on the loop; larger off it
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)  # request line + headers; beyond: 431, closed
+    header_timeout_s: float = Field(default=10.0, gt=0)  # a request's head must arrive within this; else closed
+    body_timeout_s: float = Field(default=30.0, gt=0)  # gap allowed between body chunks; beyond: 408
+    max_connections: int = Field(default=1024, ge=1)  # open connections + tasks; beyond: 503 (uvicorn)
+    keep_alive_s: float = Field(default=5.0, gt=0)  # idle keep-alive connections are closed after this
+    # dynamic batching: requests for one method that wait together run as one execute
+    batching: bool = True
+    batch_window_us: int = Field(default=0, ge=0, le=1_000_000)  # wait this long for more requests (0: take
+    #   only what queued while the runtime was busy)
+    batch_max: int | None = Field(default=None, ge=1)  # rows per execute (None: the manifest's max_batch)

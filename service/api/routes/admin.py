@@ -9,14 +9,14 @@ from fastapi import APIRouter, Header, Request
 
 from service import preprocess
 from service.api.deps import PoolDep, SettingsDep
-from service.api.errors import ERROR_RESPONSES
+from service.api.errors import ADMIN_RESPONSES
 from service.errors import ServiceError
 from service.schemas import ReloadRequest, ReloadResponse
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
-@router.post("/reload", response_model=ReloadResponse, responses=ERROR_RESPONSES)
+@router.post("/reload", response_model=ReloadResponse, responses=ADMIN_RESPONSES)
 async def reload(
     request: Request,
     pool: PoolDep,
@@ -33,6 +33,8 @@ async def reload(
         req = ReloadRequest.model_validate(preprocess.parse_json(body)) if body.strip() else ReloadRequest()
     except ValueError as e:
         raise ServiceError(422, "invalid_request", f"expected {{'bundle_dir': str | null}}: {str(e)[:200]}") from e
+    if req.bundle_dir is not None and ("\x00" in req.bundle_dir or len(req.bundle_dir) > 4096):
+        raise ServiceError(422, "invalid_request", "bundle_dir must be a path without NUL bytes, at most 4096 chars")
     ok, detail, model = await pool.reload(Path(req.bundle_dir) if req.bundle_dir else None)
     if not ok:
         extra: dict[str, object] = {"reloaded": False}

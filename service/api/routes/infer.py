@@ -10,6 +10,7 @@ from service.api.errors import ERROR_RESPONSES
 from service.schemas import InferResponse
 
 router = APIRouter(tags=["inference"])
+_TASKS_ITEM = {"type": "string", "minLength": 1, "pattern": r"^[^,+\s]+([,+ ][^,+\s]+)*$"}
 
 _BODY_DOC = {
     "requestBody": {
@@ -31,7 +32,12 @@ _BODY_DOC = {
 async def infer(
     request: Request,
     pool: PoolDep,
-    tasks: str | None = Query(None, description="comma-separated tasks, any order; omitted: all tasks"),
+    tasks: list[str] | None = Query(
+        None, description="tasks separated by ',', ' ' or '+' (may be repeated: tasks=a&tasks=b), any order; "
+                          "omitted: all tasks", json_schema_extra={"items": _TASKS_ITEM}),
+    strict: bool | None = Query(None, description="true: 404 for a combination without its own method "
+                                                  "(default: PAM_STRICT_COMBINATIONS) instead of a superset method"),
 ) -> InferResponse:
-    """Run only the method of the requested combination on an image (PNG/JPEG) or a JSON tensor."""
+    """Run only the method of the requested combination on an image (PNG/JPEG) or a JSON tensor; a
+    combination without its own method runs its cheapest exported superset, extra outputs dropped."""
     return await inference.infer(pool, request, tasks)
