@@ -17,7 +17,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ExportError, ServiceError)
 _FLAGS = {"host": "host", "port": "port", "threads": "threads", "workers": "workers", "executor": "executor",
           "queue_bound": "queue_bound", "max_body_bytes": "max_body_bytes", "timeout": "request_timeout_s",
           "log_format": "log_format", "http": "http", "loop": "loop", "admin_token": "admin_token",
-          "max_loaded": "max_loaded"}
+          "max_loaded": "max_loaded", "max_image_pixels": "max_image_pixels", "max_header_bytes": "max_header_bytes",
+          "header_timeout": "header_timeout_s", "body_timeout": "body_timeout_s", "max_connections": "max_connections",
+          "keep_alive": "keep_alive_s", "batch_window_us": "batch_window_us", "batch_max": "batch_max"}
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
@@ -39,6 +41,20 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-loaded", type=int, default=None, help="with --lazy: methods kept loaded (LRU)")
     g.add_argument("--no-probe", dest="probe", action="store_false", default=None,
                    help="skip the child-process probe of the bundle")
+    g.add_argument("--strict-combinations", dest="strict_combinations", action="store_true", default=None,
+                   help="404 for a combination without its own method (default: its cheapest superset answers)")
+    g.add_argument("--max-image-pixels", type=int, default=None,
+                   help="largest declared image (w*h) decoded (default: from the model's input size)")
+    g.add_argument("--max-header-bytes", type=int, default=None, help="request line + headers; beyond: 431")
+    g.add_argument("--header-timeout", type=float, default=None, help="seconds for a request head to arrive")
+    g.add_argument("--body-timeout", type=float, default=None, help="seconds allowed between body chunks (408)")
+    g.add_argument("--max-connections", type=int, default=None, help="open connections + tasks; beyond: 503")
+    g.add_argument("--keep-alive", type=float, default=None, help="idle keep-alive seconds")
+    g.add_argument("--no-batching", dest="batching", action="store_false", default=None,
+                   help="one execute per request (default: dynamic batching per method)")
+    g.add_argument("--batch-window-us", type=int, default=None,
+                   help="wait up to this long for more requests to join a batch (default 0: no wait)")
+    g.add_argument("--batch-max", type=int, default=None, help="rows per batched execute (default: max_batch)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -47,7 +63,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from service.core.config import Settings
 
     overrides = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None}
-    for flag in ("lazy", "probe"):
+    for flag in ("lazy", "probe", "strict_combinations", "batching"):
         if getattr(args, flag, None) is not None:
             overrides[flag] = getattr(args, flag)
     try:
