@@ -139,3 +139,28 @@ def serve(bundle: Path, log: Path, *extra: str, token: str = "s3cret", wait_read
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def app_serving(bundle: Path, **settings: object):  # type: ignore[no-untyped-def]
+    """The FastAPI app in this process with ``bundle`` loaded (no probe, no lifespan): for
+    ``httpx.ASGITransport`` tests that need the pool itself (execute counts, settings)."""
+    from service.core.config import Settings
+    from service.main import create_app
+    from service.runtime_pool import load_model
+
+    s = Settings(bundle_dir=None, probe=False, **settings)  # type: ignore[arg-type]
+    app = create_app(s)
+    model = load_model(bundle, s, probe=False)
+    app.state.pool.model, app.state.pool.state = model, "ready"
+    app.state.on_model(model)
+    return app
+
+
+def without_methods(dst: Path, drop: tuple[str, ...]) -> Path:
+    """A copy of the digits bundle whose manifest no longer lists ``drop`` (the program keeps them)."""
+    from mobile_export.manifest import Manifest
+
+    copy_bundle(dst)
+    m = Manifest.load(dst)
+    m.model_copy(update={"methods": [e for e in m.methods if e.name not in drop]}).save(dst)
+    return dst
