@@ -15,9 +15,10 @@ per seed, then summarised by the median and the range over seeds.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,18 +35,20 @@ from merging.errors import MergingError
 from merging.mergers import create_merger, list_mergers
 from merging.network import MultitaskNet
 from merging.pipeline import merge_and_prune
-from merging.pruning import PruneConfig, check_set, reference_accuracy, within_budget
-from merging.tasks import combination_name
-from merging.train import TrainConfig, evaluate, train_single_task
+from merging.pruning import PruneConfig, assess, check_set, missed_at_start, reference_accuracy
+from merging.references import ROUTES, WIDTH_GRID, TpSchedule, alone, specialist
+from merging.tasks import all_combinations, combination_name
+from merging.train import TrainConfig, correctness, evaluate, train_single_task
 
 BASELINE = "separate"
 REFERENCE_TRAIN_SIZE = 1078  # digits' training split, for which the epoch counts are set
 REFERENCE = "pam"
+SPEC = "spec"  # pseudo-merger rows: the specialist limit c_spec(C) (c_alone(t) for a single task)
+ALONE = "alone"  # rows of the three c_alone routes per task
 
 
-# The same pruner for every merger; steps sized so 3 data sets x 5 seeds fit the time budget.
-BENCH_PRUNE = PruneConfig(step=0.2, min_step=0.05, max_steps=20, finetune_epochs=2, retry_epochs=2, taylor_batches=4,
-                          progress=False)
+# The same pruner for every merger, for the references and the specialists (the library defaults).
+BENCH_PRUNE = PruneConfig(progress=False)
 
 
 @dataclass(frozen=True)
@@ -59,22 +62,39 @@ class BenchConfig:
     split_seed: int = 0  # train/val/test split of the data set
     prune: PruneConfig = field(default_factory=lambda: BENCH_PRUNE)
     merger_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-merger keyword options
+    routes: tuple[str, ...] = ROUTES  # c_alone routes: project | torch-pruning | width-grid
+    tp_schedule: TpSchedule = field(default_factory=TpSchedule)  # route (b)'s schedule
+    width_grid: tuple[float, ...] = WIDTH_GRID  # route (c)'s width multipliers
+    spec_sizes: tuple[int, ...] = (2, -1)  # combination sizes with a specialist network (-1: all tasks)
     out_dir: Path = Path("results")  # where bench-<dataset>.{json,md,png} go
     progress: bool = True
 
 
 def quick_config(dataset: str, **overrides: Any) -> BenchConfig:
-    """The CI mode: 2 seeds, shorter training, coarser pruning steps, a lighter MTZ search."""
-    pc = replace(BENCH_PRUNE, finetune_epochs=1, retry_epochs=1, max_steps=6, step=0.3, min_step=0.1,
+    """The CI mode: 2 seeds, shorter training, coarser pruning steps, a lighter MTZ search, the
+    all-task specialist only."""
+    pc = replace(BENCH_PRUNE, finetune_epochs=1, retry_epochs=1, final_epochs=3, max_steps=6, step=0.3, min_step=0.1,
                  recover_epochs=10, recover_rounds=2, taylor_batches=2)
     # MTZ's per-layer budget search (retraining after every trial) was half of --quick's time.
     mtz = {"retrain_steps": 20, "search_steps": 1}
-    return replace(BenchConfig(dataset=dataset, seeds=(0, 1), zoo_epochs=15, prune=pc, merger_options={"mtz": mtz}),
+    tp_quick = TpSchedule(iterative_steps=6, pruning_ratio=0.9, finetune_epochs=1, retry_epochs=1)
+    return replace(BenchConfig(dataset=dataset, seeds=(0, 1), zoo_epochs=15, prune=pc, merger_options={"mtz": mtz},
+                               tp_schedule=tp_quick, width_grid=(0.25, 0.5, 0.75, 1.0), spec_sizes=(-1,)),
                    **overrides)
 
 
 def _median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
+
+
+def wilson(correct: float, n: int, z: float = 1.96) -> list[float]:
+    """Binomial 95% (Wilson) interval of an accuracy, in percent."""
+    if n <= 0:
+        return [0.0, 100.0]
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)]
 
 
 def _merger_options(cfg: BenchConfig, name: str, epochs: int) -> dict[str, Any]:
@@ -84,89 +104,186 @@ def _merger_options(cfg: BenchConfig, name: str, epochs: int) -> dict[str, Any]:
     return opts
 
 
+def spec_combinations(tasks: Sequence[str], sizes: Sequence[int]) -> list[tuple[str, ...]]:
+    """The combinations of two or more tasks that get a specialist network (singles use c_alone)."""
+    n = len(tasks)
+    want = {n if k == -1 else k for k in sizes}
+    return [c for c in all_combinations(tasks) if len(c) >= 2 and len(c) in want]
+
+
+class _SeedRun:
+    """One seed of the benchmark: zoo, references, specialists, mergers; every row it records."""
+
+    def __init__(self, cfg: BenchConfig, splits: Splits, seed: int, log: Callable[[str], None]) -> None:
+        self.cfg, self.splits, self.seed, self.log = cfg, splits, seed, log
+        pre = splits.preprocessing
+        self.arch = create_arch(cfg.arch, in_channels=pre.channels, input_size=tuple(pre.size))
+        # Epoch counts are set for the ~1,100-image digits splits; larger training sets get proportionally
+        # fewer epochs (about the same number of gradient steps), so composite fits the time budget.
+        scale = min(1.0, REFERENCE_TRAIN_SIZE / len(splits.train))
+        self.epochs = max(1, round(cfg.zoo_epochs * scale))
+        p = cfg.prune
+        self.pcfg = replace(p, seed=seed, finetune_epochs=max(1, round(p.finetune_epochs * scale)),
+                            retry_epochs=max(1, round(p.retry_epochs * scale)) if p.retry_epochs else 0,
+                            final_epochs=max(1, round(p.final_epochs * scale)) if p.final_epochs else 0,
+                            recover_epochs=max(1, round(p.recover_epochs * scale)))
+        tp = cfg.tp_schedule
+        self.tp = replace(tp, finetune_epochs=max(1, round(tp.finetune_epochs * scale)),
+                          retry_epochs=max(1, round(tp.retry_epochs * scale)) if tp.retry_epochs else 0)
+        self.train_cfg = TrainConfig(epochs=self.epochs, seed=seed, progress=False)
+        self.rows: list[dict[str, Any]] = []
+        self.checks = check_set(splits.val, self.pcfg.check_shifts, seed)
+
+    def run(self, mergers: Sequence[str]) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        self.nets = [train_single_task(t, self.arch, self.splits.train, self.train_cfg) for t in self.splits.tasks]
+        self.ref = reference_accuracy(self.nets, self.checks)
+        self.ref_test: dict[str, float] = {}
+        for net in self.nets:
+            self.ref_test.update(evaluate(net, self.splits.test.select_tasks(net.task_names)))
+        self.timing = {"zoo": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        best = self.references()
+        self.timing["alone"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.specialists()
+        self.timing["spec"] = time.perf_counter() - t0
+        for name in mergers:
+            t0 = time.perf_counter()
+            if name == BASELINE:
+                # No merging, as strong as it gets: each task's smallest network within budget (c_alone).
+                net = create_merger(BASELINE).merge(best, self.splits.train, seed=self.seed)
+                net.meta["routes"] = {n.task_names[0]: n.meta.get("route", "project") for n in best}
+                self.record(name, net, merged=net)
+            else:
+                self.merge_and_prune(name)
+            self.timing[name] = time.perf_counter() - t0
+        for r in self.rows:
+            r.setdefault("seconds_seed", {k: round(v, 1) for k, v in self.timing.items()})
+        return self.rows
+
+    def references(self) -> list[MultitaskNet]:
+        """c_alone for every task (three routes); returns each task's winning network."""
+        best: list[MultitaskNet] = []
+        for net in self.nets:
+            res = alone(net, self.splits, self.pcfg, self.ref, self.train_cfg, self.cfg.routes, self.tp,
+                        self.cfg.width_grid)
+            res.net.meta["route"] = res.best
+            best.append(res.net)
+            t = res.task
+            self.log(f"  seed {self.seed} c_alone({t}) = {res.c_alone:,} ({res.best}); routes "
+                     + ", ".join(f"{r} {m:,}" if m is not None else f"{r} -" for r, m in res.macs.items()))
+            row = self.record(SPEC, res.net, only=(t,))[0]
+            row.update({"route": res.best, "routes": res.macs, "route_widths": res.widths})
+            self.rows.append({"dataset": self.splits.name, "merger": ALONE, "combination": t, "seed": self.seed,
+                              "routes": res.macs, "route_widths": res.widths, "best_route": res.best,
+                              "macs": res.c_alone, "c_alone": res.c_alone})
+        return best
+
+    def specialists(self) -> None:
+        by_task = {n.task_names[0]: n for n in self.nets}
+        for combo in spec_combinations(self.splits.train.task_names, self.cfg.spec_sizes):
+            pruned, history = specialist([by_task[t] for t in combo], self.splits.train, self.splits, self.pcfg,
+                                         self.ref, self.train_cfg, seed=self.seed)
+            if missed_at_start(history):
+                self.log(f"  seed {self.seed} spec {combination_name(combo)}: the jointly trained trunk misses the "
+                         "budget before pruning; no specialist figure")
+                continue
+            self.record(SPEC, pruned, only=(combination_name(combo),))
+
+    def merge_and_prune(self, name: str) -> None:
+        try:
+            merger = create_merger(name, **_merger_options(self.cfg, name, self.epochs))
+            result = merge_and_prune(merger, self.nets, self.splits, self.pcfg, self.ref, seed=self.seed, log=self.log)
+        except (MergingError, RuntimeError, ValueError) as e:
+            # One broken merger must not sink the others' measurements; the report lists it.
+            self.log(f"  seed {self.seed} {name:>10}: FAILED: {type(e).__name__}: {e}")
+            self.rows.append({"dataset": self.splits.name, "merger": name, "seed": self.seed,
+                              "error": f"{type(e).__name__}: {e}"})
+            return
+        extra = {"pruned": not result.missed_budget, "merge_attempts": len(result.attempts),
+                 "final_merger": result.attempts[-1]["merger"]}
+        self.record(name, result.pruned, merged=result.merged, extra=extra)
+
+    def record(
+        self, name: str, net: MultitaskNet, merged: MultitaskNet | None = None, only: Sequence[str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """One row per combination of ``net`` (or the combinations ``only``) with cost and accuracy."""
+        tasks = net.task_names
+        test_correct = correctness(net, self.splits.test.select_tasks(tasks))
+        verdict = assess(net, self.checks.select_tasks(tasks), self.ref, self.pcfg.budget, self.pcfg.confidence)
+        n_test = len(self.splits.test)
+        table = cost_table(net)
+        merged_table = cost_table(merged) if merged is not None else {}
+        full = combination_name(tasks)
+        out: list[dict[str, Any]] = []
+        for combo, cost in table.items():
+            if only is not None and combo not in only:
+                continue
+            ts = combo.split("+")
+            row = {
+                "dataset": self.splits.name, "merger": name, "combination": combo, "seed": self.seed,
+                "macs": cost.macs, "params": cost.params,
+                "accuracy": {t: 100.0 * float(test_correct[t].mean()) for t in ts},
+                "accuracy_ci95": {t: wilson(float(test_correct[t].sum()), n_test) for t in ts},
+                "check_accuracy": {t: verdict.accuracy[t] for t in ts},
+                "check_drop_upper": {t: verdict.upper[t] for t in ts},
+                "reference_accuracy": {t: self.ref_test[t] for t in ts},
+                "reference_check_accuracy": {t: self.ref[t] for t in ts},
+                "within_budget": all(t not in verdict.failing for t in ts),
+                "within_budget_all": verdict.ok,
+            }
+            if combo in merged_table:
+                row["macs_merged"] = merged_table[combo].macs
+            row.update(extra or {})
+            out.append(row)
+        if out and name not in (SPEC,):
+            self.log(f"  seed {self.seed} {name:>10}: all-task MACs {table[full].macs:,}  within budget: {verdict.ok}")
+        self.rows.extend(out)
+        return out
+
+
 def run_seed(
     cfg: BenchConfig, splits: Splits, seed: int, mergers: Sequence[str], log: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    pre = splits.preprocessing
-    arch = create_arch(cfg.arch, in_channels=pre.channels, input_size=tuple(pre.size))
-    # Epoch counts are set for the ~1,100-image digits splits; larger training sets get proportionally
-    # fewer epochs (about the same number of gradient steps), so composite fits the time budget.
-    scale = min(1.0, REFERENCE_TRAIN_SIZE / len(splits.train))
-    epochs = max(1, round(cfg.zoo_epochs * scale))
-    pcfg = replace(cfg.prune, seed=seed, finetune_epochs=max(1, round(cfg.prune.finetune_epochs * scale)),
-                   retry_epochs=max(1, round(cfg.prune.retry_epochs * scale)) if cfg.prune.retry_epochs else 0,
-                   recover_epochs=max(1, round(cfg.prune.recover_epochs * scale)))
-    nets = [
-        train_single_task(t, arch, splits.train, TrainConfig(epochs=epochs, seed=seed, progress=False))
-        for t in splits.tasks
-    ]
-    checks = check_set(splits.val, pcfg.check_shifts, seed)
-    ref = reference_accuracy(nets, checks)
-    ref_test: dict[str, float] = {}
-    for net in nets:
-        ref_test.update(evaluate(net, splits.test.select_tasks(net.task_names)))
-    rows: list[dict[str, Any]] = []
-    for name in mergers:
-        t0 = time.perf_counter()
-        try:
-            merger = create_merger(name, **_merger_options(cfg, name, epochs))
-            result = merge_and_prune(merger, nets, splits, pcfg, ref, seed=seed, log=log)
-            merged_cost, pruned = result.merged_costs, result.pruned
-        except (MergingError, RuntimeError, ValueError) as e:
-            # One broken merger must not sink the others' measurements; the report lists it.
-            log(f"  seed {seed} {name:>10}: FAILED: {type(e).__name__}: {e}")
-            rows.append({"dataset": splits.name, "merger": name, "seed": seed, "error": f"{type(e).__name__}: {e}"})
-            continue
-        t2 = time.perf_counter()
-        test_acc = evaluate(pruned, splits.test)
-        check_acc = evaluate(pruned, checks)
-        ok = within_budget(check_acc, ref, pcfg.budget)
-        pruned_flag = not result.missed_budget
-        retries = f", {len(result.attempts)} merges" if len(result.attempts) > 1 else ""
-        log(f"  seed {seed} {name:>10}: all-task MACs {merged_cost[combination_name(pruned.task_names)].macs:,} -> "
-            f"{cost_table(pruned)[combination_name(pruned.task_names)].macs:,}  within budget: {ok}  "
-            f"({t2 - t0:.1f}s merge + prune{retries})")
-        for combo, cost in cost_table(pruned).items():
-            tasks = combo.split("+")
-            rows.append({
-                "dataset": splits.name, "merger": name, "combination": combo, "seed": seed,
-                "macs": cost.macs, "params": cost.params, "macs_merged": merged_cost[combo].macs,
-                "accuracy": {t: test_acc[t] for t in tasks},
-                "check_accuracy": {t: check_acc[t] for t in tasks},
-                "reference_accuracy": {t: ref_test[t] for t in tasks},
-                "reference_check_accuracy": {t: ref[t] for t in tasks},
-                "within_budget": ok, "pruned": pruned_flag, "merge_attempts": len(result.attempts),
-                "final_merger": result.attempts[-1]["merger"],
-                "seconds": round(t2 - t0, 2),
-            })
-    return rows
+    return _SeedRun(cfg, splits, seed, log).run(mergers)
+
+
+RATIOS = ("ratio_to_pam", "ratio_to_spec", "ratio_to_separate", "sharing_efficiency")
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Per seed: limit of sharing, ratio to PAM, PAM's sharing efficiency (in place)."""
-    rows = [r for r in rows if "error" not in r]
+    """Per seed (in place): limit = max_{t in C} c_alone(t); each row's MACs over PAM's, over the
+    specialist's c_spec(C) and over separate's; PAM's sharing efficiency c_pam(C) / limit."""
+    rows = [r for r in rows if "error" not in r and r["merger"] != ALONE]
     by = {(r["seed"], r["merger"], r["combination"]): r for r in rows}
     for r in rows:
         seed, combo = r["seed"], r["combination"]
-        singles = [by.get((seed, BASELINE, t)) for t in combo.split("+")]
+        singles = [by.get((seed, SPEC, t)) for t in combo.split("+")]
         if all(singles):
             r["limit"] = max(s["macs"] for s in singles if s)
-        pam = by.get((seed, REFERENCE, combo))
-        if pam:
-            r["ratio_to_pam"] = r["macs"] / pam["macs"]
-        if r["merger"] == REFERENCE and "limit" in r:
+        spec = by.get((seed, SPEC, combo))
+        if spec:
+            r["c_spec"] = spec["macs"]
+        for key, other in (("ratio_to_pam", REFERENCE), ("ratio_to_spec", SPEC), ("ratio_to_separate", BASELINE)):
+            o = by.get((seed, other, combo))
+            if o and r["merger"] != other:
+                r[key] = r["macs"] / max(1, o["macs"])
+        if r["merger"] != SPEC and "limit" in r:
             r["sharing_efficiency"] = r["macs"] / r["limit"]
 
 
 def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = [r for r in rows if "error" not in r]
+    """Medians (and ranges) over seeds of every per-seed quantity, ratios included (never ratios of medians)."""
+    rows = [r for r in rows if "error" not in r and r["merger"] != ALONE]
     out: list[dict[str, Any]] = []
     keys = sorted({(r["merger"], r["combination"]) for r in rows}, key=lambda k: (k[0], len(k[1].split("+")), k[1]))
     for merger, combo in keys:
         rs = [r for r in rows if r["merger"] == merger and r["combination"] == combo]
         m: dict[str, Any] = {"dataset": rs[0]["dataset"], "merger": merger, "combination": combo, "seed": "median",
                              "seeds": len(rs)}
-        for k in ("macs", "params", "macs_merged", "limit", "ratio_to_pam", "sharing_efficiency"):
+        for k in ("macs", "params", "macs_merged", "limit", "c_spec", *RATIOS):
             vals = [r[k] for r in rs if k in r]
             if vals:
                 m[k] = _median(vals)
@@ -180,6 +297,20 @@ def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m["fell_back"] = sum(1 for r in rs if r.get("final_merger", merger) != merger)
         out.append(m)
     return out
+
+
+def budget_miss_share(rows: list[dict[str, Any]], threshold: float = 1.0) -> tuple[int, int]:
+    """(networks within budget on the check set that lose more than ``threshold`` points on test, of all
+    within budget): one count per seed, merger/route and task, on single-task rows."""
+    hit = total = 0
+    for r in rows:
+        if r["seed"] == "median" or "error" in r or r["merger"] == ALONE or "+" in r["combination"]:
+            continue
+        t = r["combination"]
+        if r["within_budget"]:
+            total += 1
+            hit += r["reference_accuracy"][t] - r["accuracy"][t] > threshold
+    return hit, total
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -216,49 +347,86 @@ def _fmt_range(v: float, r: Sequence[float], fmt: str) -> str:
     return f"{v:{fmt}} [{r[0]:{fmt}}-{r[1]:{fmt}}]"
 
 
+def _cell(r: Mapping[str, Any] | None, key: str, fmt: str = ".2f") -> str:
+    if not r or key not in r:
+        return "-"
+    return _fmt_range(r[key], r[f"{key}_range"], fmt)
+
+
 def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str], elapsed: float) -> str:
     med = {(r["merger"], r["combination"]): r for r in rows if r["seed"] == "median"}
     combos = [c for (m, c) in med if m == REFERENCE]
     tasks = sorted(c for c in combos if "+" not in c)
     seeds = sorted({r["seed"] for r in rows if r["seed"] != "median"})
+    pc = cfg.prune
     lines = [
         f"# Benchmark: {cfg.dataset}",
         "",
         f"Mergers {', '.join(mergers)}; seeds {seeds}; zoo {cfg.arch} trained {cfg.zoo_epochs} epochs per seed; "
-        f"same pruner for all (budget {cfg.prune.budget} point(s) per task on val + {cfg.prune.check_shifts} shifted "
-        f"copies, criterion {cfg.prune.criterion}, cost-aware {cfg.prune.cost_aware}, step {cfg.prune.step}, "
-        f"fine-tune {cfg.prune.finetune_epochs} epochs). Wall time {elapsed / 60:.1f} min.",
+        f"same pruner for every merger, reference and specialist (budget {pc.budget} point(s) per task, one-sided "
+        f"{pc.confidence:.0%} paired test on val + {pc.check_shifts} shifted copies; criterion {pc.criterion}, "
+        f"price {pc.price}, step {pc.step} (min {pc.min_step}), fine-tune {pc.finetune_epochs}+{pc.retry_epochs} "
+        f"epochs, final {pc.final_epochs}). Wall time {elapsed / 60:.1f} min.",
         "",
-        "Medians over seeds, [min-max] in brackets. MACs per combination after pruning; *limit* = "
-        "max over t in C of c_sep(t); *eff* = c_pam(C) / limit (1.0 = PAM costs what the costliest task alone costs).",
+        "Medians over seeds of per-seed values, [min-max] in brackets. MACs per combination after pruning. "
+        "*spec* = c_spec(C): a hard-shared trunk trained for exactly C and pruned by the same pruner "
+        "(for a single task, c_alone(t): the best of the project's pruner, Torch-Pruning's iterative pruning "
+        "and the narrowest width trained from scratch). *separate* = each task's c_alone network (no merging, "
+        "as strong as it gets). *limit* = max over t in C of c_alone(t).",
         "",
     ]
     others = [m for m in mergers if m != REFERENCE]
-    head = ["combination", "limit", *[f"{m} MACs" for m in mergers], *[f"{m}/pam" for m in others], "pam eff"]
+    head = ["combination", "spec", "limit", *[f"{m} MACs" for m in mergers], *[f"{m}/pam" for m in others],
+            *[f"{m}/spec" for m in mergers]]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in combos:
-        cells = [c, f"{med[(REFERENCE, c)].get('limit', float('nan')):,.0f}"]
+        spec = med.get((SPEC, c))
+        cells = [c, f"{spec['macs']:,.0f}" if spec else "-", f"{med[(REFERENCE, c)].get('limit', float('nan')):,.0f}"]
         cells += [f"{med[(m, c)]['macs']:,.0f}" if (m, c) in med else "-" for m in mergers]
-        for m in others:
-            r = med.get((m, c))
-            ok = r is not None and "ratio_to_pam" in r
-            cells.append(_fmt_range(r["ratio_to_pam"], r["ratio_to_pam_range"], ".2f") if r and ok else "-")
-        p = med[(REFERENCE, c)]
-        cells.append(_fmt_range(p["sharing_efficiency"], p["sharing_efficiency_range"], ".2f")
-                     if "sharing_efficiency" in p else "-")
+        cells += [_cell(med.get((m, c)), "ratio_to_pam") for m in others]
+        cells += [_cell(med.get((m, c)), "ratio_to_spec") for m in mergers]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Test accuracy per task (median [min-max]); *single* = the unpruned single-task network; "
-              "*in budget* = seeds whose pruned network met the budget on the validation check set.", ""]
-    head = ["task", "single", *mergers]
+    alone_rows = [r for r in rows if r["merger"] == ALONE]
+    if alone_rows:
+        routes = list(alone_rows[0]["routes"])
+        lines += ["", "c_alone routes per task (median MACs of each route's smallest network within budget; "
+                  "*wins* = seeds where the route was the smallest; *project/alone* = median of per-seed ratios):", ""]
+        head = ["task", *routes, "c_alone", "wins", "project/alone"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for t in tasks:
+            rs = [r for r in alone_rows if r["combination"] == t]
+            cells = [t]
+            for route in routes:
+                vals = [r["routes"][route] for r in rs if r["routes"].get(route) is not None]
+                cells.append(f"{_median(vals):,.0f} ({len(vals)}/{len(rs)})" if vals else "-")
+            ratios = [r["routes"]["project"] / r["macs"] for r in rs if r["routes"].get("project")]
+            wins = {route: sum(r["best_route"] == route for r in rs) for route in routes}
+            cells += [f"{_median([r['macs'] for r in rs]):,.0f}",
+                      ", ".join(f"{k} {v}" for k, v in wins.items() if v),
+                      _fmt_range(_median(ratios), [min(ratios), max(ratios)], ".2f") if ratios else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Test accuracy per task (median [min-max] over seeds; the last column: the Wilson 95% interval "
+              "of PAM's median seed); *single* = the unpruned single-task network.", ""]
+    shown = [*mergers, SPEC]
+    head = ["task", "single", *shown, "pam 95% CI (one seed)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in tasks:
         cells = [t, f"{med[(REFERENCE, t)]['reference_accuracy'][t]:.2f}"]
-        for m in mergers:
+        for m in shown:
             r = med.get((m, t))
             cells.append(_fmt_range(r["accuracy"][t], r["accuracy_range"][t], ".2f") if r else "-")
+        pam_rows = sorted((r for r in rows if r["merger"] == REFERENCE and r["combination"] == t
+                           and r["seed"] != "median"), key=lambda r: r["accuracy"][t])
+        if pam_rows:
+            lo, hi = pam_rows[len(pam_rows) // 2]["accuracy_ci95"][t]
+            cells.append(f"{lo:.1f}-{hi:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
-    budget = {m: med[(m, tasks[0])]["within_budget"] for m in mergers if (m, tasks[0]) in med}
-    lines += ["", "In budget (seeds): " + ", ".join(f"{m} {v}/{len(seeds)}" for m, v in budget.items()), ""]
+    budget = {m: med[(m, tasks[0])]["within_budget"] for m in shown if (m, tasks[0]) in med}
+    lines += ["", "In budget on the check set (seeds, first task): "
+              + ", ".join(f"{m} {v}/{len(seeds)}" for m, v in budget.items())]
+    hit, total = budget_miss_share(rows)
+    lines += [f"Networks within budget on the check set that lose more than 1 point on test: {hit}/{total} "
+              f"({100.0 * hit / max(1, total):.0f}%; per seed, merger or reference, and task).", ""]
     regrown = {m: sum(a > 1 for a in med[(m, tasks[0])]["merge_attempts"]) for m in mergers if (m, tasks[0]) in med}
     if any(regrown.values()):
         fell = {m: med[(m, tasks[0])]["fell_back"] for m in regrown}
@@ -269,27 +437,37 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
     for r in rows:
         if "error" in r:
             lines.append(f"- **{r['merger']} failed on seed {r['seed']}**: {r['error']}")
-    lines += ["", "## Targets (as measured, medians)", ""]
-    missed = {m: len(seeds) - v for m, v in budget.items() if v < len(seeds)}
-    if missed:
-        lines.append("**Caution:** " + ", ".join(f"{m} missed the accuracy budget on {k}/{len(seeds)} seed(s)"
-                                                  for m, k in missed.items())
-                     + "; those networks were left unpruned or stopped above the budget's accuracy loss, so "
-                       "their MACs are not costs *at the same accuracy*.")
-        lines.append("")
-    eff = [med[(REFERENCE, c)].get("sharing_efficiency", float("inf")) for c in combos]
-    single_ratio = [med[(REFERENCE, t)]["macs"] / med[(BASELINE, t)]["macs"] for t in tasks]
+    timing = [r["seconds_seed"] for r in rows if r["seed"] != "median" and "seconds_seed" in r]
+    if timing:
+        per_seed = {r["seed"]: r["seconds_seed"] for r in rows if r["seed"] != "median" and "seconds_seed" in r}
+        parts = {k: sum(t.get(k, 0.0) for t in per_seed.values()) for k in next(iter(per_seed.values()))}
+        lines += ["", "Time split (all seeds): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in parts.items()), ""]
+    lines += ["", "## Targets (as measured, medians of per-seed ratios)", ""]
     full = combination_name(tasks)
-    lines.append(f"- max sharing efficiency over combinations: {max(eff):.2f} (target <= 1.10)")
-    lines.append(f"- max c_pam(t) / c_sep(t) over single tasks: {max(single_ratio):.2f} (target <= 1.10)")
-    lines.append(f"- separate/pam on {full}: {med[(BASELINE, full)]['ratio_to_pam']:.2f}")
-    if any(m == "shared" for m in mergers):
-        sr = [med[("shared", t)]["ratio_to_pam"] for t in tasks]
-        lines.append(f"- min shared/pam over single tasks: {min(sr):.2f} (target > 1)")
-    worst = min(
-        med[(REFERENCE, t)]["accuracy"][t] - med[(REFERENCE, t)]["reference_accuracy"][t] for t in tasks
-    )
-    lines.append(f"- worst PAM test-accuracy change vs single-task: {worst:+.2f} points (target >= -1.0)")
+    if alone_rows:
+        worst = max((_median([r["routes"]["project"] / r["macs"] for r in alone_rows
+                              if r["combination"] == t and r["routes"].get("project")] or [float("inf")]), t)
+                    for t in tasks)
+        lines.append(f"- project pruner / c_alone, worst task: {worst[0]:.2f} ({worst[1]}) (target <= 1.05)")
+    share = 100.0 * hit / max(1, total)
+    lines.append(f"- within-budget networks losing > 1 point on test: {share:.0f}% (target <= 5%)")
+    for m in mergers:
+        spec_ratios = [(med[(m, c)]["ratio_to_spec"], c) for c in combos
+                       if "ratio_to_spec" in med.get((m, c), {})]
+        if spec_ratios:
+            w = max(spec_ratios)
+            lines.append(f"- {m}/spec, worst benchmarked combination: {w[0]:.2f} ({w[1]})")
+    for m in others:
+        r = med.get((m, full), {})
+        if "ratio_to_pam" in r:
+            lines.append(f"- {m}/pam on {full}: {r['ratio_to_pam']:.2f}")
+    if (BASELINE, tasks[0]) in med:
+        single = max((med[(REFERENCE, t)].get("ratio_to_separate", float("nan")), t) for t in tasks)
+        lines.append(f"- worst c_pam(t)/c_sep(t) over single tasks: {single[0]:.2f} ({single[1]})")
+    worst_acc = min((med[(REFERENCE, t)]["accuracy"][t] - med[(REFERENCE, t)]["reference_accuracy"][t], t)
+                    for t in tasks)
+    lines.append(f"- worst PAM median test-accuracy change vs single-task: {worst_acc[0]:+.2f} points ({worst_acc[1]}) "
+                 "(target >= -1.0)")
     return "\n".join(lines) + "\n"
 
 
@@ -315,6 +493,10 @@ def plot(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str], p
         lim = med[(REFERENCE, c)].get("limit")
         if lim:
             ax.hlines(lim, i - 0.45, i + 0.45, colors="black", linewidth=1.2, label="limit" if i == 0 else "_nolegend_")
+        spec = med.get((SPEC, c))
+        if spec:
+            ax.plot([i], [spec["macs"]], marker="*", color="crimson", markersize=9, linestyle="none",
+                    label="c_spec" if not any(med.get((SPEC, cc)) for cc in combos[:i]) else "_nolegend_")
     ax.set_xticks(range(len(combos)))
     ax.set_xticklabels(combos, rotation=75, fontsize=7)
     ax.set_ylabel("MACs after pruning (median over seeds)")

@@ -70,7 +70,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     args.tasks = ",".join(net.task_names)
     splits = dataset_from_args(args)
     cfg = PruneConfig(budget=args.budget, step=args.step, finetune_epochs=args.finetune_epochs, seed=args.seed,
-                      criterion=args.criterion, cost_aware=not args.cost_blind)
+                      criterion=args.criterion, price="none" if args.cost_blind else "share")
     if args.max_steps is not None:
         cfg = replace(cfg, max_steps=args.max_steps)
     reference = None

@@ -96,25 +96,27 @@ def fit(
 
 
 @torch.no_grad()
-def evaluate(net: MultitaskNet, data: MultitaskData, tasks: Sequence[str] | None = None) -> dict[str, float]:
-    """Accuracy in percent per task: argmax for classes, mean per-attribute accuracy for attributes."""
+def correctness(net: MultitaskNet, data: MultitaskData, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Per-sample correctness in [0, 1] per task: argmax hit for classes, share of attributes right."""
     was_training = net.training
     net.eval()
     combo = tuple(tasks) if tasks else net.task_names
-    correct = dict.fromkeys(combo, 0.0)
-    count = dict.fromkeys(combo, 0)
+    parts: dict[str, list[Tensor]] = {t: [] for t in combo}
     for xb, yb in data.batches(512):
         outs = net(xb, combo)
         for t in combo:
             o, y = outs[t], yb[t]
             if net.task(t).kind == "classes":
-                correct[t] += float((o.argmax(1) == y).sum())
-                count[t] += len(y)
+                parts[t].append((o.argmax(1) == y).float())
             else:
-                correct[t] += float(((o > 0).float() == y).sum())
-                count[t] += y.numel()
+                parts[t].append(((o > 0).float() == y).float().mean(1))
     net.train(was_training)
-    return {t: 100.0 * correct[t] / max(1, count[t]) for t in combo}
+    return {t: torch.cat(v) if v else torch.zeros(0) for t, v in parts.items()}
+
+
+def evaluate(net: MultitaskNet, data: MultitaskData, tasks: Sequence[str] | None = None) -> dict[str, float]:
+    """Accuracy in percent per task: argmax for classes, mean per-attribute accuracy for attributes."""
+    return {t: 100.0 * float(c.mean()) if c.numel() else 0.0 for t, c in correctness(net, data, tasks).items()}
 
 
 def train_single_task(task: TaskSpec, arch: ArchConfig, data: MultitaskData, cfg: TrainConfig) -> MultitaskNet:

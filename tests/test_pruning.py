@@ -81,7 +81,7 @@ def test_a_group_whose_every_channel_is_cut_is_removed() -> None:
         net.blocks[block_key(0, 1)].conv.weight.zero_()
         net.blocks[block_key(0, 1)].conv.bias.zero_()
         net.blocks[block_key(1, 1)].conv.weight[:, :4] = 0.0  # its only reader: group 1 reads groups 1, 3
-    cfg = PruneConfig(criterion="magnitude", cost_aware=False, taylor_batches=1, progress=False)
+    cfg = PruneConfig(criterion="magnitude", price="none", taylor_batches=1, progress=False)
     info = prune_step(net, digits_splits.train.select_tasks(net.task_names), cfg, fraction=0.35)
     assert (0, 1) in info["removed_groups"]
     assert 1 not in net.layout[0]
@@ -97,7 +97,7 @@ def test_last_input_of_a_head_is_never_removed() -> None:
         net.blocks[block_key(2, 1)].conv.weight.zero_()
         net.blocks[block_key(2, 1)].conv.bias.zero_()
         net.heads[tasks[0].name].conv.weight.zero_()
-    cfg = PruneConfig(criterion="magnitude", cost_aware=False, taylor_batches=1, progress=False)
+    cfg = PruneConfig(criterion="magnitude", price="none", taylor_batches=1, progress=False)
     prune_step(net, digits_splits.train.select_tasks(net.task_names), cfg, fraction=0.02)
     assert net.group_width(2, 1) >= 1  # head 0 still has an input
     _check_every_combination(net, digits_splits.val.x[:4])
@@ -184,7 +184,7 @@ def test_prune_step_never_cuts_a_group_serving_a_frozen_task() -> None:
     widths = copy.deepcopy(net.layout)
     other = (net.task_names[1],)
     before = combination_cost(net, other).macs
-    cfg = PruneConfig(criterion="magnitude", cost_aware=False, taylor_batches=1, progress=False)
+    cfg = PruneConfig(criterion="magnitude", price="none", taylor_batches=1, progress=False)
     prune_step(net, splits.train.select_tasks(net.task_names), cfg, fraction=0.3, frozen=0b01)
     for l, groups in enumerate(widths):
         for mask in (1, 3):  # serve task 0
@@ -197,7 +197,7 @@ def test_a_task_out_of_budget_stops_only_what_serves_it(zoo) -> None:  # type: i
     nets, splits = zoo
     merged = create_merger("separate").merge(nets, splits.train)
     cfg = PruneConfig(step=0.6, min_step=0.3, max_steps=6, finetune_epochs=1, retry_epochs=0, taylor_batches=1,
-                      check_shifts=1, progress=False, budget=0.0, criterion="magnitude")
+                      check_shifts=1, progress=False, budget=0.0, criterion="magnitude", confidence=0.5)
     checks = check_set(splits.val, cfg.check_shifts, cfg.seed)
     first = merged.task_names[0]
     # The first task may lose nothing at all; the others anything.

@@ -49,6 +49,9 @@ class MultitaskData:
     tasks: tuple[TaskSpec, ...]
     x: Tensor
     y: dict[str, Tensor]
+    # Distinct source images when samples are views of them (sample i shows image i % images), as in
+    # the pruner's check set; None: every sample is its own image. Statistics cluster by image.
+    images: int | None = None
 
     def __post_init__(self) -> None:
         for t in self.tasks:
@@ -68,7 +71,7 @@ class MultitaskData:
 
     def select_tasks(self, names: tuple[str, ...]) -> MultitaskData:
         by_name = {t.name: t for t in self.tasks}
-        return MultitaskData(tuple(by_name[n] for n in names), self.x, {n: self.y[n] for n in names})
+        return MultitaskData(tuple(by_name[n] for n in names), self.x, {n: self.y[n] for n in names}, self.images)
 
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None

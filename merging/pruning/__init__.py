@@ -1,5 +1,6 @@
 """Structured pruning of multitask networks (Torch-Pruning DepGraph, Taylor + magnitude, budgeted)."""
 
+from merging.pruning.budget import Reference, Verdict, assess
 from merging.pruning.config import PruneConfig
 from merging.pruning.pruner import (
     check_set,
@@ -13,6 +14,9 @@ from merging.pruning.surgery import remove_dead_groups
 
 __all__ = [
     "PruneConfig",
+    "Reference",
+    "Verdict",
+    "assess",
     "check_set",
     "missed_at_start",
     "prune",

@@ -6,16 +6,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 Criterion = Literal["taylor", "magnitude", "taylor+magnitude"]
+Price = Literal["share", "macs", "none"]
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     budget: float = 1.0  # max accuracy drop (points) of any task vs its reference on the check set
-    step: float = 0.15  # fraction of the combination-weighted MACs removed per prune step
-    min_step: float = 0.02  # after a rejected step the step halves; below this, pruning stops
+    confidence: float = 0.9  # one-sided confidence that the drop is within budget (0.5: point estimate)
+    step: float = 0.1  # fraction of the combination-weighted MACs removed per prune step
+    min_step: float = 0.02  # after a rejected step the step halves; below this, pruning stops (or freezes)
     max_steps: int = 40  # hard cap on prune steps (accepted or not)
-    finetune_epochs: int = 3  # joint-loss fine-tuning after every prune step
-    retry_epochs: int = 3  # a step that misses the budget gets this much more fine-tuning before it is undone
+    finetune_epochs: int = 5  # joint-loss fine-tuning after every prune step
+    retry_epochs: int = 5  # a step that misses the budget gets this much more fine-tuning before it is undone
+    final_epochs: int = 10  # a longer fine-tune of the accepted network at the end (kept if within budget)
+    final_lr: float = 5e-4  # its peak learning rate (one-cycle, decaying to ~0)
     recover_epochs: int = 20  # fine-tuning before pruning when the start network misses the budget
     recover_rounds: int = 3  # ... repeated (each round checked) at most this many times
     recover_lr: float = 3e-3  # its learning rate (a regrouped network may need real retraining)
@@ -24,9 +28,12 @@ class PruneConfig:
     criterion: Criterion = "taylor+magnitude"  # channel importance
     magnitude_weight: float = 0.25  # weight of the (layer-normalised) magnitude term in "taylor+magnitude"
     taylor_batches: int = 8  # training batches (of 128) whose joint-loss gradients feed Taylor importance
-    cost_aware: bool = True  # divide importance by the channel's MACs weighted over combinations
-    cost_power: float = 1.0  # exponent of that cost (0 = cost-blind)
+    price: Price = "share"  # how a channel's cost across combinations divides its importance (importance.py)
     check_shifts: int = 4  # the budget is checked on val plus this many 1-pixel-shifted copies of it
     per_task_stop: bool = True  # a task whose budget stops pruning freezes what serves it; the rest go on
     seed: int = 0  # seeds fine-tuning, the check set's shifts and the Taylor batches
     progress: bool = True  # tqdm bar over prune steps
+
+    @property
+    def cost_aware(self) -> bool:
+        return self.price != "none"

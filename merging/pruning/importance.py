@@ -8,8 +8,12 @@ different sizes compete fairly (global raw scores starve whichever layer has sma
 Cost: a channel of group S at layer l is paid for by every combination that meets S. Its
 *weighted cost* is the MACs it brings (its own filter, plus its slice in every block or head
 that reads it) times the share of combinations that pay each of those parts, i.e. its expected
-MACs over a uniformly drawn combination. A channel shared by many tasks is thus dearer than an
-exclusive one, and has to be that much more important to survive.
+MACs over a uniformly drawn combination; its *share* is that over the MACs it would cost if every
+combination paid. The pruner prices a channel by its share relative to its layer's mean
+(``PruneConfig.price="share"``): a channel shared by many tasks is dearer than an exclusive one of
+the same layer, while layers compete on normalised importance alone. Pricing by raw expected MACs
+(``price="macs"``) starved whole layers: early convs bring the most MACs per channel, so it pruned
+almost only the first conv and never the dense layer (measured on the demo's zoo).
 """
 
 from __future__ import annotations
@@ -39,28 +43,32 @@ class ChannelScores:
     mask: int
     importance: Tensor  # (width,) layer-normalised importance
     cost: Tensor  # (width,) expected MACs per channel over combinations
+    share: Tensor  # (width,) cost / the channel's MACs if every combination paid for it: in (0, 1]
 
 
-def channel_costs(net: MultitaskNet) -> dict[tuple[int, int], float]:
-    """(layer, mask) -> expected MACs one channel of that group brings, over uniform combinations."""
+def channel_costs(net: MultitaskNet, weighted: bool = True) -> dict[tuple[int, int], float]:
+    """(layer, mask) -> MACs one channel of that group brings: its own filter plus its slice of every
+    reader, each part times the share of combinations that run it (``weighted``; otherwise each part
+    counts once), i.e. its expected MACs over a uniformly drawn combination."""
     n = len(net.tasks)
+    share = (lambda m: combination_share(m, n)) if weighted else (lambda m: 1.0)
     out: dict[tuple[int, int], float] = {}
     for l, groups in enumerate(net.layout):
         r = net.resolved[l]
         for mask in groups:
             conv: nn.Conv2d = net.blocks[block_key(l, mask)].conv  # type: ignore[assignment]
             own = conv.in_channels * r.kernel[0] * r.kernel[1] * r.conv_hw[0] * r.conv_hw[1]
-            cost: float = own * combination_share(mask, n)
+            cost: float = own * share(mask)
             for key, _, is_head in net.consumers(l, mask):
                 if is_head:
                     hc: nn.Conv2d = net.heads[key].conv  # type: ignore[assignment]
                     per_in = hc.out_channels * hc.kernel_size[0] * hc.kernel_size[1]
-                    cost += per_in * combination_share(1 << net.task_names.index(key), n)
+                    cost += per_in * share(1 << net.task_names.index(key))
                 else:
                     rl = net.resolved[l + 1]
                     cc: nn.Conv2d = net.blocks[key].conv  # type: ignore[assignment]
                     per_in = cc.out_channels * rl.kernel[0] * rl.kernel[1] * rl.conv_hw[0] * rl.conv_hw[1]
-                    cost += per_in * combination_share(int(key.split("_g")[1]), n)
+                    cost += per_in * share(int(key.split("_g")[1]))
             out[(l, mask)] = float(cost)
     return out
 
@@ -95,6 +103,7 @@ def score_channels(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig) -> 
     taylor = tp.importance.GroupTaylorImportance(normalizer=None)
     magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
     costs = channel_costs(net)
+    full = channel_costs(net, weighted=False)
     raw: list[tuple[int, int, Tensor | None, Tensor | None]] = []
     for l, groups in enumerate(net.layout):
         for mask, width in groups.items():
@@ -119,5 +128,6 @@ def score_channels(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig) -> 
         for k, (_, mask, _, _) in enumerate(here):
             imp = torch.stack(imp_parts[k]).sum(0)  # type: ignore[misc]
             cost = torch.full_like(imp, costs[(l, mask)])
-            out.append(ChannelScores(l, mask, imp, cost))
+            share = torch.full_like(imp, costs[(l, mask)] / max(full[(l, mask)], 1e-12))
+            out.append(ChannelScores(l, mask, imp, cost, share))
     return out

@@ -36,10 +36,11 @@ from merging.cost import combination_cost
 from merging.data.base import MultitaskData, Splits
 from merging.errors import MergingError
 from merging.network import MultitaskNet, block_key
+from merging.pruning.budget import Verdict, assess, reference_accuracy
 from merging.pruning.config import PruneConfig
-from merging.pruning.importance import score_channels, weighted_macs
+from merging.pruning.importance import ChannelScores, score_channels, weighted_macs
 from merging.pruning.surgery import remove_dead_groups
-from merging.train import TrainConfig, evaluate, fit, random_shift
+from merging.train import TrainConfig, fit, random_shift
 
 
 def check_set(val: MultitaskData, shifts: int, seed: int) -> MultitaskData:
@@ -49,15 +50,7 @@ def check_set(val: MultitaskData, shifts: int, seed: int) -> MultitaskData:
     gen = torch.Generator().manual_seed(10_000 + seed)
     xs = [val.x] + [random_shift(val.x, 1, gen) for _ in range(shifts)]
     ys = {k: torch.cat([v] * (shifts + 1)) for k, v in val.y.items()}
-    return MultitaskData(val.tasks, torch.cat(xs), ys)
-
-
-def reference_accuracy(nets: Sequence[MultitaskNet], checks: MultitaskData) -> dict[str, float]:
-    """Accuracy of each unpruned single-task network on the check set: the budget's reference."""
-    out: dict[str, float] = {}
-    for net in nets:
-        out.update(evaluate(net, checks.select_tasks(net.task_names)))
-    return out
+    return MultitaskData(val.tasks, torch.cat(xs), ys, images=len(val))
 
 
 START_MISSED = "start network misses the budget; not pruned"
@@ -101,6 +94,19 @@ def task_mask(net: MultitaskNet, tasks: Sequence[str]) -> int:
     return sum(1 << net.task_names.index(t) for t in set(tasks))
 
 
+def channel_price(sc: ChannelScores, scores: Sequence[ChannelScores], cfg: PruneConfig) -> torch.Tensor:
+    """What a channel's importance is divided by (see ``merging.pruning.importance``): 1 when
+    cost-blind; its share of paying combinations relative to its layer's mean ("share"); or its
+    expected MACs relative to the mean channel's ("macs", the old rule that starved whole layers)."""
+    if cfg.price == "none":
+        return torch.ones_like(sc.importance)
+    if cfg.price == "macs":
+        avg = float(torch.cat([s.cost for s in scores]).mean())
+        return (sc.cost / max(avg, 1e-12)).clamp_min(1e-12)
+    layer = torch.cat([s.share for s in scores if s.layer == sc.layer])
+    return (sc.share / max(float(layer.mean()), 1e-12)).clamp_min(1e-12)
+
+
 def prune_step(
     net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, fraction: float, frozen: int = 0
 ) -> dict[str, Any]:
@@ -110,14 +116,9 @@ def prune_step(
     everything = float(sum(float(sc.cost.sum()) for sc in scores)) or 1.0
     scores = [sc for sc in scores if not sc.mask & frozen]
     prunable = float(sum(float(sc.cost.sum()) for sc in scores))
-    # Importance per unit of price, a channel's price being its weighted cost relative to the mean channel's.
-    all_costs = torch.cat([sc.cost for sc in scores])
-    avg = float(all_costs.mean()) if all_costs.numel() else 1.0
-    power = cfg.cost_power if cfg.cost_aware else 0.0
     entries: list[tuple[float, float, int, int, int]] = []  # (score, cost, layer, mask, index)
     for sc in scores:
-        price = (sc.cost / avg).clamp_min(1e-12) ** power
-        ratio = sc.importance / price
+        ratio = sc.importance / channel_price(sc, scores, cfg)
         entries.extend((float(ratio[j]), float(sc.cost[j]), sc.layer, sc.mask, j) for j in range(len(ratio)))
     entries.sort(key=lambda e: (e[0], e[2], e[3], e[4]))
     target = fraction * weighted_macs(net) * prunable / everything
@@ -202,36 +203,36 @@ def prune(
     """Prune ``net`` (in place where possible) within the budget; returns the network and the history.
 
     ``reference``: per-task accuracy (percent, on ``check_set(splits.val, cfg.check_shifts, cfg.seed)``)
-    to stay within ``cfg.budget`` of; by default the network's own accuracy before pruning.
+    to stay within ``cfg.budget`` of, ideally a :class:`~merging.pruning.budget.Reference` (per-image
+    correctness, for the paired test); by default the network's own accuracy before pruning.
     """
     cfg = cfg or PruneConfig()
-    if not 0.0 < cfg.step < 1.0 or cfg.min_step <= 0 or cfg.budget < 0:
-        raise MergingError("bad_argument", "prune: need 0 < step < 1, min_step > 0 and budget >= 0")
+    if not 0.0 < cfg.step < 1.0 or cfg.min_step <= 0 or cfg.budget < 0 or not 0.5 <= cfg.confidence < 1.0:
+        raise MergingError("bad_argument", "prune: need 0 < step < 1, min_step > 0, budget >= 0, 0.5 <= confidence < 1")
     tasks = net.task_names
     train = splits.train.select_tasks(tasks)
     checks = check_set(splits.val.select_tasks(tasks), cfg.check_shifts, cfg.seed)
-    ref = dict(reference) if reference is not None else evaluate(net, checks)
+    ref = reference if reference is not None else reference_accuracy([net], checks)
     missing = [t for t in tasks if t not in ref]
     if missing:
         raise MergingError("bad_argument", f"prune: no reference accuracy for {missing}")
-    ref = {t: ref[t] for t in tasks}
 
-    def record(kind: str, **extra: Any) -> dict[str, Any]:
-        acc = evaluate(net, checks)
+    def record(kind: str, **extra: Any) -> tuple[dict[str, Any], Verdict]:
+        v = assess(net, checks, ref, cfg.budget, cfg.confidence)
         row = {"kind": kind, "macs_all": combination_cost(net).macs, "weighted_macs": weighted_macs(net),
-               "check_accuracy": acc, "within_budget": within_budget(acc, ref, cfg.budget), **extra}
+               "check_accuracy": v.accuracy, "drop_upper": v.upper, "within_budget": v.ok, **extra}
         history.append(row)
-        return row
+        return row, v
 
     history: list[dict[str, Any]] = []
-    start = record("start", reference=ref)
+    start, _ = record("start", reference={t: ref[t] for t in tasks})
     for r in range(cfg.recover_rounds if cfg.recover_epochs > 0 else 0):
         if start["within_budget"]:
             break
         # A regrouped network (PAM, MTZ) starts with heads reading zero-initialised weights: retrain
         # it on the joint loss, decaying the learning rate round by round.
         _finetune(net, train, cfg, cfg.recover_epochs, cfg.seed + 100 * r, cfg.recover_lr / (1 + r))
-        start = record("recover")
+        start, _ = record("recover")
     if not start["within_budget"]:
         history.append({"kind": "stop", "reason": START_MISSED})
         return net, history
@@ -243,19 +244,18 @@ def prune(
     for k in bar:
         info = prune_step(net, train, replace(cfg, seed=cfg.seed + k), step, frozen)
         finetune_unfrozen(net, train, cfg, cfg.finetune_epochs, cfg.seed + 1000 + k, frozen)
-        row = record("step", **info)
-        if not row["within_budget"] and cfg.retry_epochs > 0:
+        row, verdict = record("step", **info)
+        if not verdict.ok and cfg.retry_epochs > 0:
             # One more round of fine-tuning before giving up on the step: a short fine-tune after a cut
             # often leaves a task a fraction of a point short, and rejecting then is mostly noise.
             finetune_unfrozen(net, train, cfg, cfg.retry_epochs, cfg.seed + 2000 + k, frozen)
-            row = record("retry", **info)
+            row, verdict = record("retry", **info)
         bar.set_postfix(macs=row["macs_all"], step=f"{step:.3f}")
-        if row["within_budget"]:
+        if verdict.ok:
             best = copy.deepcopy(net)
             row["accepted"] = True
             continue
         row["accepted"] = False
-        failed = failing_tasks(row["check_accuracy"], ref, cfg.budget)
         net = copy.deepcopy(best)
         step /= 2
         if step >= cfg.min_step:
@@ -264,7 +264,7 @@ def prune(
             history.append({"kind": "stop", "reason": "step below min_step"})
             break
         # Freeze the tasks that broke the budget (frozen parts never change, so they are live ones).
-        newly = task_mask(net, failed) & ~frozen
+        newly = task_mask(net, verdict.failing) & ~frozen
         frozen |= newly
         history.append({"kind": "freeze", "tasks": [t for i, t in enumerate(tasks) if newly >> i & 1],
                         "layout": copy.deepcopy(net.layout)})
@@ -276,7 +276,28 @@ def prune(
         step = cfg.step
     else:
         history.append({"kind": "stop", "reason": "max_steps"})
-    best.meta = {**best.meta, "pruned": {"config": {k: v for k, v in vars(cfg).items()}, "reference": ref,
+    best = final_finetune(best, train, checks, ref, cfg, history)
+    best.meta = {**best.meta, "pruned": {"config": {k: v for k, v in vars(cfg).items()},
+                                         "reference": {t: ref[t] for t in tasks},
                                          "steps": sum(1 for h in history if h.get("accepted"))}}
     best.eval()
     return best, history
+
+
+def final_finetune(
+    net: MultitaskNet, train: MultitaskData, checks: MultitaskData, ref: Mapping[str, float], cfg: PruneConfig,
+    history: list[dict[str, Any]],
+) -> MultitaskNet:
+    """A longer, lower-rate fine-tune of the accepted network on every task's loss (the structure is
+    final, so frozen parts may move now); kept only if it is still within budget and no task's
+    upper bound got worse by more than noise would explain."""
+    if cfg.final_epochs <= 0:
+        return net
+    before = assess(net, checks, ref, cfg.budget, cfg.confidence)
+    trial = copy.deepcopy(net)
+    _finetune(trial, train, cfg, cfg.final_epochs, cfg.seed + 3000, cfg.final_lr)
+    after = assess(trial, checks, ref, cfg.budget, cfg.confidence)
+    keep = after.ok and sum(after.upper.values()) <= sum(before.upper.values())
+    history.append({"kind": "final", "kept": keep, "drop_upper_before": before.upper, "drop_upper": after.upper,
+                    "check_accuracy": after.accuracy, "macs_all": combination_cost(net).macs})
+    return trial if keep else net

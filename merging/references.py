@@ -1,0 +1,165 @@
+"""The yardsticks: the cheapest networks a careful engineer could ship *instead* of a merged one.
+
+- ``c_alone(t)``: the smallest network for task t alone within the budget, the best of three
+  independent routes (all judged by the same :mod:`merging.pruning.budget` test on the check set):
+
+  (a) ``project``: the project's pruner on t's network alone;
+  (b) ``torch-pruning``: Torch-Pruning's own iterative global pruning (``MetaPruner``, group Taylor
+      importance, mean-normalised, no cost weighting) with a fine schedule, fine-tuned after every
+      step, stopped at the last step within budget;
+  (c) ``width-grid``: the narrowest of a grid of width multipliers of t's architecture, trained
+      from scratch with the zoo's recipe, that meets the budget.
+
+- ``c_spec(C)``: the specialist limit of a combination, a hard-shared trunk trained jointly for
+  exactly the tasks of C (one head each) and pruned by the project's pruner; ``c_spec(t) = c_alone(t)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch_pruning as tp
+
+from merging.cost import combination_cost
+from merging.data.base import MultitaskData, Splits
+from merging.mergers import create_merger
+from merging.network import MultitaskNet
+from merging.pruning import PruneConfig, assess, check_set, prune
+from merging.pruning.importance import accumulate_gradients
+from merging.train import TrainConfig, fit, seed_everything
+
+ROUTES = ("project", "torch-pruning", "width-grid")
+WIDTH_GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)  # multipliers of the zoo's widths
+
+
+@dataclass(frozen=True)
+class TpSchedule:
+    """Torch-Pruning's iterative schedule for route (b)."""
+
+    pruning_ratio: float = 0.95  # channel share removed after the last step (per layer, global ranking)
+    iterative_steps: int = 24  # steps to get there (about 4% of the channels each)
+    finetune_epochs: int = 5  # after every step
+    retry_epochs: int = 5  # one more fine-tune before a step that misses the budget ends the run
+
+
+@dataclass
+class AloneResult:
+    task: str
+    macs: dict[str, int | None]  # route -> MACs of its smallest network within budget (None: none met it)
+    widths: dict[str, list[int] | None]  # route -> per-layer widths of that network
+    best: str  # the route with the fewest MACs
+    net: MultitaskNet  # that network
+
+    @property
+    def c_alone(self) -> int:
+        v = self.macs[self.best]
+        assert v is not None
+        return v
+
+
+def _widths(net: MultitaskNet) -> list[int]:
+    return [sum(g.values()) for g in net.layout]
+
+
+def _judge(splits: Splits, reference: Mapping[str, float], cfg: PruneConfig, tasks: Sequence[str]
+           ) -> Callable[[MultitaskNet], bool]:
+    checks = check_set(splits.val.select_tasks(tuple(tasks)), cfg.check_shifts, cfg.seed)
+    return lambda net: assess(net, checks, reference, cfg.budget, cfg.confidence).ok
+
+
+def prune_with_torch_pruning(
+    net: MultitaskNet, splits: Splits, cfg: PruneConfig, reference: Mapping[str, float],
+    schedule: TpSchedule | None = None,
+) -> MultitaskNet | None:
+    """Route (b) on a single-task network; None if even the unpruned network misses the budget."""
+    schedule = schedule or TpSchedule()
+    tasks = net.task_names
+    train = splits.train.select_tasks(tasks)
+    ok = _judge(splits, reference, cfg, tasks)
+    net = copy.deepcopy(net)
+    if not ok(net):
+        return None
+    module = net.for_combination(None)
+    heads = [net.head(t).conv for t in tasks]
+    pruner = tp.pruner.MetaPruner(
+        module, train.x[:2], importance=tp.importance.GroupTaylorImportance(), global_pruning=True,
+        pruning_ratio=schedule.pruning_ratio, iterative_steps=schedule.iterative_steps, ignored_layers=heads,
+    )
+    best = copy.deepcopy(net)
+    tc = TrainConfig(epochs=schedule.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, progress=False)
+    for k in range(schedule.iterative_steps):
+        accumulate_gradients(net, train, replace(cfg, seed=cfg.seed + k))
+        pruner.step()
+        net.zero_grad(set_to_none=True)
+        net.sync_layout()
+        fit(net, train, replace(tc, seed=cfg.seed + 1000 + k))
+        if not ok(net) and schedule.retry_epochs > 0:
+            fit(net, train, replace(tc, epochs=schedule.retry_epochs, seed=cfg.seed + 2000 + k))
+        if not ok(net):
+            break
+        best = copy.deepcopy(net)
+    best.meta = {**best.meta, "route": "torch-pruning"}
+    return best
+
+
+def narrowest_from_scratch(
+    net: MultitaskNet, splits: Splits, cfg: PruneConfig, reference: Mapping[str, float], train_cfg: TrainConfig,
+    grid: Sequence[float] = WIDTH_GRID,
+) -> tuple[MultitaskNet | None, float | None]:
+    """Route (c): the narrowest multiplier of ``grid`` (ascending) whose network, trained from scratch
+    with ``train_cfg``, meets the budget; (None, None) if none does."""
+    tasks = net.task_names
+    ok = _judge(splits, reference, cfg, tasks)
+    base = [s.width for s in net.arch.layers]
+    for mult in sorted(grid):
+        arch = net.arch.with_widths([max(1, round(w * mult)) for w in base])
+        seed_everything(train_cfg.seed)
+        cand = MultitaskNet(net.tasks, arch, [{(1 << len(tasks)) - 1: s.width} for s in arch.layers],
+                            meta={"route": "width-grid", "width_mult": mult})
+        fit(cand, splits.train.select_tasks(tasks), replace(train_cfg, progress=False))
+        if ok(cand):
+            return cand, mult
+    return None, None
+
+
+def alone(
+    net: MultitaskNet, splits: Splits, cfg: PruneConfig, reference: Mapping[str, float], train_cfg: TrainConfig,
+    routes: Sequence[str] = ROUTES, schedule: TpSchedule | None = None, grid: Sequence[float] = WIDTH_GRID,
+) -> AloneResult:
+    """``c_alone`` of a single-task network's task: every route in ``routes``, the smallest wins."""
+    (task,) = net.task_names
+    found: dict[str, MultitaskNet | None] = {}
+    for route in routes:
+        if route == "project":
+            pruned, history = prune(copy.deepcopy(net), splits, cfg, reference=reference)
+            found[route] = None if any(h.get("kind") == "stop" and "misses" in str(h.get("reason")) for h in history) \
+                else pruned
+        elif route == "torch-pruning":
+            found[route] = prune_with_torch_pruning(net, splits, cfg, reference, schedule)
+        elif route == "width-grid":
+            found[route] = narrowest_from_scratch(net, splits, cfg, reference, train_cfg, grid)[0]
+        else:
+            raise ValueError(f"unknown route {route!r}; known: {ROUTES}")
+    macs = {r: combination_cost(n).macs if n is not None else None for r, n in found.items()}
+    candidates = {r: m for r, m in macs.items() if m is not None}
+    if not candidates:  # cannot happen with "project" (the unpruned network is its own reference)
+        found["unpruned"], candidates["unpruned"] = net, combination_cost(net).macs
+        macs["unpruned"] = candidates["unpruned"]
+    best = min(candidates, key=lambda r: (candidates[r], routes.index(r) if r in routes else len(routes)))
+    chosen = found[best]
+    assert chosen is not None
+    return AloneResult(task, macs, {r: _widths(n) if n is not None else None for r, n in found.items()}, best, chosen)
+
+
+def specialist(
+    nets: Sequence[MultitaskNet], data_train: MultitaskData, splits: Splits, cfg: PruneConfig,
+    reference: Mapping[str, float], train_cfg: TrainConfig, seed: int = 0,
+) -> tuple[MultitaskNet, list[dict[str, Any]]]:
+    """The specialist network of the combination of ``nets``' tasks: a hard-shared trunk trained
+    jointly for exactly those tasks, pruned by the project's pruner. Returns (pruned, history)."""
+    merger = create_merger("shared", train=replace(train_cfg, progress=False))
+    trunk = merger.merge(nets, data_train, seed=seed)
+    return prune(trunk, splits, replace(cfg, seed=seed), reference=reference)
