@@ -268,7 +268,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             r["c_spec"] = spec["macs"]
         for key, other in (("ratio_to_pam", REFERENCE), ("ratio_to_spec", SPEC), ("ratio_to_separate", BASELINE)):
             o = by.get((seed, other, combo))
-            if o and r["merger"] != other:
+            if o:
                 r[key] = r["macs"] / max(1, o["macs"])
         if r["merger"] != SPEC and "limit" in r:
             r["sharing_efficiency"] = r["macs"] / r["limit"]

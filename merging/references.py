@@ -107,12 +107,12 @@ def prune_with_torch_pruning(
 
 def narrowest_from_scratch(
     net: MultitaskNet, splits: Splits, cfg: PruneConfig, reference: Mapping[str, float], train_cfg: TrainConfig,
-    grid: Sequence[float] = WIDTH_GRID,
+    grid: Sequence[float] = WIDTH_GRID, judge: Callable[[MultitaskNet], bool] | None = None,
 ) -> tuple[MultitaskNet | None, float | None]:
     """Route (c): the narrowest multiplier of ``grid`` (ascending) whose network, trained from scratch
-    with ``train_cfg``, meets the budget; (None, None) if none does."""
+    with ``train_cfg``, meets the budget (or ``judge``); (None, None) if none does."""
     tasks = net.task_names
-    ok = _judge(splits, reference, cfg, tasks)
+    ok = judge or _judge(splits, reference, cfg, tasks)
     base = [s.width for s in net.arch.layers]
     for mult in sorted(grid):
         arch = net.arch.with_widths([max(1, round(w * mult)) for w in base])

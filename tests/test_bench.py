@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from merging.bench import BenchConfig, quick_config, run_bench
+from merging.bench import ALONE, SPEC, BenchConfig, quick_config, run_bench, wilson
+from merging.references import TpSchedule
 from merging.errors import MergingError
 from merging.pruning import PruneConfig
 from merging.tasks import all_combinations
@@ -18,9 +19,10 @@ from merging.tasks import all_combinations
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
     out = tmp_path_factory.mktemp("bench")
     pc = PruneConfig(step=0.3, max_steps=1, finetune_epochs=1, retry_epochs=0, recover_epochs=1, recover_rounds=1,
-                     taylor_batches=1, check_shifts=1, progress=False)
+                     final_epochs=0, taylor_batches=1, check_shifts=1, progress=False, confidence=0.5)
     cfg = BenchConfig(dataset="digits", tasks=("parity", "loop"), mergers=("pam", "separate"), seeds=(0,),
-                      zoo_epochs=3, prune=pc, out_dir=out, progress=False)
+                      zoo_epochs=3, prune=pc, out_dir=out, progress=False, width_grid=(0.5, 1.0),
+                      tp_schedule=TpSchedule(iterative_steps=2, finetune_epochs=1, retry_epochs=0))
     rows = run_bench(cfg, log=lambda _: None)
     return rows, out
 
@@ -39,7 +41,7 @@ def test_rows_cover_every_merger_and_combination(bench) -> None:  # type: ignore
 
 def test_ratios_limit_and_efficiency(bench) -> None:  # type: ignore[no-untyped-def]
     rows, _ = bench
-    by = {(r["merger"], r["combination"]): r for r in rows if r["seed"] == 0}
+    by = {(r["merger"], r["combination"]): r for r in rows if r["seed"] == 0 and r["merger"] != ALONE}
     for (_, combo), r in by.items():
         assert r["ratio_to_pam"] == pytest.approx(r["macs"] / by[("pam", combo)]["macs"])
         assert r["limit"] == max(by[("separate", t)]["macs"] for t in combo.split("+"))
@@ -49,6 +51,31 @@ def test_ratios_limit_and_efficiency(bench) -> None:  # type: ignore[no-untyped-
     assert pam["sharing_efficiency"] == pytest.approx(pam["macs"] / pam["limit"])
     # separate: a combination costs the sum of its tasks' costs (no sharing at all).
     assert by[("separate", both)]["macs"] == by[("separate", "loop")]["macs"] + by[("separate", "parity")]["macs"]
+
+
+def test_rows_carry_c_alone_c_spec_and_their_ratios(bench) -> None:  # type: ignore[no-untyped-def]
+    rows, _ = bench
+    seed0 = [r for r in rows if r["seed"] == 0]
+    alone = {r["combination"]: r for r in seed0 if r["merger"] == ALONE}
+    spec = {r["combination"]: r for r in seed0 if r["merger"] == SPEC}
+    assert set(alone) == {"parity", "loop"}
+    for t, a in alone.items():
+        routes = {k: v for k, v in a["routes"].items() if v is not None}
+        assert a["c_alone"] == min(routes.values()) and a["routes"][a["best_route"]] == a["c_alone"]
+        assert spec[t]["macs"] == a["c_alone"]  # c_spec(t) = c_alone(t)
+    for r in seed0:
+        if r["merger"] in (ALONE, SPEC) or r["combination"] not in spec:
+            continue
+        assert r["c_spec"] == spec[r["combination"]]["macs"]
+        assert r["ratio_to_spec"] == pytest.approx(r["macs"] / r["c_spec"])
+    med = [r for r in rows if r["seed"] == "median" and r["merger"] == "pam" and r["combination"] == "parity"]
+    assert med and med[0]["ratio_to_spec"] == pytest.approx(
+        next(r["ratio_to_spec"] for r in seed0 if r["merger"] == "pam" and r["combination"] == "parity"))
+
+
+def test_wilson_interval_matches_the_textbook_value() -> None:
+    lo, hi = wilson(90, 100)  # 90/100: Wilson 95% interval 82.6%-94.5% (Newcombe 1998)
+    assert lo == pytest.approx(82.56, abs=0.02) and hi == pytest.approx(94.48, abs=0.02)
 
 
 def test_unknown_merger_is_a_typed_error(tmp_path: Path) -> None:
