@@ -1,10 +1,19 @@
-"""``pam bench-serve``: the HTTP service on loopback against the runtime called directly.
+"""``pam bench-serve``: the HTTP service on loopback against the runtime called directly and a bare
+ASGI reference, with and without dynamic batching, in one run.
 
-Measures, per combination: the runtime's own execute (direct, in this process, before the server
-starts, so nothing competes for the cores), then ``pam serve`` in a child process driven by
-1/8/32 concurrent keep-alive clients (a minimal asyncio HTTP/1.1 client, so the client's own cost
-stays small next to the server's). Reports RPS, p50/p95/p99, errors, the HTTP overhead (p50 of
-``/infer`` minus p50 of the direct execute) and throughput relative to the direct runtime.
+Measures, per combination: the runtime's own execute (direct, in this process, before any server
+starts, so nothing competes for the cores); then, one after the other, each *variant* in a child
+process driven by 1/8/32 concurrent keep-alive clients (a minimal asyncio HTTP/1.1 client, so the
+client's own cost stays small next to the server's):
+
+- ``reference``: ``service.bench_reference``, uvicorn + the same decode + the same runtime call,
+  no framework: the Python HTTP limit on this machine;
+- ``service``: ``pam serve --no-batching``;
+- ``service+batching``: ``pam serve`` with dynamic batching (``--batch-window-us`` as configured).
+
+Reports RPS, p50/p95/p99, errors, the HTTP overhead (p50 of ``/infer`` at one client minus p50 of
+the direct execute), throughput relative to the direct runtime and to the reference, the batching
+gain, and the server's RSS when ready, after the run and after a burst of large requests.
 """
 
 from __future__ import annotations
@@ -47,6 +56,10 @@ class BenchConfig:
     max_loaded: int | None = None
     out: Path = Path("results/serve-bench")
     extra_env: dict[str, str] = field(default_factory=dict)
+    variants: tuple[str, ...] = ("reference", "service", "service+batching")
+    batch_window_us: int = 0  # the window of the service+batching variant
+    attacks: bool = True  # after the cells: large requests, then RSS against its ready value
+    attack_rounds: int = 20  # large photos and near-limit bodies sent (each), then 5 oversized heads
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -156,15 +169,29 @@ def direct_baseline(cfg: BenchConfig, manifest: Manifest, methods: list[str], x:
     return out
 
 
-def start_server(cfg: BenchConfig, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def server_command(cfg: BenchConfig, port: int, variant: str) -> list[str]:
+    if variant == "reference":
+        return [sys.executable, "-m", "service.bench_reference", str(cfg.bundle_dir), "--port", str(port),
+                "--threads", str(cfg.threads)]
     cmd = [sys.executable, "-m", "merging.cli", "serve", str(cfg.bundle_dir), "--port", str(port),
            "--threads", str(cfg.threads), "--workers", str(cfg.workers), "--executor", cfg.executor,
-           "--queue-bound", "4096", "--no-probe"]
+           "--queue-bound", "4096", "--no-probe", "--max-connections", "4096"]
+    if variant == "service":
+        cmd.append("--no-batching")
+    elif variant == "service+batching":
+        cmd += ["--batch-window-us", str(cfg.batch_window_us)]
+    else:
+        raise ServiceError(2, "bad_variant", f"unknown variant {variant!r}; use reference, service, service+batching")
     cmd += list(cfg.server_args)
     if cfg.lazy:
         cmd.append("--lazy")
     if cfg.max_loaded:
         cmd += ["--max-loaded", str(cfg.max_loaded)]
+    return cmd
+
+
+def start_server(cfg: BenchConfig, port: int, log_path: Path, variant: str = "service") -> subprocess.Popen[bytes]:
+    cmd = server_command(cfg, port, variant)
     env = {**os.environ, **cfg.extra_env}
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
@@ -191,6 +218,81 @@ def server_rss_mb(proc: subprocess.Popen[bytes]) -> float:
     return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]) / 2**20
 
 
+def noise_png(pixels: int) -> bytes:
+    """A grey noise PNG of about ``pixels`` pixels (incompressible: a large body that is decoded)."""
+    from PIL import Image
+
+    side = int(pixels ** 0.5)
+    arr = np.random.default_rng(0).integers(0, 255, (side, side), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def attack(port: int, manifest: Manifest, path: str, rounds: int = 20) -> dict[str, Any]:
+    """Large requests a client may send: decodable photos at the pixel limit, bodies near the body limit,
+    oversized heads. Returns the status codes seen."""
+    import httpx
+
+    from service.preprocess import image_pixel_limit
+
+    url = f"http://127.0.0.1:{port}"
+    big = noise_png(image_pixel_limit(manifest))
+    junk = b"\x89PNG" + b"\0" * (4 * 1024 * 1024 - 64 * 1024)
+    seen: dict[str, int] = {}
+    with httpx.Client(timeout=60) as c:
+        for _ in range(rounds):
+            for body in (big, junk):
+                r = c.post(url + path, content=body, headers={"content-type": "image/png"})
+                seen[str(r.status_code)] = seen.get(str(r.status_code), 0) + 1
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+            try:
+                status = s.recv(64).split(b" ")[1].decode() or "closed"
+            except (OSError, IndexError):
+                status = "closed"
+            seen[status] = seen.get(status, 0) + 1
+    return seen
+
+
+def run_variant(cfg: BenchConfig, variant: str, manifest: Manifest, methods: list[str], png: bytes,
+                x: np.ndarray, tmp: Path) -> dict[str, Any]:
+    port = free_port()
+    proc = start_server(cfg, port, tmp / f"{variant}.log", variant)
+    out: dict[str, Any] = {"variant": variant, "cells": []}
+    try:
+        out["rss_ready_mb"] = server_rss_mb(proc)
+        for m in methods:
+            tasks = ",".join(manifest.method_for(m).tasks)
+            request = build_request(f"/infer?tasks={tasks}", cfg.payload, png, x)
+            asyncio.run(_drive(port, request, 1, 100))  # warm-up
+            for c in cfg.clients:
+                cell = {"variant": variant, "combination": m, "macs": manifest.method_for(m).macs,
+                        **asyncio.run(_drive(port, request, c, max(cfg.requests, 4 * c)))}
+                out["cells"].append(cell)
+                print(f"  {variant:>16} {m:>22} x{c:<3}: {cell['rps']:7.0f} req/s  p50 {cell['p50_ms']:.3f}  "
+                      f"p95 {cell['p95_ms']:.3f}  p99 {cell['p99_ms']:.3f} ms  errors {cell['errors']}", flush=True)
+        out["rss_end_mb"] = server_rss_mb(proc)
+        if cfg.attacks and variant != "reference":
+            tasks = ",".join(manifest.method_for(methods[0]).tasks)
+            out["attack_statuses"] = attack(port, manifest, f"/infer?tasks={tasks}", cfg.attack_rounds)
+            time.sleep(2.0)
+            asyncio.run(_drive(port, build_request(f"/infer?tasks={tasks}", cfg.payload, png, x), 1, 20))
+            out["rss_after_attacks_mb"] = server_rss_mb(proc)
+            out["alive_after_attacks"] = proc.poll() is None
+            print(f"  {variant:>16} attacks {out['attack_statuses']}: RSS {out['rss_ready_mb']:.0f} MB ready, "
+                  f"{out['rss_end_mb']:.0f} after the cells, {out['rss_after_attacks_mb']:.0f} after the attacks",
+                  flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return out
+
+
 def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     from service.preprocess import decode_image
 
@@ -206,49 +308,44 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     png = sample_png(manifest)
     x = decode_image(png, manifest)
     print(f"bench-serve: {manifest.model_name} {manifest.model_version}; methods {methods}; payload {cfg.payload}; "
-          f"threads {cfg.threads}, workers {cfg.workers}, executor {cfg.executor}", flush=True)
+          f"threads {cfg.threads}, workers {cfg.workers}, executor {cfg.executor}; variants {list(cfg.variants)}",
+          flush=True)
     direct = direct_baseline(cfg, manifest, methods, x)
     for m, d in direct.items():
         print(f"  direct  {m:>24}: execute p50 {d['p50_ms']:.3f} ms, {d['rps']:.0f} calls/s", flush=True)
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="pam-bench-") as tmp:
-        proc = start_server(cfg, port, Path(tmp) / "server.log")
-        try:
-            rss_ready = server_rss_mb(proc)
-            cells = []
-            for m in methods:
-                tasks = ",".join(manifest.method_for(m).tasks)
-                request = build_request(f"/infer?tasks={tasks}", cfg.payload, png, x)
-                asyncio.run(_drive(port, request, 1, 100))  # warm-up
-                for c in cfg.clients:
-                    cell = {"combination": m, "macs": manifest.method_for(m).macs,
-                            **asyncio.run(_drive(port, request, c, max(cfg.requests, 4 * c)))}
-                    cells.append(cell)
-                    print(f"  http    {m:>24} x{c:<3}: {cell['rps']:7.0f} req/s  p50 {cell['p50_ms']:.3f}  "
-                          f"p95 {cell['p95_ms']:.3f}  p99 {cell['p99_ms']:.3f} ms  errors {cell['errors']}", flush=True)
-            rss_end = server_rss_mb(proc)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    summary = {}
+        runs = [run_variant(cfg, v, manifest, methods, png, x, Path(tmp)) for v in cfg.variants]
+    cells = [c for r in runs for c in r["cells"]]
+
+    def cell(variant: str, m: str, clients: int) -> dict[str, Any] | None:
+        return next((c for c in cells if c["variant"] == variant and c["combination"] == m
+                     and c["clients"] == clients), None)
+
+    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+        return a["rps"] / b["rps"] if a and b and b["rps"] else None
+
+    summary: dict[str, Any] = {}
+    one = min(cfg.clients)
     for m in methods:
-        one = next(c for c in cells if c["combination"] == m and c["clients"] == min(cfg.clients))
-        eight = next((c for c in cells if c["combination"] == m and c["clients"] == 8), None)
-        summary[m] = {
-            "http_overhead_p50_ms": one["p50_ms"] - direct[m]["p50_ms"],
-            "throughput_ratio_8_clients": (eight["rps"] / direct[m]["rps"]) if eight else None,
-            "direct_execute_p50_ms": direct[m]["p50_ms"], "direct_rps": direct[m]["rps"],
-        }
+        s: dict[str, Any] = {"direct_execute_p50_ms": direct[m]["p50_ms"], "direct_rps": direct[m]["rps"]}
+        for v in cfg.variants:
+            c1, c8 = cell(v, m, one), cell(v, m, 8)
+            s[v] = {"http_overhead_p50_ms": c1["p50_ms"] - direct[m]["p50_ms"] if c1 else None,
+                    "rps_8_over_direct": (c8["rps"] / direct[m]["rps"]) if c8 else None}
+        for v in ("service", "service+batching"):
+            if v in cfg.variants and "reference" in cfg.variants:
+                s[v]["rps_8_over_reference"] = ratio(cell(v, m, 8), cell("reference", m, 8))
+        if "service" in cfg.variants and "service+batching" in cfg.variants:
+            s["batching_gain"] = {str(c): ratio(cell("service+batching", m, c), cell("service", m, c))
+                                  for c in cfg.clients}
+        summary[m] = s
     result = {
         "config": {**asdict(cfg), "bundle_dir": str(cfg.bundle_dir), "out": str(cfg.out)},
         "model": manifest.model_name, "model_version": manifest.model_version,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]}},
         "direct": direct, "http": cells, "summary": summary,
-        "server_rss_mb": {"ready": rss_ready, "end": rss_end},
+        "servers": [{k: v for k, v in r.items() if k != "cells"} for r in runs],
         "total_errors": sum(c["errors"] for c in cells),
     }
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
@@ -259,27 +356,47 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     return result
 
 
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0%}"
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def markdown(r: dict[str, Any]) -> str:
     c = r["config"]
     load = r["machine"].get("load_average_1min", {"start": float("nan"), "end": float("nan")})
     lines = [f"# pam bench-serve: {r['model']} {r['model_version']}", "",
              f"payload `{c['payload']}`, threads {c['threads']}, workers {c['workers']}, executor `{c['executor']}`, "
-             f"lazy {c['lazy']} (max loaded {c['max_loaded']}), {r['machine']['cpus']} CPUs; loopback, keep-alive "
-             f"clients in one asyncio process. Server RSS: {r['server_rss_mb']['ready']:.0f} MB when ready, "
-             f"{r['server_rss_mb']['end']:.0f} MB at the end. Load average (1 min) {load['start']:.1f} at the start, "
-             f"{load['end']:.1f} at the end.", "",
-             "| combination | MACs | clients | req/s | p50 ms | p95 ms | p99 ms | server execute p50 ms | errors |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"lazy {c['lazy']} (max loaded {c['max_loaded']}), batching window {c.get('batch_window_us', 0)} us, "
+             f"{r['machine']['cpus']} CPUs; loopback, keep-alive clients in one asyncio process. "
+             f"Load average (1 min) {load['start']:.1f} at the start, {load['end']:.1f} at the end.", "",
+             "| variant | combination | MACs | clients | req/s | p50 ms | p95 ms | p99 ms | server execute p50 ms "
+             "| errors |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for cell in r["http"]:
-        lines.append(f"| {cell['combination']} | {cell['macs']} | {cell['clients']} | {cell['rps']:.0f} | "
-                     f"{cell['p50_ms']:.3f} | {cell['p95_ms']:.3f} | {cell['p99_ms']:.3f} | "
+        lines.append(f"| {cell['variant']} | {cell['combination']} | {cell['macs']} | {cell['clients']} | "
+                     f"{cell['rps']:.0f} | {cell['p50_ms']:.3f} | {cell['p95_ms']:.3f} | {cell['p99_ms']:.3f} | "
                      f"{cell['server_execute_p50_ms']:.3f} | {cell['errors']} |")
-    lines += ["", "| combination | direct execute p50 ms | direct calls/s | HTTP overhead p50 ms | "
-                  "8-client req/s ÷ direct calls/s |", "| --- | ---: | ---: | ---: | ---: |"]
+    variants = [v for v in ("reference", "service", "service+batching") if v in c["variants"]]
+    lines += ["", "| combination | direct execute p50 ms | direct calls/s | "
+              + " | ".join(f"{v}: HTTP overhead p50 ms | {v}: 8 clients ÷ direct" for v in variants)
+              + " | service ÷ reference (8 clients) | service+batching ÷ reference (8) | batching gain 1/8/32 |",
+              "| --- | ---: | ---: | " + " | ".join("---: | ---:" for _ in variants) + " | ---: | ---: | --- |"]
     for m, s in r["summary"].items():
-        ratio = "n/a" if s["throughput_ratio_8_clients"] is None else f"{s['throughput_ratio_8_clients']:.1%}"
-        lines.append(f"| {m} | {s['direct_execute_p50_ms']:.3f} | {s['direct_rps']:.0f} | "
-                     f"{s['http_overhead_p50_ms']:.3f} | {ratio} |")
+        gain = s.get("batching_gain") or {}
+        lines.append(
+            f"| {m} | {s['direct_execute_p50_ms']:.3f} | {s['direct_rps']:.0f} | "
+            + " | ".join(f"{_ms(s[v]['http_overhead_p50_ms'])} | {_pct(s[v]['rps_8_over_direct'])}" for v in variants)
+            + f" | {_pct(s.get('service', {}).get('rps_8_over_reference'))} | "
+              f"{_pct(s.get('service+batching', {}).get('rps_8_over_reference'))} | "
+            + " / ".join("n/a" if g is None else f"{g:.2f}x" for g in gain.values()) + " |")
+    lines += ["", "| server | RSS ready MB | after the cells MB | after large requests MB | statuses of the large "
+                  "requests | alive |", "| --- | ---: | ---: | ---: | --- | --- |"]
+    for sv in r.get("servers", []):
+        after = sv.get("rss_after_attacks_mb")
+        lines.append(f"| {sv['variant']} | {sv['rss_ready_mb']:.0f} | {sv['rss_end_mb']:.0f} | "
+                     f"{'n/a' if after is None else f'{after:.0f}'} | {sv.get('attack_statuses', 'n/a')} | "
+                     f"{sv.get('alive_after_attacks', 'n/a')} |")
     return "\n".join(lines) + "\n"
-
-

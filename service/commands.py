@@ -141,6 +141,8 @@ def run_bench(args: argparse.Namespace) -> int:
         payload=args.payload, threads=args.threads, workers=args.workers, executor=args.executor,
         direct_runs=args.direct_runs, out=Path(args.out), lazy=args.lazy, max_loaded=args.max_loaded,
         server_args=tuple(args.server_args.split()) if args.server_args else (),
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        batch_window_us=args.batch_window_us, attacks=not args.no_attacks,
     )
     run_benchmark(cfg)
     return 0
@@ -169,5 +171,10 @@ def register(sub: Any) -> None:
     b.add_argument("--lazy", action="store_true", help="serve with lazy method loading")
     b.add_argument("--max-loaded", type=int, default=None, help="with --lazy: methods kept loaded")
     b.add_argument("--direct-runs", type=int, default=2000, help="runtime calls per combination, direct baseline")
+    b.add_argument("--variants", default="reference,service,service+batching",
+                   help="servers to measure one after the other: reference (bare ASGI), service (no batching), "
+                        "service+batching")
+    b.add_argument("--batch-window-us", type=int, default=0, help="batching window of the service+batching variant")
+    b.add_argument("--no-attacks", action="store_true", help="skip the large requests and the RSS check after them")
     b.add_argument("--out", default="results/serve-bench", help="output stem: writes STEM.json and STEM.md")
     b.set_defaults(func=run_bench)

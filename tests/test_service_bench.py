@@ -1,0 +1,73 @@
+"""`pam bench-serve` on the test bundle: the three variants side by side, the attacks, the files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.service_support import digits_bundle, free_port
+
+
+@pytest.mark.slow
+def test_bench_serve_measures_reference_service_and_batching_side_by_side(tmp_path: Path) -> None:
+    from service.bench import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(bundle_dir=digits_bundle(), clients=(1, 4), requests=40, direct_runs=50,
+                      attack_rounds=3, out=tmp_path / "serve-test")
+    r = run_benchmark(cfg)
+    assert r["total_errors"] == 0
+    assert {c["variant"] for c in r["http"]} == {"reference", "service", "service+batching"}
+    assert len(r["http"]) == 3 * 2 * 2 and all(c["rps"] > 0 and c["p50_ms"] > 0 for c in r["http"])
+    for s in r["summary"].values():
+        assert s["service"]["rps_8_over_reference"] is None  # no 8-client cell in this run
+        assert set(s["batching_gain"]) == {"1", "4"}
+    servers = {s["variant"]: s for s in r["servers"]}
+    assert "attack_statuses" not in servers["reference"]
+    for v in ("service", "service+batching"):
+        st = servers[v]["attack_statuses"]
+        assert st.get("200") == 3 and st.get("415") == 3 and st.get("431") == 5, st
+        assert servers[v]["alive_after_attacks"] and servers[v]["rss_after_attacks_mb"] > 0
+    written = json.loads(cfg.out.with_suffix(".json").read_text())
+    assert written["summary"] == json.loads(json.dumps(r["summary"]))
+    assert "service+batching" in cfg.out.with_suffix(".md").read_text()
+
+
+def test_the_reference_server_answers_like_the_service(tmp_path: Path) -> None:
+    """The reference is a fair anchor only if it does the same work: same decode, same method, same numbers."""
+    import subprocess
+    import sys
+    import time
+
+    from mobile_export.manifest import Manifest
+    from service.bench import sample_png
+    from tests.service_support import ROOT, serve
+
+    png = sample_png(Manifest.load(digits_bundle()))
+    port = free_port()
+    ref = subprocess.Popen([sys.executable, "-m", "service.bench_reference", str(digits_bundle()), "--port",
+                            str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and ref.poll() is None
+            time.sleep(0.2)
+        a = httpx.post(f"http://127.0.0.1:{port}/infer?tasks=digit,parity", content=png,
+                       headers={"content-type": "image/png"}).json()
+    finally:
+        ref.terminate()
+        ref.wait(timeout=20)
+    with serve(digits_bundle(), tmp_path / "s.log", "--no-probe") as s:
+        b = httpx.post(s.url + "/infer?tasks=digit,parity", content=png, headers={"content-type": "image/png"}).json()
+    assert a["method"] == b["method"] == "digit+parity"
+    for task in ("digit", "parity"):
+        np.testing.assert_allclose(a["predictions"][0][task], list(b["predictions"][0][task]["scores"].values()),
+                                   rtol=1e-6, atol=1e-7)
