@@ -30,6 +30,7 @@ class PruneConfig:
     taylor_batches: int = 8  # training batches (of 128) whose joint-loss gradients feed Taylor importance
     price: Price = "share"  # how a channel's cost across combinations divides its importance (importance.py)
     check_shifts: int = 4  # the budget is checked on val plus this many 1-pixel-shifted copies of it
+    regroup: bool = False  # prune (channel, task) pairs: a channel leaves a task's set before it goes (regroup.py)
     per_task_stop: bool = True  # a task whose budget stops pruning freezes what serves it; the rest go on
     seed: int = 0  # seeds fine-tuning, the check set's shifts and the Taylor batches
     progress: bool = True  # tqdm bar over prune steps

@@ -39,6 +39,7 @@ from merging.network import MultitaskNet, block_key
 from merging.pruning.budget import Verdict, assess, reference_accuracy
 from merging.pruning.config import PruneConfig
 from merging.pruning.importance import ChannelScores, score_channels, weighted_macs
+from merging.pruning.regroup import regroup_step
 from merging.pruning.surgery import remove_dead_groups
 from merging.train import TrainConfig, fit, random_shift
 
@@ -242,7 +243,8 @@ def prune(
     everyone = (1 << len(tasks)) - 1
     bar = tqdm(range(cfg.max_steps), desc="prune", disable=None if cfg.progress else True, leave=False)
     for k in bar:
-        info = prune_step(net, train, replace(cfg, seed=cfg.seed + k), step, frozen)
+        step_fn = regroup_step if cfg.regroup else prune_step
+        info = step_fn(net, train, replace(cfg, seed=cfg.seed + k), step, frozen)
         finetune_unfrozen(net, train, cfg, cfg.finetune_epochs, cfg.seed + 1000 + k, frozen)
         row, verdict = record("step", **info)
         if not verdict.ok and cfg.retry_epochs > 0:
