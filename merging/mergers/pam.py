@@ -155,25 +155,29 @@ class PamMerger(Merger):
                 return tier, -float(single[c, t]), c
 
             order = sorted(range(len(chans)), key=rank)
-            tiers = [[c for c in order if rank(c)[0] == k] for k in range(3)]
+            own = [c for c in order if chans[c].net == t]
+            reuse = [c for c in order if rank(c)[0] == 0]
             probe = _PrefixInfo(feats, lab, cfg.noise)
-            target = (1.0 - cfg.delta) * probe.best(order)
-            # Reuse what other tasks keep if that alone suffices, else the task's own network alone,
-            # else the whole ranking: a task drawing on many networks makes each of them serve it.
-            for cand in (tiers[0], tiers[1], order):
-                picked = probe.smallest_prefix(cand, target) if cand else None
-                if picked is not None:
-                    break
-            invariant(picked is not None, "the full ranking reaches its own best prefix")
+            # The target is what t's *own* network knows at this layer: against the pooled layer of all
+            # networks, t's own channels never reached it and the prefix absorbed foreign channels.
+            own_by_info = sorted(own, key=lambda c: (-float(single[c, t]), c))
+            target = (1.0 - cfg.delta) * probe.best(own_by_info)
+            # Reuse what other tasks keep if that alone suffices within t's own width, else t's own
+            # channels (which reach the target by construction): t's path is never wider than its network.
+            picked = probe.smallest_prefix(reuse, target) if reuse else None
+            if picked is None or len(picked) > len(own):
+                picked = probe.smallest_prefix(own_by_info, target)
+            invariant(picked is not None, "a task's own channels reach their own best prefix")
             # Information on a calibration batch saturates long before accuracy does (a binary task's
-            # label is "known" from 2-3 neurons): keep a floor of capacity, along the same ranking.
-            floor = math.ceil(cfg.min_keep * sum(1 for ch in chans if ch.net == t))
+            # label is "known" from 2-3 neurons): keep a floor of capacity, from t's own channels only.
+            floor = math.ceil(cfg.min_keep * len(own))
             if picked is not None and len(picked) < floor:
-                rest = [c for c in cand + order if c not in set(picked)]
-                picked = picked + list(dict.fromkeys(rest))[: floor - len(picked)]
+                taken = set(picked)
+                picked = picked + [c for c in own_by_info if c not in taken][: floor - len(picked)]
             for c in picked or []:
                 chans[c].relevant |= 1 << t
                 chosen[c] = True
+        _cap_paths(chans, single, len(labels), cfg.own_task)
         full = (1 << len(labels)) - 1
         for ch in chans:
             if cfg.split == "two-level" and bin(ch.relevant).count("1") >= 2:
@@ -222,6 +226,21 @@ class PamMerger(Merger):
         merged.meta["pam"]["dead_groups"] = len(remove_dead_groups(merged))
         merged.eval()
         return merged
+
+
+def _cap_paths(chans: list[Channel], single: Tensor, n_tasks: int, own_task: bool) -> None:
+    """No task's path wider than its own network at this layer: where own channels (which serve
+    their task under ``own_task``) and foreign picks add up to more, the foreign channels that know
+    least about the task stop serving it."""
+    for t in range(n_tasks):
+        width = sum(1 for ch in chans if ch.net == t)
+        on = [c for c, ch in enumerate(chans) if ch.relevant >> t & 1 or (own_task and ch.net == t and ch.relevant)]
+        extra = len(on) - width
+        if extra <= 0:
+            continue
+        foreign = sorted((c for c in on if chans[c].net != t), key=lambda c: (float(single[c, t]), c))
+        for c in foreign[:extra]:
+            chans[c].relevant &= ~(1 << t)
 
 
 def _expand_sets(layers: list[list[Channel]], n_nets: int) -> None:
