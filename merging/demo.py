@@ -8,6 +8,7 @@ pruned PAM network as a bundle and serve it (``--no-serve`` stops before serving
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from merging.cost import combination_cost, cost_table
 from merging.data import load_dataset
 from merging.data.digits import raw_digits
 from merging.mergers import create_merger
+from merging.pruning import PruneConfig
 from merging.report import format_table
 from merging.train import TrainConfig, evaluate
 from merging.zoo import load_zoo, train_zoo
@@ -38,12 +40,22 @@ def _sample_png(path: Path, digit: int) -> None:
     Image.fromarray((images[idx] * 255).round().astype(np.uint8), mode="L").save(path)
 
 
+# The route the demo merges and prunes with, and why (from `pam bench`; see docs/pam.md).
+DEMO_ROUTE = "shared+regroup"
+DEMO_ROUTE_WHY = "closest to the specialist limit on its worst benchmarked combination in `pam bench`"
+# A lighter schedule than the library default so the demo stays within a few minutes on 2 cores;
+# the benchmark uses the default (finer steps, longer fine-tunes).
+DEMO_PRUNE = PruneConfig(step=0.15, min_step=0.04, max_steps=24, finetune_epochs=3, retry_epochs=3, final_epochs=6,
+                         taylor_batches=4, progress=True)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from merging.bench import BENCH_PRUNE
+    from merging.bench import split_route
     from merging.pipeline import merge_and_prune
-    from merging.pruning import check_set, reference_accuracy
+    from merging.pruning import check_set, prune, reference_accuracy
+    from merging.references import specialist
 
     # These networks are tiny: one intra-op thread is as fast, and far faster on a busy machine.
     torch.set_num_threads(1)
@@ -52,61 +64,78 @@ def run_demo(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     splits = load_dataset("digits")
     arch = create_arch("lenet", input_size=splits.preprocessing.size)
+    route = getattr(args, "route", None) or DEMO_ROUTE
+    base, regroup = split_route(route)
+    cfg = replace(DEMO_PRUNE, seed=args.seed, regroup=regroup)
     print(f"== 1/5 single-task zoo on {splits.name}: {len(splits.train)} train / {len(splits.val)} val / "
           f"{len(splits.test)} test images; tasks {', '.join(t.name for t in splits.tasks)}", flush=True)
     train_zoo(splits, arch, TrainConfig(epochs=args.epochs, seed=args.seed), out / "zoo")
     nets = load_zoo(out / "zoo")
-
-    print("\n== 2/5 merge (separate baseline, pam), then prune both with the same pruner and budget "
-          "(every task within 1 point of its own network)", flush=True)
-    checks = check_set(splits.val, BENCH_PRUNE.check_shifts, args.seed)
+    names = [n.task_names[0] for n in nets]
+    checks = check_set(splits.val, cfg.check_shifts, args.seed)
     ref = reference_accuracy(nets, checks)
-    pruned = {}
-    for name in ("separate", "pam"):
-        t0 = time.perf_counter()
-        result = merge_and_prune(create_merger(name), nets, splits, replace(BENCH_PRUNE, seed=args.seed, progress=True),
-                                 ref, seed=args.seed, log=print)
-        groups = ", ".join(str(len(g)) for g in result.merged.layout)
-        print(f"  {name:>8}: merged: groups per layer {groups}; all-task MACs {combination_cost(result.merged).macs:,}")
-        history = result.history
-        if result.missed_budget:
-            last = [h for h in history if "check_accuracy" in h][-1]["check_accuracy"]
-            worst = min(ref, key=lambda t: last[t] - ref[t])
-            print(f"  {name:>8}: NOT PRUNED: the merged network misses the budget before pruning "
-                  f"({worst}: {last[worst]:.1f}% vs {ref[worst]:.1f}% on the check set)")
-        pruned[name] = result.pruned
-        pruned[name].meta["preprocessing"] = splits.preprocessing.to_json()
-        pruned[name].meta["test_accuracy"] = evaluate(pruned[name], splits.test)
-        save_model(pruned[name], out / f"{name}-pruned")
-        print(f"  {name:>8}: pruned to {combination_cost(pruned[name]).macs:,} all-task MACs "
-              f"in {time.perf_counter() - t0:.0f}s", flush=True)
 
-    print("\n== 3/5 cost of every combination after pruning (limit = the costliest task's own pruned network)",
+    print("\n== 2/5 the yardstick: each task's network pruned alone (no merging) and the all-task specialist "
+          "(one trunk trained for all tasks, pruned the same way); budget: every task within 1 point of its own "
+          f"network, one-sided {cfg.confidence:.0%} test on the check set", flush=True)
+    t0 = time.perf_counter()
+    alone = []
+    for net in nets:
+        pruned_net, _ = prune(copy.deepcopy(net), splits, replace(cfg, regroup=False, progress=False), reference=ref)
+        alone.append(pruned_net)
+        before, after = combination_cost(net).macs, combination_cost(pruned_net).macs
+        print(f"  {net.task_names[0]:>8} alone: {before:,} -> {after:,} MACs", flush=True)
+    separate = create_merger("separate").merge(alone, splits.train)
+    spec_net, _ = specialist(nets, splits.train, splits, replace(cfg, regroup=False, progress=False), ref,
+                             TrainConfig(epochs=args.epochs, progress=False), seed=args.seed)
+    print(f"  all-task specialist: {combination_cost(spec_net).macs:,} MACs ({time.perf_counter() - t0:.0f}s)",
           flush=True)
-    sep, pam = (cost_table(pruned[n]) for n in ("separate", "pam"))
+
+    print(f"\n== 3/5 merge with {base!r} and prune{' with regrouping' if regroup else ''} (route {route}: "
+          f"{DEMO_ROUTE_WHY if route == DEMO_ROUTE else 'chosen with --route'})", flush=True)
+    t0 = time.perf_counter()
+    options = {"train": TrainConfig(epochs=args.epochs, progress=False)} if base == "shared" else {}
+    result = merge_and_prune(create_merger(base, **options), nets, splits, cfg, ref, seed=args.seed, log=print)
+    merged = result.pruned
+    groups = ", ".join(str(len(g)) for g in merged.layout)
+    print(f"  merged: all-task MACs {combination_cost(result.merged).macs:,}; pruned: "
+          f"{combination_cost(merged).macs:,}; groups per layer {groups} ({time.perf_counter() - t0:.0f}s)")
+    if result.missed_budget:
+        print("  NOT PRUNED: the merged network misses the budget before pruning")
+    merged.meta["preprocessing"] = splits.preprocessing.to_json()
+    merged.meta["test_accuracy"] = evaluate(merged, splits.test)
+    merged.meta["route"] = route
+    save_model(merged, out / "multitask-pruned")
+    save_model(separate, out / "separate-pruned")
+
+    print("\n== cost of every combination (separate = each task's own pruned network; spec = the specialist "
+          "limit: c_alone(t) for one task, the all-task specialist for all five)", flush=True)
+    sep, got = cost_table(separate), cost_table(merged)
+    full = "+".join(sorted(names))
     rows = []
     for combo in sep:
-        limit = max(sep[t].macs for t in combo.split("+"))
-        rows.append([combo, sep[combo].macs, pam[combo].macs, f"{sep[combo].macs / max(1, pam[combo].macs):.2f}x",
-                     f"{pam[combo].macs / max(1, limit):.2f}"])
-    print(format_table(["combination", "separate MACs", "pam MACs", "separate/pam", "pam/limit"], rows))
-    acc = {n: p.meta["test_accuracy"] for n, p in pruned.items()}
+        spec = sep[combo].macs if "+" not in combo else combination_cost(spec_net).macs if combo == full else None
+        rows.append([combo, sep[combo].macs, got[combo].macs, f"{sep[combo].macs / max(1, got[combo].macs):.2f}x",
+                     f"{spec:,}" if spec else "-", f"{got[combo].macs / spec:.2f}" if spec else "-"])
+    print(format_table(["combination", "separate MACs", f"{route} MACs", f"separate/{route}", "spec MACs",
+                        f"{route}/spec"], rows))
+    sep_acc = evaluate(separate, splits.test)
     own = {n.task_names[0]: n.meta["test_accuracy"] for n in nets}  # recorded by train_zoo
-    print(format_table(["task", "own network %", "separate pruned %", "pam pruned %"],
-                       [[t, own[t], acc["separate"][t], acc["pam"][t]] for t in own]))
+    print(format_table(["task", "own network %", "separate pruned %", f"{route} pruned %"],
+                       [[t, own[t], sep_acc[t], merged.meta["test_accuracy"][t]] for t in own]))
 
     # Every single task, one pair and all tasks: lowering all 31 methods of five tasks takes many minutes
     # and gigabytes on 2 cores; `pam export` (no --combinations) exports every combination.
     names = sorted(t.name for t in splits.tasks)
     combos = [(t,) for t in names] + [("digit", "parity"), tuple(names)]
-    print(f"\n== 4/5 export the pruned PAM network: one ExecuTorch method per combination ({len(combos)} of "
+    print(f"\n== 4/5 export the pruned multitask network: one ExecuTorch method per combination ({len(combos)} of "
           f"{2 ** len(names) - 1} here)", flush=True)
     from mobile_export.export import ExportConfig, export_bundle
 
     bundle = out / "bundle"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export / ExecuTorch deprecation chatter, not ours to fix
-        export_bundle(out / "pam-pruned.json", bundle, ExportConfig(force=True, combinations=combos))
+        export_bundle(out / "multitask-pruned.json", bundle, ExportConfig(force=True, combinations=combos))
     _sample_png(out / "digit.png", 7)
     print(f"  bundle: {bundle}/ (model.pte, manifest.json, report.json); sample image {out / 'digit.png'}")
     print(f"\ndemo done in {time.perf_counter() - t_start:.0f}s")
