@@ -38,6 +38,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER pam
 WORKDIR /home/pam
 EXPOSE 8000
+# Request heads, slow clients and connections are bounded by `pam serve` itself (PAM_MAX_HEADER_BYTES,
+# PAM_HEADER_TIMEOUT_S, PAM_BODY_TIMEOUT_S, PAM_MAX_CONNECTIONS, PAM_KEEP_ALIVE_S; docs/service.md), so no
+# front proxy is required; override them with -e like any other setting.
 # Ready only once the bundle is probed and loaded (start-up includes a child-process probe).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=90s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('PAM_PORT', '8000'), timeout=2).status == 200 else 1)"]

@@ -11,6 +11,9 @@ client's own cost stays small next to the server's):
 - ``service``: ``pam serve --no-batching``;
 - ``service+batching``: ``pam serve`` with dynamic batching (``--batch-window-us`` as configured).
 
+All servers run at once and every cell is measured on each variant back to back, so a drift of the
+machine's load (it is shared) falls on all variants alike.
+
 Reports RPS, p50/p95/p99, errors, the HTTP overhead (p50 of ``/infer`` at one client minus p50 of
 the direct execute), throughput relative to the direct runtime and to the reference, the batching
 gain, and the server's RSS when ready, after the run and after a burst of large requests.
@@ -256,41 +259,56 @@ def attack(port: int, manifest: Manifest, path: str, rounds: int = 20) -> dict[s
     return seen
 
 
-def run_variant(cfg: BenchConfig, variant: str, manifest: Manifest, methods: list[str], png: bytes,
-                x: np.ndarray, tmp: Path) -> dict[str, Any]:
-    port = free_port()
-    proc = start_server(cfg, port, tmp / f"{variant}.log", variant)
-    out: dict[str, Any] = {"variant": variant, "cells": []}
+def run_variants(cfg: BenchConfig, manifest: Manifest, methods: list[str], png: bytes, x: np.ndarray,
+                 tmp: Path) -> list[dict[str, Any]]:
+    """All variants' servers up at once (an idle server costs nothing), each cell measured on every
+    variant back to back: on a shared machine whose load drifts, variants are compared a few seconds
+    apart instead of minutes apart."""
+    servers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
+    out: dict[str, dict[str, Any]] = {}
     try:
-        out["rss_ready_mb"] = server_rss_mb(proc)
+        for v in cfg.variants:
+            port = free_port()
+            servers[v] = (port, start_server(cfg, port, tmp / f"{v}.log", v))
+            out[v] = {"variant": v, "cells": []}
+        for v, (_, proc) in servers.items():
+            out[v]["rss_ready_mb"] = server_rss_mb(proc)
         for m in methods:
             tasks = ",".join(manifest.method_for(m).tasks)
             request = build_request(f"/infer?tasks={tasks}", cfg.payload, png, x)
-            asyncio.run(_drive(port, request, 1, 100))  # warm-up
+            for port, _ in servers.values():
+                asyncio.run(_drive(port, request, 1, 50))  # warm-up
             for c in cfg.clients:
-                cell = {"variant": variant, "combination": m, "macs": manifest.method_for(m).macs,
-                        **asyncio.run(_drive(port, request, c, max(cfg.requests, 4 * c)))}
-                out["cells"].append(cell)
-                print(f"  {variant:>16} {m:>22} x{c:<3}: {cell['rps']:7.0f} req/s  p50 {cell['p50_ms']:.3f}  "
-                      f"p95 {cell['p95_ms']:.3f}  p99 {cell['p99_ms']:.3f} ms  errors {cell['errors']}", flush=True)
-        out["rss_end_mb"] = server_rss_mb(proc)
-        if cfg.attacks and variant != "reference":
+                for v, (port, _) in servers.items():
+                    cell = {"variant": v, "combination": m, "macs": manifest.method_for(m).macs,
+                            **asyncio.run(_drive(port, request, c, max(cfg.requests, 4 * c)))}
+                    out[v]["cells"].append(cell)
+                    print(f"  {v:>16} {m:>22} x{c:<3}: {cell['rps']:7.0f} req/s  p50 {cell['p50_ms']:.3f}  "
+                          f"p95 {cell['p95_ms']:.3f}  p99 {cell['p99_ms']:.3f} ms  errors {cell['errors']}",
+                          flush=True)
+        for v, (_port, proc) in servers.items():
+            out[v]["rss_end_mb"] = server_rss_mb(proc)
+        for v, (port, proc) in servers.items():
+            if not cfg.attacks or v == "reference":
+                continue
             tasks = ",".join(manifest.method_for(methods[0]).tasks)
-            out["attack_statuses"] = attack(port, manifest, f"/infer?tasks={tasks}", cfg.attack_rounds)
+            out[v]["attack_statuses"] = attack(port, manifest, f"/infer?tasks={tasks}", cfg.attack_rounds)
             time.sleep(2.0)
             asyncio.run(_drive(port, build_request(f"/infer?tasks={tasks}", cfg.payload, png, x), 1, 20))
-            out["rss_after_attacks_mb"] = server_rss_mb(proc)
-            out["alive_after_attacks"] = proc.poll() is None
-            print(f"  {variant:>16} attacks {out['attack_statuses']}: RSS {out['rss_ready_mb']:.0f} MB ready, "
-                  f"{out['rss_end_mb']:.0f} after the cells, {out['rss_after_attacks_mb']:.0f} after the attacks",
-                  flush=True)
+            out[v]["rss_after_attacks_mb"] = server_rss_mb(proc)
+            out[v]["alive_after_attacks"] = proc.poll() is None
+            print(f"  {v:>16} attacks {out[v]['attack_statuses']}: RSS {out[v]['rss_ready_mb']:.0f} MB ready, "
+                  f"{out[v]['rss_end_mb']:.0f} after the cells, {out[v]['rss_after_attacks_mb']:.0f} after the "
+                  f"attacks", flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return out
+        for _, proc in servers.values():
+            proc.terminate()
+        for _, proc in servers.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return [out[v] for v in cfg.variants if v in out]
 
 
 def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
@@ -314,7 +332,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     for m, d in direct.items():
         print(f"  direct  {m:>24}: execute p50 {d['p50_ms']:.3f} ms, {d['rps']:.0f} calls/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="pam-bench-") as tmp:
-        runs = [run_variant(cfg, v, manifest, methods, png, x, Path(tmp)) for v in cfg.variants]
+        runs = run_variants(cfg, manifest, methods, png, x, Path(tmp))
     cells = [c for r in runs for c in r["cells"]]
 
     def cell(variant: str, m: str, clients: int) -> dict[str, Any] | None:

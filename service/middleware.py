@@ -94,12 +94,18 @@ class RequestObserver:
 
         received = 0
 
+        body_done = False
+
         async def receive_wrapper() -> Message:
-            nonlocal received
+            nonlocal received, body_done
+            if body_done:  # after the body, receive() waits for a disconnect: no timeout there
+                return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                async with asyncio.timeout(self.body_timeout_s):
+                    message = await receive()
             except TimeoutError as e:
                 raise BodyTimeout(self.body_timeout_s) from e
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
