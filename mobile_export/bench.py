@@ -320,7 +320,7 @@ def build_vgg64_case(root: Path, log: Callable[[str], None] = print) -> tuple[Pa
     root.mkdir(parents=True, exist_ok=True)
     mpath = save_model(merged, root / "vgg64_merged")
     spath = save_model(separate, root / "vgg64_separate")
-    cfg = ExportConfig(max_batch=4, lite=False, memory=True, preprocessing=None, force=True)
+    cfg = ExportConfig(max_batch=4, lite=False, measure=True, memory=True, preprocessing=None, force=True)
     log("exporting the vgg64 merged bundle ...")
     export_bundle(mpath, root / "vgg64-merged", cfg, log=log)
     log("exporting the vgg64 separate bundle ...")

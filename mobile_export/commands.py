@@ -24,7 +24,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="combinations to export, separated by ';' or ',', tasks joined by '+' "
         "(e.g. 'digit;digit+parity'); default all (required above 6 tasks)",
     )
+    p.add_argument(
+        "--combinations-from",
+        default=None,
+        metavar="FILE",
+        help="export the combinations an app asks for: the service's Prometheus text (pam_requests_total), "
+        "its JSON log lines, or a plain list (one combination per line, optionally with a count)",
+    )
+    p.add_argument(
+        "--max-methods",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --combinations-from: the K most-requested combinations plus every single task",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="largest batch every method accepts")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes lowering methods side by side (default: one per core; the program is byte-identical)",
+    )
     p.add_argument(
         "--preprocessing",
         default=None,
@@ -40,8 +60,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--name", default=None, help="model name in the manifest (default: the model file's stem)")
     p.add_argument("--version", dest="model_version", default=None, help="model version (default: from weights sha256)")
-    p.add_argument("--no-lite", action="store_true", help="do not try to write model.ptl")
-    p.add_argument("--no-measure", action="store_true", help="skip the size reference and RSS measurements")
+    p.add_argument(
+        "--lite",
+        action="store_true",
+        help="also write model.ptl for the TorchScript lite interpreter (deprecated upstream; off by default)",
+    )
+    p.add_argument("--no-lite", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for scripts
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also measure sizes (lowers an all-task-only program) and RSS (child processes) for report.json",
+    )
+    p.add_argument("--no-measure", action="store_true", help=argparse.SUPPRESS)  # the default now
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.set_defaults(func=cmd_export)
 
@@ -72,12 +103,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.combinations is not None and not parse_combinations(args.combinations):
         raise ExportError("empty_combination_list", "--combinations names no combination")
+    combinations = parse_combinations(args.combinations) if args.combinations is not None else None
+    if args.combinations_from is not None:
+        if combinations is not None:
+            raise ExportError("conflicting_options", "give --combinations or --combinations-from, not both")
+        combinations = combinations_from(Path(args.model), args.combinations_from, args.max_methods)
+    elif args.max_methods is not None:
+        raise ExportError("conflicting_options", "--max-methods ranks by request counts: give --combinations-from")
     cfg = ExportConfig(
-        combinations=parse_combinations(args.combinations) if args.combinations is not None else None,
+        combinations=combinations,
         max_batch=args.max_batch,
-        lite=not args.no_lite,
-        measure=not args.no_measure,
-        memory=not args.no_measure,
+        lite=args.lite and not args.no_lite,
+        measure=args.measure and not args.no_measure,
+        memory=args.measure and not args.no_measure,
+        workers=args.workers,
+        progress=False if args.no_progress else None,
         preprocessing=args.preprocessing,
         accuracy_data=args.accuracy_data,
         model_name=args.name,
@@ -87,6 +127,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     res = export_bundle(Path(args.model), Path(args.out), cfg)
     print(summarise(res.bundle_dir))
     return 0
+
+
+def combinations_from(model: Path, path: str, max_methods: int | None) -> list[str]:
+    """The combinations ``--combinations-from`` (and ``--max-methods``) select for ``model``."""
+    from merging.checkpoint import load_model
+    from merging.errors import MergingError
+    from mobile_export.demand import select_combinations
+
+    try:
+        tasks = load_model(model).task_names
+    except MergingError as e:
+        raise ExportError(e.code, e.message) from e
+    chosen, fmt, counts = select_combinations(path, tasks, max_methods)
+    print(f"--combinations-from {path} ({fmt}, {len(counts)} combination(s) requested): exporting {len(chosen)}")
+    return chosen
 
 
 def summarise(bundle: Path) -> str:

@@ -10,12 +10,14 @@ real ExecuTorch runtime, and only then renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +33,7 @@ from merging.cost import combination_cost
 from merging.errors import MergingError
 from merging.network import MultitaskNet
 from mobile_export.errors import ExportError
+from mobile_export.lowering import example_input, export_method, lower_serial
 from mobile_export.manifest import (
     LITE_FILE,
     PROGRAM_FILE,
@@ -43,19 +46,28 @@ from mobile_export.manifest import (
     Provenance,
     TaskEntry,
 )
+from mobile_export.quiet import quiet_stderr
 
 MAX_AUTO_TASKS = 6  # above this many tasks (63 methods) the caller must choose --combinations
 DEFAULT_MAX_BATCH = 8
+LOG_FILE = "export.log"  # in the bundle: what the libraries printed during the export
+# CPU seconds to export, lower and emit one method of a small network on one idle core (measured,
+# results/export-phases-*.md), for the estimate printed before a long export.
+SECONDS_PER_METHOD = 4.0
+LITE_OFF = "not produced: off by default (TorchScript lite is deprecated upstream); pam export --lite writes it"
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     combinations: Sequence[str | Sequence[str]] | None = None  # None: every combination (<= MAX_AUTO_TASKS tasks)
     max_batch: int = DEFAULT_MAX_BATCH  # largest batch every method accepts (dynamic batch dimension)
-    lite: bool = True  # also write model.ptl for the TorchScript lite interpreter
+    lite: bool = False  # also write model.ptl for the TorchScript lite interpreter (deprecated upstream)
     verify: bool = True  # run every method through the ExecuTorch runtime against eager before publishing
-    measure: bool = True  # also lower an all-task-only program, to report the size the extra methods cost
-    memory: bool = True  # measure RSS of loading one method vs all, in child processes
+    measure: bool = False  # also lower an all-task-only program, to report the size the extra methods cost
+    memory: bool = False  # measure RSS of loading one method vs all, in child processes
+    workers: int | None = None  # processes lowering methods side by side (None: one per core); same bytes
+    progress: bool | None = None  # progress bars on the terminal (None: only when stderr is a terminal)
+    quiet: bool = True  # library noise (torchao, cpuinfo, warnings) to export.log in the bundle, not the terminal
     preprocessing: str | None = None  # source when the model's meta has none (dataset name or JSON file)
     model_name: str | None = None  # default: the model file's stem
     model_version: str | None = None  # default: "w" + first 12 hex digits of the weights' sha256
@@ -120,34 +132,15 @@ def check_exportable(net: MultitaskNet) -> None:
 
 
 # ---------------------------------------------------------------------------- lowering
-def example_input(net: MultitaskNet, batch: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    h, w = net.arch.input_size
-    return torch.randn(batch, net.arch.in_channels, h, w, generator=g)
-
-
 def export_programs(net: MultitaskNet, combos: Sequence[tuple[str, ...]], max_batch: int) -> dict[str, Any]:
     """``torch.export`` one program per combination, batch dimension dynamic up to ``max_batch``."""
-    from torch.export import Dim, export
-
-    net.eval()
-    # Trace with batch 2 (a batch of 1 would be specialised), unless only batch 1 is allowed.
-    x = example_input(net, min(2, max_batch))
-    dyn = {"x": {0: Dim("batch", min=1, max=max_batch)}} if max_batch > 1 else None
-    programs: dict[str, Any] = {}
-    for combo in combos:
-        module = net.for_combination(combo).eval()
-        programs["+".join(combo)] = export(module, (x,), dynamic_shapes=dyn, strict=False)
-    return programs
+    return {"+".join(c): export_method(net, c, max_batch) for c in combos}
 
 
 def lower_programs(programs: Mapping[str, Any]) -> bytes:
-    """One XNNPACK-lowered ExecuTorch program holding every method (weights stored once)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
-    edge = to_edge_transform_and_lower(dict(programs), partitioner=[XnnpackPartitioner()])
-    return bytes(edge.to_executorch().buffer)
+    """One XNNPACK-lowered ExecuTorch program holding every method (weights stored once), in one
+    ExecuTorch call (the reference :func:`mobile_export.lowering.lower_methods` is checked against)."""
+    return lower_serial(dict(programs), check_ir=False)
 
 
 # ---------------------------------------------------------------------------- lite interpreter
@@ -166,10 +159,14 @@ def lite_method_names(combos: Sequence[tuple[str, ...]]) -> dict[str, str]:
 
 
 def build_lite(
-    net: MultitaskNet, combos: Sequence[tuple[str, ...]], max_batch: int
+    net: MultitaskNet, combos: Sequence[tuple[str, ...]], max_batch: int, on_method: Any = None,
+    check_trace: bool = False,
 ) -> tuple[bytes | None, str, dict[str, str]]:
     """A lite-interpreter program with one traced method per combination, kept only if it loads
-    back and matches eager at batch 1 and ``max_batch``. Returns (bytes or None, status, names)."""
+    back and matches eager at batch 1 and ``max_batch``. Returns (bytes or None, status, names).
+
+    Each method is traced once: the tracer's own check (``check_trace=True``, what this did before)
+    traces every method a second time and compares, which the reload-and-compare below covers."""
     names = lite_method_names(combos)
     subs = {names["+".join(c)]: net.for_combination(c).eval() for c in combos}
 
@@ -186,7 +183,7 @@ def build_lite(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace_module(wrapper, {k: (x,) for k in subs})
+            traced = torch.jit.trace_module(wrapper, {k: (x,) for k in subs}, check_trace=check_trace)
             with tempfile.TemporaryDirectory() as d:
                 path = Path(d) / LITE_FILE
                 traced._save_for_lite_interpreter(str(path))
@@ -206,6 +203,8 @@ def build_lite(
                         )
                         if not same:
                             return None, f"not produced: lite method {k} differs from eager at batch {b}", {}
+                        if on_method is not None and b == max_batch:
+                            on_method(k)
     except Exception as e:  # TorchScript's tracer/lite saver raise many types; any means "no .ptl"
         why = f"{type(e).__name__}: {e}"
         return None, f"not produced: torch {torch.__version__} failed to build or reload it ({why})", {}
@@ -359,12 +358,15 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
 def export_bundle(
     model: MultitaskNet | str | Path, out: str | Path, cfg: ExportConfig | None = None, log: Any = print
 ) -> ExportResult:
-    """Write a verified bundle for ``model`` (a network, or a path saved by ``save_model``)."""
-    from mobile_export.verify import measure_memory, verify_bundle
+    """Write a verified bundle for ``model`` (a network, or a path saved by ``save_model``).
 
+    Library noise goes to ``export.log`` in the bundle (next to ``--out`` while the export runs,
+    kept there if it fails); ``report.json`` records the time, CPU and peak RSS of every phase."""
     cfg = cfg or ExportConfig()
     if cfg.max_batch < 1:
         raise ExportError("bad_max_batch", f"max batch must be >= 1, got {cfg.max_batch}")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise ExportError("bad_workers", f"workers must be >= 1, got {cfg.workers}")
     model_path: Path | None = None
     if isinstance(model, str | Path):
         model_path = Path(model)
@@ -388,19 +390,72 @@ def export_bundle(
     if not pre_origin.startswith(("model", "file", "data set")):
         log(f"note: preprocessing: {pre_origin}")
 
-    log(f"exporting {len(combos)} method(s): {', '.join('+'.join(c) for c in combos)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.parent / f".{out.name}.{LOG_FILE}"
+    log_path.unlink(missing_ok=True)
+    quiet = quiet_stderr(log_path) if cfg.quiet else contextlib.nullcontext(sys.stderr)
     try:
-        program = lower_programs(export_programs(net, combos, cfg.max_batch))
+        with quiet as terminal:
+            result = _export(net, model_path, out, combos, preprocessing, pre_origin, accuracy, cfg, log, terminal,
+                             log_path)
+    except BaseException:
+        if log_path.exists() and log_path.stat().st_size:
+            log(f"export failed; library messages are in {log_path}")
+        else:
+            log_path.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _export(
+    net: MultitaskNet, model_path: Path | None, out: Path, combos: list[tuple[str, ...]], preprocessing: Preprocessing,
+    pre_origin: str, accuracy: dict[str, float], cfg: ExportConfig, log: Any, terminal: Any, log_path: Path,
+) -> ExportResult:
+    from mobile_export.lowering import default_workers, lower_methods, merge_methods
+    from mobile_export.phases import Phases
+    from mobile_export.verify import measure_memory, verify_bundle
+
+    phases = Phases(terminal, cfg.progress)
+    workers = min(cfg.workers or default_workers(), len(combos))
+    names = ["+".join(c) for c in combos]
+    log(f"exporting {len(combos)} method(s) with {workers} process(es): "
+        f"{', '.join(names) if len(names) <= 8 else ', '.join(names[:7]) + f', ... ({len(names) - 7} more)'}")
+    estimate = len(combos) * SECONDS_PER_METHOD / workers
+    if estimate > 20:
+        log(f"  lowering takes about {estimate / 60:.1f} min here ({SECONDS_PER_METHOD:.0f} s per method per idle "
+            "core; slower when the machine is busy); library messages go to " + str(out / LOG_FILE))
+    log_file = open(log_path, "a")
+    try:
+        with phases.phase("lower", len(combos)) as bar:
+            def done(m: Any) -> None:
+                bar.update(1)
+                bar.set_postfix_str(m.name, refresh=False)
+
+            methods = lower_methods(net, combos, cfg.max_batch, workers=workers, on_done=done, log_file=log_file)
     except Exception as e:  # torch.export / ExecuTorch raise many types; the user needs one clear error
         raise ExportError("lowering_failed", f"torch.export/XNNPACK lowering failed: {type(e).__name__}: {e}") from e
+    finally:
+        log_file.close()
+    phases.add_detail("lower", {
+        "torch_export_s": round(sum(m.export_s for m in methods), 3),
+        "to_edge_transform_and_lower_s": round(sum(m.lower_s for m in methods), 3),
+        "to_executorch_s": round(sum(m.emit_s for m in methods), 3),
+        "workers": workers,
+        "note": "per-method sums of wall time over all processes; with workers > 1 they exceed the phase's wall time",
+    })
+    with phases.phase("serialize", 1) as bar:
+        program = merge_methods(methods)
+        bar.update(1)
     report: dict[str, Any] = {
         "model_path": str(model_path.resolve()) if model_path else None,
-        "methods": ["+".join(c) for c in combos],
+        "methods": names,
         "max_batch": cfg.max_batch,
     }
     full = tuple(sorted(net.task_names))
     if cfg.measure:
-        single = program if combos == [full] else lower_programs(export_programs(net, [full], cfg.max_batch))
+        with phases.phase("measure_size", 1) as bar:
+            single = program if combos == [full] else merge_methods(lower_methods(net, [full], cfg.max_batch))
+            bar.update(1)
         report["sizes"] = {
             "program_bytes": len(program),
             "all_task_only_bytes": len(single),
@@ -409,22 +464,22 @@ def export_bundle(
             # what the methods would weigh if each stored its own copy of the weights it reads
             "unshared_weights_bytes": 4 * sum(combination_cost(net, c).params for c in combos),
         }
-
-    lite_bytes, lite_status, lite_names = (
-        build_lite(net, combos, cfg.max_batch) if cfg.lite else (None, "not requested", {})
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    lite_bytes, lite_status, lite_names = None, LITE_OFF, {}
+    if cfg.lite:
+        with phases.phase("lite", len(combos)) as bar:
+            lite_bytes, lite_status, lite_names = build_lite(
+                net, combos, cfg.max_batch, on_method=lambda k: bar.update(1))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be read by a service
     try:
         atomic_write_bytes(tmp / PROGRAM_FILE, program)
         if lite_bytes is not None:
             atomic_write_bytes(tmp / LITE_FILE, lite_bytes)
-        methods = []
+        methods_entries = []
         for c in combos:
             cost = combination_cost(net, c)
             name = "+".join(c)
-            methods.append(
+            methods_entries.append(
                 MethodEntry(
                     name=name, tasks=list(c), macs=cost.macs, params=cost.params, lite_method=lite_names.get(name)
                 )
@@ -441,7 +496,7 @@ def export_bundle(
             ),
             preprocessing=preprocessing,
             preprocessing_source=pre_origin,
-            methods=methods,
+            methods=methods_entries,
             accuracy=accuracy,
             provenance=provenance_of(net, model_path),
         )
@@ -451,23 +506,31 @@ def export_bundle(
         )
         manifest.save(tmp)
         if cfg.verify:
-            v = verify_bundle(tmp, net=net, seed=cfg.seed, strict=False)
+            with phases.phase("verify", len(combos)) as bar:
+                v = verify_bundle(tmp, net=net, seed=cfg.seed, strict=False, on_method=lambda _: bar.update(1))
             report["verification"] = v
             if not v["ok"]:
                 raise ExportError("verification_failed", f"bundle does not match eager: {v['failures']}")
         if cfg.memory:
-            report["memory"] = measure_memory(tmp)
+            with phases.phase("measure_memory", 2) as bar:
+                report["memory"] = measure_memory(tmp, on_child=lambda: bar.update(1))
         report["lite_status"] = lite_status
         report["preprocessing_source"] = pre_origin
         report["accuracy"] = accuracy
         report["accuracy_source"] = f"test split of {cfg.accuracy_data}" if cfg.accuracy_data else "model meta"
+        report["phases"] = phases.as_dict()
         atomic_write_json(tmp / REPORT_FILE, report)
+        sys.stderr.flush()
+        if log_path.exists():
+            shutil.copyfile(log_path, tmp / LOG_FILE)
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
         _publish(tmp, out, cfg.force)
+        log_path.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    log(f"  {phases.summary()}")
     return ExportResult(out, manifest, report)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,12 +72,15 @@ def _argmax_agrees(got: torch.Tensor, want: torch.Tensor, kind: str) -> bool:
 
 
 def verify_bundle(
-    bundle_dir: str | Path, net: MultitaskNet | None = None, *, seed: int = 0, strict: bool = True
+    bundle_dir: str | Path, net: MultitaskNet | None = None, *, seed: int = 0, strict: bool = True,
+    on_method: Callable[[str], None] | None = None, max_loaded: int | None = 1,
 ) -> dict[str, Any]:
     """Check sha256, then run every method at batch 1 and the maximum batch and compare with
     eager. Returns a report; with ``strict`` a mismatch raises :class:`ExportError`."""
     bundle = Path(bundle_dir)
-    rt = BundleRuntime(bundle, lazy=True)  # refuses a program that does not match its sha256
+    # refuses a program that does not match its sha256; one method loaded at a time (each loaded
+    # method keeps its own packed weights, so RSS would grow with the number of methods)
+    rt = BundleRuntime(bundle, lazy=True, max_loaded=max_loaded)
     manifest = rt.manifest
     xs, expected = _expected(manifest, bundle, net, seed)
     methods: dict[str, Any] = {}
@@ -100,6 +104,8 @@ def verify_bundle(
             problems.append("predictions differ from eager")
         methods[m.name] = {"max_abs_err": worst, "predictions_equal": agree, "ok": not problems, "problems": problems}
         failures.extend(f"{m.name}: {p}" for p in problems)
+        if on_method is not None:
+            on_method(m.name)
     report = {
         "ok": not failures,
         "against": "model" if net is not None else "reference outputs",
@@ -114,13 +120,16 @@ def verify_bundle(
     return report
 
 
-def measure_memory(bundle_dir: str | Path, timeout_s: float = 300.0) -> dict[str, Any]:
+def measure_memory(
+    bundle_dir: str | Path, timeout_s: float = 300.0, on_child: Callable[[], None] | None = None
+) -> dict[str, Any]:
     """RSS of loading one method against all (fresh child processes): unbounded, and with at
     most one method kept loaded (the lazy LRU loader)."""
-    out: dict[str, Any] = {
-        "unbounded": _memory_child(bundle_dir, None, timeout_s),
-        "max_loaded_1": _memory_child(bundle_dir, 1, timeout_s),
-    }
+    out: dict[str, Any] = {}
+    for key, max_loaded in (("unbounded", None), ("max_loaded_1", 1)):
+        out[key] = _memory_child(bundle_dir, max_loaded, timeout_s)
+        if on_child is not None:
+            on_child()
     u = out["unbounded"]
     if "error" not in u:
         out["per_method_mb"] = round((u["rss_all_methods_mb"] - u["rss_program_mb"]) / max(1, u["methods"]), 2)

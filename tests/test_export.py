@@ -246,11 +246,12 @@ def test_export_command_end_to_end_with_subset_and_force() -> None:
 
     model = save_model(lenet_net(seed=3), scratch("cli") / "net")
     out = scratch("cli") / "bundle"
-    assert main(["export", str(model), "--out", str(out), "--combinations", "c;a+b", "--no-measure"]) == 0
+    assert main(["export", str(model), "--out", str(out), "--combinations", "c;a+b", "--lite"]) == 0
     assert [m.name for m in Manifest.load(out).methods] == ["c", "a+b"]
-    assert main(["export", str(model), "--out", str(out), "--combinations", "a", "--force", "--no-lite"]) == 0
-    m = Manifest.load(out)
-    assert [e.name for e in m.methods] == ["a"] and m.lite_program is None
+    assert Manifest.load(out).lite_program == "model.ptl" and (out / "model.ptl").exists()
+    assert main(["export", str(model), "--out", str(out), "--combinations", "a", "--force"]) == 0
+    m = Manifest.load(out)  # the lite file is opt-in, and the manifest says how to get it
+    assert [e.name for e in m.methods] == ["a"] and m.lite_program is None and "--lite" in m.lite_status
     assert not (out / "model.ptl").exists()
 
 

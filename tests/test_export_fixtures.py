@@ -94,7 +94,9 @@ MEASURE = {"lenet": (True, False), "lenet-pruned": (False, True)}
 
 def _export(kind: str, out: Path) -> None:
     size, memory = MEASURE.get(kind, (False, False))
-    cfg = ExportConfig(max_batch=MAX_BATCH, combinations=COMBINATIONS.get(kind), measure=size, memory=memory)
+    # lite only where a test reads model.ptl; one lowering process (bundles are already built side by side)
+    cfg = ExportConfig(max_batch=MAX_BATCH, combinations=COMBINATIONS.get(kind), measure=size, memory=memory,
+                       lite=kind == "lenet", workers=1)
     export_bundle(NETS[kind](), out, cfg, log=lambda *_: None)
 
 
