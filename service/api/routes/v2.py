@@ -129,14 +129,15 @@ async def metadata_version(name: str, version: str, pool: PoolDep) -> V2ModelMet
 
 @router.get("/models/{name}/ready", response_model=V2Ready, responses=ERROR_RESPONSES)
 async def model_ready(name: str, pool: PoolDep) -> V2Ready:
-    _model(pool, name)
-    return V2Ready(ready=pool.ready)
+    """200 once the model answers (clients such as tritonclient read the status, not the body)."""
+    _model(pool, name)  # 503 not_ready while loading, 404 for another model
+    return V2Ready(ready=True)
 
 
 @router.get("/models/{name}/versions/{version}/ready", response_model=V2Ready, responses=ERROR_RESPONSES)
 async def model_ready_version(name: str, version: str, pool: PoolDep) -> V2Ready:
     _model(pool, name, version)
-    return V2Ready(ready=pool.ready)
+    return V2Ready(ready=True)
 
 
 @router.get("/models/{name}/config", responses=ERROR_RESPONSES)
