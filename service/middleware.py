@@ -26,12 +26,13 @@ log = logging.getLogger("pam.service")
 
 class BodyTooLarge(ServiceError):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, "body_too_large", f"request body exceeds {limit} bytes")
+        super().__init__(413, "body_too_large", f"request body exceeds {limit} bytes",
+                         headers={"connection": "close"})  # the rest of the body is never read
 
 
 class BodyTimeout(ServiceError):
     def __init__(self, seconds: float) -> None:
-        super().__init__(408, "body_timeout", f"no body bytes for {seconds:g} s")
+        super().__init__(408, "body_timeout", f"no body bytes for {seconds:g} s", headers={"connection": "close"})
 
 
 TRIM_AFTER_BYTES = 256 * 1024  # after a request body this large, hand freed heap back to the OS
@@ -126,7 +127,7 @@ class RequestObserver:
         except (BodyTooLarge, BodyTimeout) as e:  # raised while a handler streamed the body
             state["error"] = e.code
             if not response_started:
-                await send_json(send_wrapper, e.status, e.body(), {"connection": "close"})
+                await send_json(send_wrapper, e.status, e.body(), e.headers)
         except Exception:  # a bug: never let it kill the connection without an answer
             log.exception("unhandled error on %s %s", scope.get("method"), path)
             state["error"] = "internal"
