@@ -47,8 +47,12 @@ SPEC = "spec"  # pseudo-merger rows: the specialist limit c_spec(C) (c_alone(t) 
 ALONE = "alone"  # rows of the three c_alone routes per task
 
 
-# The same pruner for every merger, for the references and the specialists (the library defaults).
-BENCH_PRUNE = PruneConfig(progress=False)
+# The same pruner for every route, every reference and every specialist: the library's schedule made
+# coarser (15% steps down to 4%, 3+3 epochs, 6 final) so that 3 data sets x several seeds x 6 routes
+# fit on 2 cores; the budget test is the library's (1 point, one-sided 90%).
+BENCH_PRUNE = PruneConfig(step=0.15, min_step=0.04, max_steps=24, finetune_epochs=3, retry_epochs=3, final_epochs=6,
+                          taylor_batches=4, progress=False)
+BENCH_TP = TpSchedule(iterative_steps=16, pruning_ratio=0.95, finetune_epochs=3, retry_epochs=3)
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ class BenchConfig:
     prune: PruneConfig = field(default_factory=lambda: BENCH_PRUNE)
     merger_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-merger keyword options
     routes: tuple[str, ...] = ROUTES  # c_alone routes: project | torch-pruning | width-grid
-    tp_schedule: TpSchedule = field(default_factory=TpSchedule)  # route (b)'s schedule
+    tp_schedule: TpSchedule = field(default_factory=lambda: BENCH_TP)  # route (b)'s schedule
     width_grid: tuple[float, ...] = WIDTH_GRID  # route (c)'s width multipliers
     spec_sizes: tuple[int, ...] = (2, -1)  # combination sizes with a specialist network (-1: all tasks)
     out_dir: Path = Path("results")  # where bench-<dataset>.{json,md,png} go

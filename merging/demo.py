@@ -25,7 +25,6 @@ from merging.cost import combination_cost, cost_table
 from merging.data import load_dataset
 from merging.data.digits import raw_digits
 from merging.mergers import create_merger
-from merging.pruning import PruneConfig
 from merging.report import format_table
 from merging.train import TrainConfig, evaluate
 from merging.zoo import load_zoo, train_zoo
@@ -43,16 +42,10 @@ def _sample_png(path: Path, digit: int) -> None:
 # The route the demo merges and prunes with, and why (from `pam bench`; see docs/pam.md).
 DEMO_ROUTE = "shared+regroup"
 DEMO_ROUTE_WHY = "closest to the specialist limit on its worst benchmarked combination in `pam bench`"
-# A lighter schedule than the library default so the demo stays within a few minutes on 2 cores;
-# the benchmark uses the default (finer steps, longer fine-tunes).
-DEMO_PRUNE = PruneConfig(step=0.15, min_step=0.04, max_steps=24, finetune_epochs=3, retry_epochs=3, final_epochs=6,
-                         taylor_batches=4, progress=True)
-
-
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from merging.bench import split_route
+    from merging.bench import BENCH_PRUNE, split_route
     from merging.pipeline import merge_and_prune
     from merging.pruning import check_set, prune, reference_accuracy
     from merging.references import specialist
@@ -66,7 +59,8 @@ def run_demo(args: argparse.Namespace) -> int:
     arch = create_arch("lenet", input_size=splits.preprocessing.size)
     route = getattr(args, "route", None) or DEMO_ROUTE
     base, regroup = split_route(route)
-    cfg = replace(DEMO_PRUNE, seed=args.seed, regroup=regroup)
+    # The benchmark's schedule (coarser than the library default) keeps the demo within minutes.
+    cfg = replace(BENCH_PRUNE, seed=args.seed, regroup=regroup, progress=True)
     print(f"== 1/5 single-task zoo on {splits.name}: {len(splits.train)} train / {len(splits.val)} val / "
           f"{len(splits.test)} test images; tasks {', '.join(t.name for t in splits.tasks)}", flush=True)
     train_zoo(splits, arch, TrainConfig(epochs=args.epochs, seed=args.seed), out / "zoo")

@@ -27,7 +27,7 @@ from merging.cost import combination_cost
 from merging.data.base import MultitaskData, Splits
 from merging.mergers import create_merger
 from merging.network import MultitaskNet
-from merging.pruning import PruneConfig, assess, check_set, prune
+from merging.pruning import PruneConfig, assess, check_set, missed_at_start, prune
 from merging.pruning.importance import accumulate_gradients
 from merging.train import TrainConfig, fit, seed_everything
 
@@ -135,8 +135,7 @@ def alone(
     for route in routes:
         if route == "project":
             pruned, history = prune(copy.deepcopy(net), splits, cfg, reference=reference)
-            found[route] = None if any(h.get("kind") == "stop" and "misses" in str(h.get("reason")) for h in history) \
-                else pruned
+            found[route] = None if missed_at_start(history) else pruned
         elif route == "torch-pruning":
             found[route] = prune_with_torch_pruning(net, splits, cfg, reference, schedule)
         elif route == "width-grid":
