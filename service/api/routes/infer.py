@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 
 from service import inference
 from service.api.deps import PoolDep
@@ -40,4 +41,7 @@ async def infer(
 ) -> InferResponse:
     """Run only the method of the requested combination on an image (PNG/JPEG) or a JSON tensor; a
     combination without its own method runs its cheapest exported superset, extra outputs dropped."""
-    return await inference.infer(pool, request, tasks)
+    resp = await inference.infer(pool, request, tasks)
+    # Already validated by construction: serialise once here instead of FastAPI re-validating the
+    # model against response_model (which still documents the schema).
+    return Response(resp.model_dump_json(), media_type="application/json")  # type: ignore[return-value]
