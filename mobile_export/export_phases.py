@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / f".export-phases-{args.name}.log"
+    log = Path(tempfile.gettempdir()) / f"export-phases-{args.name}.log"  # the runs' stderr
     meta: dict[str, Any] = {
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_before": _load_average(),

@@ -31,11 +31,15 @@ def _run_all(pte: bytes, names: list[str], x: torch.Tensor) -> dict[str, list[to
 
 def test_parallel_lowering_gives_the_serial_program_byte_for_byte() -> None:
     net = pruned(lenet_net(seed=5))  # a removed group, so methods differ in structure
-    combos = [("a",), ("b", "c"), ("a", "b", "c")]
+    combos = [("b", "c"), ("a",)]  # not in sorted order: the merge must sort plans as ExecuTorch does
     names = ["+".join(c) for c in combos]
     serial = lower_serial(export_programs(net, combos, 4))  # ExecuTorch's own one-call lowering
-    parallel = merge_methods(lower_methods(net, combos, 4, workers=2))  # this process + one worker
+    methods = lower_methods(net, combos, 4, workers=2)  # this process + one worker
+    assert [m.name for m in methods] == names  # request order, whoever lowered them
+    parallel = merge_methods(methods)
     assert parallel == serial
+    with pytest.raises(ValueError, match="duplicate"):
+        merge_methods([methods[0], methods[0]])
     # and method for method through the runtime (what a device sees), at batch 1 and the maximum
     for batch in (1, 4):
         x = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(batch))
@@ -45,18 +49,6 @@ def test_parallel_lowering_gives_the_serial_program_byte_for_byte() -> None:
             for task, g, w in zip(c, got[n], want[n], strict=True):
                 torch.testing.assert_close(g, w, atol=0, rtol=0)
                 torch.testing.assert_close(g, eager[task], atol=1e-4, rtol=0)
-
-
-def test_merge_refuses_duplicates_and_keeps_sorted_method_order() -> None:
-    net = lenet_net()
-    methods = lower_methods(net, [("b",), ("a",)], 4, workers=1)
-    assert [m.name for m in methods] == ["b", "a"]  # request order
-    with pytest.raises(ValueError, match="duplicate"):
-        merge_methods([methods[0], methods[0]])
-    from executorch.runtime import Runtime
-
-    prog = Runtime.get().load_program(merge_methods(methods))
-    assert set(prog.method_names) == {"a", "b"}
 
 
 def test_library_noise_goes_to_the_log_not_the_terminal(capfd: pytest.CaptureFixture[str],
