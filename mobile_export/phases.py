@@ -48,11 +48,15 @@ class Phases:
         c0, k0 = _cpu()
         bar: Any = _NoBar()
         if self.progress is not False and self.terminal is not None:
+            import shutil
+
             from tqdm import tqdm
 
-            # progress=None: tqdm shows the bar only on a terminal
+            # progress=None: the bar shows only on a terminal. The width is given: tqdm 4.70's own
+            # guess came out as -1 (no bar at all) on a pseudo-terminal here.
+            width = max(40, min(100, shutil.get_terminal_size((100, 24)).columns))
             bar = tqdm(total=items, desc=f"  {name}", unit="method" if items > 1 else "step", file=self.terminal,
-                       disable=None if self.progress is None else False, leave=True, dynamic_ncols=True)
+                       disable=None if self.progress is None else False, leave=True, ncols=width)
         try:
             yield bar
         finally:

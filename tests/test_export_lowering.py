@@ -177,3 +177,25 @@ def test_workers_must_be_positive() -> None:
     with pytest.raises(ExportError) as e:
         export_bundle(lenet_net(), scratch("w") / "b", ExportConfig(workers=0), log=lambda *_: None)
     assert e.value.code == "bad_workers"
+
+
+def test_phases_record_time_and_show_a_bar_per_phase() -> None:
+    import io
+
+    from mobile_export.phases import Phases
+
+    buf = io.StringIO()
+    ph = Phases(buf, progress=True)
+    with ph.phase("lower", 3) as bar:
+        for _ in range(3):
+            bar.update(1)
+    with ph.phase("verify", 3):
+        pass
+    assert "lower" in buf.getvalue() and "3/3" in buf.getvalue()
+    d = ph.as_dict()
+    assert list(d) == ["total_wall_s", "lower", "verify"] and d["lower"]["items"] == 3
+    assert d["lower"]["wall_s"] >= 0 and d["lower"]["peak_rss_mb"] > 0
+    quiet = io.StringIO()
+    with Phases(quiet, progress=False).phase("lower", 3) as bar:
+        bar.update(3)
+    assert quiet.getvalue() == ""
