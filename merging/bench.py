@@ -81,9 +81,9 @@ def quick_config(dataset: str, **overrides: Any) -> BenchConfig:
                  recover_epochs=10, recover_rounds=2, taylor_batches=2)
     # MTZ's per-layer budget search (retraining after every trial) was half of --quick's time.
     mtz = {"retrain_steps": 20, "search_steps": 1}
-    tp_quick = TpSchedule(iterative_steps=6, pruning_ratio=0.9, finetune_epochs=1, retry_epochs=1)
+    tp_quick = TpSchedule(iterative_steps=4, pruning_ratio=0.8, finetune_epochs=1, retry_epochs=1)
     return replace(BenchConfig(dataset=dataset, seeds=(0, 1), zoo_epochs=15, prune=pc, merger_options={"mtz": mtz},
-                               tp_schedule=tp_quick, width_grid=(0.25, 0.5, 0.75, 1.0), spec_sizes=(-1,)),
+                               tp_schedule=tp_quick, width_grid=(0.25, 0.5, 1.0), spec_sizes=(-1,)),
                    **overrides)
 
 
@@ -595,12 +595,42 @@ def render(json_path: Path) -> None:
     """Rewrite the markdown and plot of a bench JSON (with its .config.json) after a report change."""
     meta = json.loads(json_path.with_suffix(".config.json").read_text())
     c = meta["config"]
-    cfg = BenchConfig(dataset=c["dataset"], seeds=tuple(c["seeds"]), arch=c["arch"], zoo_epochs=c["zoo_epochs"],
-                      prune=PruneConfig(**c["prune"]), out_dir=json_path.parent)
+    cfg = _config_from_json(c, json_path.parent, c["seeds"])
     rows = load_rows(json_path)
     md = markdown(cfg, rows, meta["mergers"], meta["seconds"])
     atomic_write_bytes(json_path.with_suffix(".md"), md.encode())
     plot(cfg, rows, meta["mergers"], json_path.with_suffix(".png"))
+
+
+def combine(json_paths: Sequence[Path], out_dir: Path) -> list[dict[str, Any]]:
+    """Merge bench runs of one data set made with the same settings on different seeds (e.g. run in
+    parallel processes) into one report: per-seed rows concatenated, ratios and medians recomputed."""
+    metas = [json.loads(p.with_suffix(".config.json").read_text()) for p in json_paths]
+    first = metas[0]["config"]
+    same = ("dataset", "arch", "zoo_epochs", "prune", "routes", "spec_sizes", "width_grid", "tp_schedule")
+    for m in metas[1:]:
+        diff = [k for k in same if m["config"].get(k) != first.get(k)]
+        if diff:
+            raise MergingError("bad_argument", f"bench runs differ in {diff}; only runs with the same settings combine")
+    rows = [r for p in json_paths for r in load_rows(p) if r["seed"] != "median"]
+    seeds = sorted({r["seed"] for r in rows})
+    if len(seeds) != sum(len(m["config"]["seeds"]) for m in metas):
+        raise MergingError("bad_argument", "bench runs share a seed; combine runs of distinct seeds")
+    for r in rows:
+        for k in ("limit", "c_spec", *RATIOS):
+            r.pop(k, None)
+    add_ratios(rows)
+    rows.extend(median_rows(rows))
+    mergers = list(dict.fromkeys(m for meta in metas for m in meta["mergers"]))
+    cfg = _config_from_json(first, out_dir, seeds)
+    write_results(cfg, rows, mergers, sum(m["seconds"] for m in metas))
+    return rows
+
+
+def _config_from_json(c: Mapping[str, Any], out_dir: Path, seeds: Sequence[int]) -> BenchConfig:
+    return BenchConfig(dataset=c["dataset"], seeds=tuple(seeds), arch=c["arch"], zoo_epochs=c["zoo_epochs"],
+                       prune=PruneConfig(**c["prune"]), routes=tuple(c.get("routes", ROUTES)),
+                       spec_sizes=tuple(c.get("spec_sizes", (2, -1))), out_dir=out_dir)
 
 
 def write_results(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str], elapsed: float) -> None:

@@ -103,8 +103,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from merging.bench import BenchConfig, quick_config, run_bench
+    from merging.bench import BenchConfig, combine, quick_config, run_bench
+    from merging.pruning import PruneConfig
 
+    if args.combine:
+        paths = [Path(p) for p in args.combine.split(",")]
+        combine(paths, Path(args.out or paths[0].parent))
+        return 0
     datasets = BENCH_DATASETS if args.dataset == "all" else tuple(args.dataset.split(","))
     mergers = tuple(m.strip() for m in args.mergers.split(",") if m.strip()) if args.mergers else ()
     for ds in datasets:
@@ -115,6 +120,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg = replace(cfg, seeds=tuple(range(args.seeds)))
         if args.zoo_epochs is not None:
             cfg = replace(cfg, zoo_epochs=args.zoo_epochs)
+        if args.seed_list:
+            cfg = replace(cfg, seeds=tuple(int(s) for s in args.seed_list.split(",")))
+        if args.alone_routes:
+            cfg = replace(cfg, routes=tuple(args.alone_routes.split(",")))
+        if args.spec_sizes:
+            cfg = replace(cfg, spec_sizes=tuple(int(k) for k in args.spec_sizes.split(",")))
+        if args.library_pruner:
+            cfg = replace(cfg, prune=PruneConfig(progress=False))
         run_bench(cfg)
     return 0
 
@@ -158,6 +171,15 @@ def register(sub: Any) -> None:
     p.add_argument("--mergers", default=None, help="comma-separated mergers (default: every registered merger)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, quick 2)")
     p.add_argument("--zoo-epochs", type=int, default=None, help="training epochs per single-task network")
+    p.add_argument("--seed-list", default=None, help="explicit seeds, e.g. 2,3 (to split a run over processes)")
+    p.add_argument("--alone-routes", default=None,
+                   help="c_alone routes: project,torch-pruning,width-grid (default all)")
+    p.add_argument("--spec-sizes", default=None, help="combination sizes with a specialist, -1 = all tasks "
+                   "(default 2,-1; quick -1)")
+    p.add_argument("--library-pruner", action="store_true", help="the library's default pruner schedule "
+                   "(finer and slower than the benchmark's)")
+    p.add_argument("--combine", default=None, help="comma-separated bench-*.json of one data set and distinct seeds: "
+                   "merge them into one report (in --out, default the first one's directory)")
     p.add_argument("--out", default=None, help="directory for bench-<dataset>.{json,md,png} "
                    "(default results/, or results/quick/ with --quick)")
     p.set_defaults(func=cmd_bench)

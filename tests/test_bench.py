@@ -81,3 +81,22 @@ def test_wilson_interval_matches_the_textbook_value() -> None:
 def test_unknown_merger_is_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(MergingError):
         run_bench(replace(quick_config("digits"), mergers=("nope",), out_dir=tmp_path), log=lambda _: None)
+
+
+def test_combine_merges_runs_of_distinct_seeds(bench, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from merging.bench import combine
+
+    rows, out = bench
+    other = tmp_path / "other"
+    other.mkdir()
+    shifted = [dict(r, seed=1, macs=r["macs"] * 3) for r in rows if r["seed"] == 0]
+    (other / "bench-digits.json").write_text(json.dumps(shifted))
+    meta = json.loads((out / "bench-digits.config.json").read_text())
+    meta["config"]["seeds"] = [1]
+    (other / "bench-digits.config.json").write_text(json.dumps(meta))
+    merged = combine([out / "bench-digits.json", other / "bench-digits.json"], tmp_path / "both")
+    med = next(r for r in merged if r["seed"] == "median" and r["merger"] == "pam" and r["combination"] == "parity")
+    one = next(r for r in rows if r["seed"] == 0 and r["merger"] == "pam" and r["combination"] == "parity")
+    assert med["seeds"] == 2 and med["macs"] == pytest.approx(2 * one["macs"])  # median of x and 3x
+    with pytest.raises(MergingError):
+        combine([out / "bench-digits.json", out / "bench-digits.json"], tmp_path / "dup")
