@@ -13,8 +13,9 @@ columns; :func:`rebuild` turns the table back into blocks, one per set, each rea
 superset groups below that it has a non-zero weight from (a read whose weights are all zero buys
 nothing, so it is dropped; the outputs are unchanged, the MACs fall).
 
-Which pairs (channel c, task t) go: first-order Taylor on c's activation for t's loss alone (the
-change in t's loss if t stopped reading c), layer-normalised, divided by the pair's *saving* (the
+Which pairs (channel c, task t) go: first-order Taylor on the joint loss of cutting c's weights
+into every reader that serves t (a reader may serve other tasks too), layer-normalised, divided
+by the pair's *saving* (the
 expected MACs, over a uniformly drawn combination, of everything that stops being paid: c's filter
 for the combinations that meet S but not S - {t}, and c's slice of every reader serving t, for the
 combinations that run that reader) relative to its layer's mean saving.
@@ -27,14 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from merging.data.base import MultitaskData
 from merging.errors import MergingError
 from merging.network import MultitaskNet, is_superset
 from merging.pruning.config import PruneConfig
 from merging.pruning.importance import combination_share
-from merging.train import task_loss
+from merging.train import joint_loss
 
 
 @dataclass
@@ -220,6 +221,13 @@ def narrow_to_served(net: MultitaskNet, table: ChannelTable, frozen: int = 0) ->
             break
         below = table.layers[l - 1]
         used = lt.weight.abs().flatten(2).sum(2)  # (channels here, channels below)
+        for i, m in enumerate(lt.masks):
+            if m and float(used[i].sum()) == 0.0:
+                # All its input weights are zero (a merge cut them): it still needs a group to read, so it
+                # keeps the superset channels it may read serving it (their output is ignored anyway).
+                for j, mb in enumerate(below.masks):
+                    if mb and is_superset(mb, m):
+                        used[i, j] = 1.0
         nxt: list[int] = []
         for j in range(len(below.masks)):
             s = 0
@@ -264,36 +272,36 @@ def pair_savings(net: MultitaskNet) -> dict[tuple[int, int], Tensor]:
 
 
 def pair_importance(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig) -> dict[tuple[int, int], Tensor]:
-    """(layer, mask) -> (width, n_tasks): |sum over images and positions of a_c * dL_t/da_c|, summed
-    over ``cfg.taylor_batches`` batches: how much t's loss would change if t stopped reading c."""
+    """(layer, mask) -> (width, n_tasks): first-order change of the *joint* loss if channel c stopped
+    feeding every reader that serves t (what removing t from c's set does), i.e.
+    |sum over those readers of W[:, c] * dL/dW[:, c]|, summed over ``cfg.taylor_batches`` batches.
+    A reader serving t may serve other tasks too (a shared block), so the joint loss, not t's alone."""
     n = len(net.tasks)
-    acts: dict[tuple[int, int], Tensor] = {}
-    hooks: list[Any] = []
-    for l, groups in enumerate(net.layout):
-        for mask in groups:
-            def keep(_m: nn.Module, _i: Any, out: Tensor, key: tuple[int, int] = (l, mask)) -> None:
-                out.retain_grad()
-                acts[key] = out
-            hooks.append(net.block(l, mask).register_forward_hook(keep))
     scores = {(l, m): torch.zeros(w, n) for l, g in enumerate(net.layout) for m, w in g.items()}
     gen = torch.Generator().manual_seed(cfg.seed)
     was_training = net.training
     net.eval()
+    readers = {(l, m): net.consumers(l, m) for l, g in enumerate(net.layout) for m in g}
     try:
         for b, (xb, yb) in enumerate(data.batches(128, shuffle=True, generator=gen)):
             if b >= cfg.taylor_batches:
                 break
-            for t, name in enumerate(net.task_names):
-                acts.clear()
-                net.zero_grad(set_to_none=True)
-                out = net(xb, (name,))[name]
-                task_loss(net.task(name), out, yb[name]).backward()
-                for key, a in acts.items():
-                    if a.grad is not None and key[1] >> t & 1:
-                        scores[key][:, t] += (a.detach() * a.grad).sum((0, 2, 3)).abs()
+            net.zero_grad(set_to_none=True)
+            joint_loss(net, net(xb), yb).backward()
+            for (l, mask), cons in readers.items():
+                width = net.layout[l][mask]
+                per_task = torch.zeros(width, n)
+                for key, off, is_head in cons:
+                    conv = net.reader_conv(key, is_head)
+                    if conv.weight.grad is None:
+                        continue
+                    wg = (conv.weight * conv.weight.grad)[:, off : off + width].sum((0, 2, 3)).detach()
+                    serves = 1 << net.task_names.index(key) if is_head else int(key.split("_g")[1])
+                    for t in range(n):
+                        if serves >> t & 1:
+                            per_task[:, t] += wg
+                scores[(l, mask)] += per_task.abs()
     finally:
-        for h in hooks:
-            h.remove()
         net.zero_grad(set_to_none=True)
         net.train(was_training)
     return scores
