@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--workers",
         type=int,
         default=None,
-        help="processes lowering methods side by side (default: one per core; the program is byte-identical)",
+        help="processes lowering methods side by side (default: one per core, at least 6 methods each; same bytes)",
     )
     p.add_argument(
         "--preprocessing",

@@ -51,9 +51,10 @@ from mobile_export.quiet import quiet_stderr
 MAX_AUTO_TASKS = 6  # above this many tasks (63 methods) the caller must choose --combinations
 DEFAULT_MAX_BATCH = 8
 LOG_FILE = "export.log"  # in the bundle: what the libraries printed during the export
-# CPU seconds to export, lower and emit one method of a small network on one idle core (measured,
+# CPU seconds to export, lower and emit one method of the demo's LeNet (measured: 9-11 s,
 # results/export-phases-*.md), for the estimate printed before a long export.
-SECONDS_PER_METHOD = 4.0
+SECONDS_PER_METHOD = 10.0
+MIN_METHODS_PER_WORKER = 6  # below this many methods per process, a worker's start-up is not worth it
 LITE_OFF = "not produced: off by default (TorchScript lite is deprecated upstream); pam export --lite writes it"
 
 
@@ -65,7 +66,7 @@ class ExportConfig:
     verify: bool = True  # run every method through the ExecuTorch runtime against eager before publishing
     measure: bool = False  # also lower an all-task-only program, to report the size the extra methods cost
     memory: bool = False  # measure RSS of loading one method vs all, in child processes
-    workers: int | None = None  # processes lowering methods side by side (None: one per core); same bytes
+    workers: int | None = None  # processes lowering side by side (None: one per core, >= 6 methods each); same bytes
     progress: bool | None = None  # progress bars on the terminal (None: only when stderr is a terminal)
     quiet: bool = True  # library noise (torchao, cpuinfo, warnings) to export.log in the bundle, not the terminal
     preprocessing: str | None = None  # source when the model's meta has none (dataset name or JSON file)
@@ -416,14 +417,17 @@ def _export(
     from mobile_export.verify import measure_memory, verify_bundle
 
     phases = Phases(terminal, cfg.progress)
-    workers = min(cfg.workers or default_workers(), len(combos))
+    # A worker process costs ~20 CPU s (imports, warm-up), about two methods: by default one
+    # process per core, but only with at least MIN_METHODS_PER_WORKER methods each.
+    auto = max(1, min(default_workers(), len(combos) // MIN_METHODS_PER_WORKER))
+    workers = min(cfg.workers or auto, len(combos))
     names = ["+".join(c) for c in combos]
     log(f"exporting {len(combos)} method(s) with {workers} process(es): "
         f"{', '.join(names) if len(names) <= 8 else ', '.join(names[:7]) + f', ... ({len(names) - 7} more)'}")
     estimate = len(combos) * SECONDS_PER_METHOD / workers
     if estimate > 20:
-        log(f"  lowering takes about {estimate / 60:.1f} min here ({SECONDS_PER_METHOD:.0f} s per method per idle "
-            "core; slower when the machine is busy); library messages go to " + str(out / LOG_FILE))
+        log(f"  lowering takes about {estimate / 60:.1f} min on free cores ({SECONDS_PER_METHOD:.0f} CPU s per method; "
+            "longer when the machine is busy); library messages go to " + str(out / LOG_FILE))
     log_file = open(log_path, "a")
     try:
         with phases.phase("lower", len(combos)) as bar:
