@@ -164,3 +164,16 @@ def without_methods(dst: Path, drop: tuple[str, ...]) -> Path:
     m = Manifest.load(dst)
     m.model_copy(update={"methods": [e for e in m.methods if e.name not in drop]}).save(dst)
     return dst
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax: the service's class scores from a method's raw logits."""
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def digits_runtime():  # type: ignore[no-untyped-def]
+    """The ExecuTorch runtime on the shared digits bundle, as the service loads it."""
+    from mobile_export.runtime import BundleRuntime
+
+    return BundleRuntime(digits_bundle())

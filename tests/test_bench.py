@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from merging.bench import ALONE, SPEC, BenchConfig, quick_config, run_bench, wilson
-from merging.references import TpSchedule
 from merging.errors import MergingError
 from merging.pruning import PruneConfig
+from merging.references import TpSchedule
 from merging.tasks import all_combinations
 
 

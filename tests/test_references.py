@@ -81,7 +81,7 @@ def test_share_pricing_does_not_starve_the_dense_layer(zoo) -> None:  # type: ig
 
 @pytest.mark.slow
 def test_default_pruner_beats_the_old_default_on_a_single_network(zoo) -> None:  # type: ignore[no-untyped-def]
-    nets, splits, ref = zoo
+    nets, splits, _ = zoo
     net = nets[0]
     old = PruneConfig(step=0.2, min_step=0.05, max_steps=20, finetune_epochs=2, retry_epochs=2, taylor_batches=4,
                       progress=False, price="macs", confidence=0.5, final_epochs=0)

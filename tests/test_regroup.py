@@ -124,7 +124,7 @@ def test_a_frozen_task_is_bit_identical_after_the_others_are_regrouped(frozen_ta
     before = net(x, (name,))[name]
     cost_before = combination_cost(net, tuple(t for t in net.task_names if t != name)).macs
     data = splits.train.select_tasks(net.task_names)
-    for k in range(3):
+    for _ in range(3):
         regroup_step(net, data, CFG, fraction=0.2, frozen=1 << frozen_task)
     assert torch.equal(net(x, (name,))[name], before)
     assert combination_cost(net, tuple(t for t in net.task_names if t != name)).macs < cost_before

@@ -12,7 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from tests.service_support import MAX_BATCH, Server, digit_images, digits_bundle, normalise, png_of, serve
+from tests.service_support import (
+    MAX_BATCH,
+    Server,
+    digit_images,
+    digits_bundle,
+    digits_runtime,
+    normalise,
+    png_of,
+    serve,
+    softmax,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +33,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def runtime():
-    from mobile_export.runtime import BundleRuntime
+def runtime():  # type: ignore[no-untyped-def]
+    return digits_runtime()
 
-    return BundleRuntime(digits_bundle())
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def scores(resp: dict, task: str) -> np.ndarray:

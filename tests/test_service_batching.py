@@ -10,12 +10,7 @@ import httpx
 import numpy as np
 import torch
 
-from tests.service_support import app_serving, digit_images, digits_bundle, normalise
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+from tests.service_support import app_serving, digit_images, digits_bundle, normalise, softmax
 
 
 def test_eight_concurrent_requests_run_as_fewer_executes_with_their_own_answers() -> None:

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.service_support import app_serving, digit_images, digits_bundle, normalise, without_methods
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+from tests.service_support import (
+    app_serving,
+    digit_images,
+    digits_bundle,
+    normalise,
+    softmax,
+    without_methods,
+)
 
 
 def _post(app, url: str, **kw) -> httpx.Response:  # type: ignore[no-untyped-def]
