@@ -468,7 +468,8 @@ def _export(
             # what the methods would weigh if each stored its own copy of the weights it reads
             "unshared_weights_bytes": 4 * sum(combination_cost(net, c).params for c in combos),
         }
-    lite_bytes, lite_status, lite_names = None, LITE_OFF, {}
+    lite_names: dict[str, str] = {}
+    lite_bytes, lite_status = None, LITE_OFF
     if cfg.lite:
         with phases.phase("lite", len(combos)) as bar:
             lite_bytes, lite_status, lite_names = build_lite(

@@ -86,7 +86,7 @@ def table_of(net: MultitaskNet) -> ChannelTable:
             cols = torch.arange(n_in) if below is None else torch.cat(
                 [torch.arange(*below[m]) for m in net.reads[(l, mask)]])
             weight[row : row + w][:, cols] = block.conv.weight
-            if bias is not None:
+            if bias is not None and block.conv.bias is not None:
                 bias[row : row + w] = block.conv.bias
             if bn is not None:
                 assert block.bn is not None
@@ -101,10 +101,10 @@ def table_of(net: MultitaskNet) -> ChannelTable:
     heads: dict[str, tuple[Tensor, Tensor | None]] = {}
     for i, t in enumerate(net.task_names):
         conv = net.head(t).conv
-        w = torch.zeros(conv.out_channels, n_last, *conv.kernel_size)
-        cols = torch.cat([torch.arange(*last[m]) for m in net.head_reads(i)])
-        w[:, cols] = conv.weight
-        heads[t] = (w, None if conv.bias is None else conv.bias.clone())
+        hw = torch.zeros(conv.out_channels, n_last, *conv.kernel_size)
+        hcols = torch.cat([torch.arange(*last[m]) for m in net.head_reads(i)])
+        hw[:, hcols] = conv.weight
+        heads[t] = (hw, None if conv.bias is None else conv.bias.clone())
     return ChannelTable(layers, heads)
 
 
