@@ -129,3 +129,17 @@ def test_a_frozen_task_is_bit_identical_after_the_others_are_regrouped(frozen_ta
     assert torch.equal(net(x, (name,))[name], before)
     assert combination_cost(net, tuple(t for t in net.task_names if t != name)).macs < cost_before
     _exact_everywhere(net)
+
+
+def test_a_removal_that_leaves_a_reader_no_superset_group_keeps_the_wiring() -> None:
+    """Task B leaves every channel of a middle layer; the layer above still serves B and now reads
+    only zero weights: the nearest channel below takes its set on again (exact), nothing raises."""
+    net, x = _planted_pair()
+    middle = 1
+    width = net.layout[middle][3]
+    drop_tasks(net, {(middle, 3): [(c, 1) for c in range(width)]})
+    _exact_everywhere(net)
+    a, b = net.task_names
+    out = net(x)
+    assert set(out) == {a, b}
+    assert torch.isfinite(out[b]).all()

@@ -223,11 +223,18 @@ def narrow_to_served(net: MultitaskNet, table: ChannelTable, frozen: int = 0) ->
         used = lt.weight.abs().flatten(2).sum(2)  # (channels here, channels below)
         for i, m in enumerate(lt.masks):
             if m and float(used[i].sum()) == 0.0:
-                # All its input weights are zero (a merge cut them): it still needs a group to read, so it
-                # keeps the superset channels it may read serving it (their output is ignored anyway).
-                for j, mb in enumerate(below.masks):
-                    if mb and is_superset(mb, m):
-                        used[i, j] = 1.0
+                # All its input weights are zero (a merge or a removal cut them): it still needs a group to
+                # read, so the superset channels it may read keep serving it (their output is ignored).
+                # If a removal in this step left none, the nearest live channel below takes on its set.
+                sup = [j for j, mb in enumerate(below.masks) if mb and is_superset(mb, m)]
+                if not sup:
+                    anchor = _nearest(below.masks, m)
+                    if anchor is None:
+                        continue  # nothing alive below: rebuild reports it
+                    _expand(table, l - 1, anchor, m)
+                    sup = [anchor]
+                for j in sup:
+                    used[i, j] = 1.0
         nxt: list[int] = []
         for j in range(len(below.masks)):
             s = 0
@@ -236,6 +243,30 @@ def narrow_to_served(net: MultitaskNet, table: ChannelTable, frozen: int = 0) ->
                     s |= m
             nxt.append(s)
         served = nxt
+
+
+def _nearest(masks: Sequence[int], m: int) -> int | None:
+    """The live channel whose set overlaps ``m`` most (first on ties)."""
+    live = [j for j, mb in enumerate(masks) if mb]
+    return max(live, key=lambda j: (bin(masks[j] & m).count("1"), -j)) if live else None
+
+
+def _expand(table: ChannelTable, layer: int, row: int, m: int) -> None:
+    """Add task set ``m`` to a channel and, down the stack, to every channel it reads (exact: no weight
+    changes, only who pays; the wiring rule holds because readers' sets only grow toward inputs)."""
+    lt = table.layers[layer]
+    lt.masks[row] |= m
+    if layer == 0:
+        return
+    below = table.layers[layer - 1]
+    want = lt.masks[row]
+    reads = [q for q in range(len(below.masks)) if float(lt.weight[row, q].abs().sum()) > 0 and below.masks[q]]
+    if not reads:
+        q = _nearest(below.masks, want)
+        reads = [q] if q is not None else []
+    for q in reads:
+        if not is_superset(below.masks[q], want):
+            _expand(table, layer - 1, q, want)
 
 
 def pair_savings(net: MultitaskNet) -> dict[tuple[int, int], Tensor]:
