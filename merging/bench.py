@@ -252,7 +252,7 @@ class _SeedRun:
                 row["macs_merged"] = merged_table[combo].macs
             row.update(extra or {})
             out.append(row)
-        if out and name not in (SPEC,):
+        if out and name != SPEC:
             self.log(f"  seed {self.seed} {name:>10}: all-task MACs {table[full].macs:,}  within budget: {verdict.ok}")
         self.rows.extend(out)
         return out
@@ -501,9 +501,8 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
     for r in rows:
         if "error" in r:
             lines.append(f"- **{r['merger']} failed on seed {r['seed']}**: {r['error']}")
-    timing = [r["seconds_seed"] for r in rows if r["seed"] != "median" and "seconds_seed" in r]
-    if timing:
-        per_seed = {r["seed"]: r["seconds_seed"] for r in rows if r["seed"] != "median" and "seconds_seed" in r}
+    per_seed = {r["seed"]: r["seconds_seed"] for r in rows if r["seed"] != "median" and "seconds_seed" in r}
+    if per_seed:
         parts = {k: sum(t.get(k, 0.0) for t in per_seed.values()) for k in next(iter(per_seed.values()))}
         lines += ["", "Time split (all seeds): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in parts.items()), ""]
     lines += ["", "## Targets (as measured, medians of per-seed ratios)", ""]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
-from torch import Tensor, nn
+from torch import Tensor
 
 from merging.data.base import MultitaskData
 from merging.network import MultitaskNet, block_key
@@ -46,6 +46,24 @@ class ChannelScores:
     share: Tensor  # (width,) cost / the channel's MACs if every combination paid for it: in (0, 1]
 
 
+def channel_parts(net: MultitaskNet, layer: int, mask: int) -> tuple[int, list[tuple[int, int]]]:
+    """The MACs one channel of group (layer, mask) brings: its own filter's, and (reader set, MACs of
+    its slice) for every block or head that reads it (a head's set is its task alone)."""
+    r = net.resolved[layer]
+    conv = net.block(layer, mask).conv
+    own = conv.in_channels * r.kernel[0] * r.kernel[1] * r.conv_hw[0] * r.conv_hw[1]
+    readers: list[tuple[int, int]] = []
+    for key, _, is_head in net.consumers(layer, mask):
+        rc = net.reader_conv(key, is_head)
+        if is_head:
+            readers.append((1 << net.task_names.index(key), rc.out_channels * rc.kernel_size[0] * rc.kernel_size[1]))
+        else:
+            rl = net.resolved[layer + 1]
+            per_in = rc.out_channels * rl.kernel[0] * rl.kernel[1] * rl.conv_hw[0] * rl.conv_hw[1]
+            readers.append((int(key.split("_g")[1]), per_in))
+    return own, readers
+
+
 def channel_costs(net: MultitaskNet, weighted: bool = True) -> dict[tuple[int, int], float]:
     """(layer, mask) -> MACs one channel of that group brings: its own filter plus its slice of every
     reader, each part times the share of combinations that run it (``weighted``; otherwise each part
@@ -54,22 +72,9 @@ def channel_costs(net: MultitaskNet, weighted: bool = True) -> dict[tuple[int, i
     share = (lambda m: combination_share(m, n)) if weighted else (lambda m: 1.0)
     out: dict[tuple[int, int], float] = {}
     for l, groups in enumerate(net.layout):
-        r = net.resolved[l]
         for mask in groups:
-            conv: nn.Conv2d = net.blocks[block_key(l, mask)].conv  # type: ignore[assignment]
-            own = conv.in_channels * r.kernel[0] * r.kernel[1] * r.conv_hw[0] * r.conv_hw[1]
-            cost: float = own * share(mask)
-            for key, _, is_head in net.consumers(l, mask):
-                if is_head:
-                    hc: nn.Conv2d = net.heads[key].conv  # type: ignore[assignment]
-                    per_in = hc.out_channels * hc.kernel_size[0] * hc.kernel_size[1]
-                    cost += per_in * share(1 << net.task_names.index(key))
-                else:
-                    rl = net.resolved[l + 1]
-                    cc: nn.Conv2d = net.blocks[key].conv  # type: ignore[assignment]
-                    per_in = cc.out_channels * rl.kernel[0] * rl.kernel[1] * rl.conv_hw[0] * rl.conv_hw[1]
-                    cost += per_in * share(int(key.split("_g")[1]))
-            out[(l, mask)] = float(cost)
+            own, readers = channel_parts(net, l, mask)
+            out[(l, mask)] = float(own * share(mask) + sum(macs * share(m) for m, macs in readers))
     return out
 
 

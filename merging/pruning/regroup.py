@@ -34,7 +34,7 @@ from merging.data.base import MultitaskData
 from merging.errors import MergingError
 from merging.network import MultitaskNet, is_superset
 from merging.pruning.config import PruneConfig
-from merging.pruning.importance import combination_share
+from merging.pruning.importance import channel_parts, combination_share, weighted_macs
 from merging.train import joint_loss
 
 
@@ -137,7 +137,7 @@ def rebuild(net: MultitaskNet, table: ChannelTable) -> None:
     for l, lt in enumerate(table.layers):
         below_rows = order[l - 1] if l > 0 else None
         below_masks = table.layers[l - 1].masks if l > 0 else None
-        for m, _ in layout[l].items():
+        for m in layout[l]:
             rows = [i for i in order[l] if lt.masks[i] == m]
             block = fresh.block(l, m)
             if below_rows is None:
@@ -271,33 +271,19 @@ def _expand(table: ChannelTable, layer: int, row: int, m: int) -> None:
 
 def pair_savings(net: MultitaskNet) -> dict[tuple[int, int], Tensor]:
     """(layer, mask) -> (n_tasks,) expected MACs saved per channel of that group by removing task t
-    from its set (0 for tasks not in the set)."""
+    from its set (0 for tasks not in the set): its filter for the combinations that meet the set but
+    not the set without t, and its slice of every reader serving t."""
     n = len(net.tasks)
     out: dict[tuple[int, int], Tensor] = {}
     for l, groups in enumerate(net.layout):
-        r = net.resolved[l]
         for mask in groups:
-            conv = net.block(l, mask).conv
-            own = conv.in_channels * r.kernel[0] * r.kernel[1] * r.conv_hw[0] * r.conv_hw[1]
+            own, readers = channel_parts(net, l, mask)
             save = torch.zeros(n)
             for t in range(n):
-                if not mask >> t & 1:
-                    continue
-                rest = mask & ~(1 << t)
-                s = own * (combination_share(mask, n) - (combination_share(rest, n) if rest else 0.0))
-                for key, _, is_head in net.consumers(l, mask):
-                    reader = net.reader_conv(key, is_head)
-                    if is_head:
-                        if key == net.task_names[t]:
-                            s += reader.out_channels * reader.kernel_size[0] * reader.kernel_size[1] \
-                                * combination_share(1 << t, n)
-                    else:
-                        rmask = int(key.split("_g")[1])
-                        if rmask >> t & 1:
-                            rl = net.resolved[l + 1]
-                            s += reader.out_channels * rl.kernel[0] * rl.kernel[1] * rl.conv_hw[0] * rl.conv_hw[1] \
-                                * combination_share(rmask, n)
-                save[t] = s
+                if mask >> t & 1:
+                    rest = mask & ~(1 << t)
+                    s = own * (combination_share(mask, n) - (combination_share(rest, n) if rest else 0.0))
+                    save[t] = s + sum(macs * combination_share(m, n) for m, macs in readers if m >> t & 1)
             out[(l, mask)] = save
     return out
 
@@ -364,8 +350,6 @@ def regroup_step(
                 for c in range(imp[k].shape[0]):
                     entries.append((float(imp[k][c, t]) / imean / price, s, l, k[1], c, t))
     entries.sort(key=lambda e: (e[0], e[2], e[3], e[4], e[5]))
-    from merging.pruning.importance import weighted_macs
-
     target = fraction * weighted_macs(net)
     chosen: dict[tuple[int, int], list[tuple[int, int]]] = {}
     removed = 0.0
