@@ -87,7 +87,8 @@ def judge(
         else:
             d = float(reference[t]) / 100.0 - _per_image(c.float(), images)
         se = float(d.std(unbiased=True)) / max(1, d.numel()) ** 0.5 if d.numel() > 1 else 0.0
-        drop[t] = 100.0 * float(d.mean())
+        # Unpaired: the exact difference of accuracies (the mean of d equals it only up to rounding).
+        drop[t] = 100.0 * float(d.mean()) if t in ref_correct else float(reference[t]) - acc[t]
         upper[t] = drop[t] + z * 100.0 * se
     failing = tuple(t for t in net_correct if upper[t] > budget + 1e-9)
     return Verdict(acc, drop, upper, failing)
