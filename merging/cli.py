@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 COMMAND_MODULES = (
     "merging.commands",
@@ -37,17 +40,49 @@ def build_parser() -> tuple[argparse.ArgumentParser, tuple[type[BaseException], 
     return parser, tuple(user_errors)
 
 
+def _distributed() -> Any:
+    """``merging.distributed`` if this run joined a process group (never imported just to ask)."""
+    mod = sys.modules.get("merging.distributed")
+    return mod if mod is not None and mod.is_distributed() else None
+
+
+def _leave_job(command: str, e: BaseException, code: int) -> NoReturn:
+    """A failing rank reports and exits at once: waiting for its peers at shutdown could hang, and its
+    exit is what stops them (torchrun stops the others; a peer in a collective fails fast or times out)."""
+    dist = _distributed()
+    rank = dist.rank() if dist is not None else "?"
+    if code == 1:
+        traceback.print_exception(e, file=sys.stderr)
+    print(f"pam {command} (rank {rank}): error: {e}", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser, user_errors = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc, which relaunches the command
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except user_errors as e:
+        if _distributed() is not None:
+            _leave_job(args.command, e, 2)
         print(f"pam {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if _distributed() is not None:
+            failure = sys.modules["merging.distributed"].RankFailure
+            _leave_job(args.command, e, 3 if isinstance(e, failure) else 1)
+        raise
+    dist = _distributed()
+    if dist is not None:
+        dist.barrier()  # rank 0 may still be writing; nobody tears the group down under it
+        dist.shutdown()
+    return code
 
 
 if __name__ == "__main__":

@@ -61,6 +61,37 @@ def dataset_from_args(args: argparse.Namespace) -> Any:
     return splits
 
 
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--amp``, ``--nproc``, ``--collective-timeout`` (see docs/scale.md)."""
+    g = p.add_argument_group("scale")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto: a GPU when present)")
+    g.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                   help="mixed-precision training: bf16 (CPU or GPU) or fp16 (CUDA only)")
+    g.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel ranks on this machine, launched through torchrun (gloo on CPU, NCCL on CUDA)")
+    g.add_argument("--collective-timeout", type=float, default=None,
+                   help="seconds a rank waits in a collective before the job fails "
+                   "(default 60, or PAM_COLLECTIVE_TIMEOUT)")
+
+
+def start_scale(args: argparse.Namespace) -> int | None:
+    """Apply ``add_scale_args``' flags. With ``--nproc N > 1`` outside a launch, run the same command
+    as N ranks through torchrun and return the job's exit code; otherwise set the run's device (and
+    join the process group when launched by torchrun) and return None: the caller goes on."""
+    from merging import distributed
+    from merging.device import resolve_device, set_device
+
+    device = resolve_device(args.device)
+    if args.nproc is not None and args.nproc > 1 and not distributed.launched():
+        argv = getattr(args, "argv", None)
+        if argv is None:
+            raise MergingError("bad_argument", "--nproc needs the command line (run through `pam`)")
+        return distributed.launch(args.nproc, distributed.strip_nproc(argv), args.collective_timeout)
+    device = distributed.init(device, args.collective_timeout)
+    set_device(device, args.amp)
+    return None
+
+
 def add_arch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="lenet", help="architecture family: lenet | vgg")
     p.add_argument("--width-mult", type=float, default=1.0, help="scale every layer's width")
@@ -76,6 +107,9 @@ def arch_for(args: argparse.Namespace, splits: Any) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     from merging.zoo import train_zoo
 
+    launched = start_scale(args)
+    if launched is not None:
+        return launched
     splits = dataset_from_args(args)
     arch = arch_for(args, splits)
     from merging.train import TrainConfig
@@ -122,6 +156,7 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/zoo", help="directory for <task>.json + <task>.pt")
+    add_scale_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="print a model's groups and the MACs and parameters of every combination")

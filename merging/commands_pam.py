@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from merging.commands import add_dataset_args, dataset_from_args
+from merging.commands import add_dataset_args, add_scale_args, dataset_from_args, start_scale
 from merging.errors import MergingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (MergingError,)
@@ -41,15 +41,21 @@ def _pam_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from merging.checkpoint import save_model
+    from merging.distributed import is_main
     from merging.mergers import create_merger
     from merging.zoo import load_zoo
 
+    launched = start_scale(args)
+    if launched is not None:
+        return launched
     splits = dataset_from_args(args)
     nets = load_zoo(Path(args.zoo), tuple(t.name for t in splits.tasks))
     opts = _pam_options(args) if args.method == "pam" else {}
     merged = create_merger(args.method, **opts).merge(nets, splits.train, seed=args.seed)
     merged.meta.setdefault("dataset", splits.name)
     merged.meta.setdefault("preprocessing", splits.preprocessing.to_json())
+    if not is_main():  # every rank merged the same network; rank 0 writes and reports it
+        return 0
     path = save_model(merged, Path(args.out))
     print(f"merged {len(nets)} networks with {args.method} -> {path}")
     if args.method == "pam":
@@ -62,10 +68,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from merging.checkpoint import load_model, save_model
+    from merging.distributed import is_main
     from merging.pruning import PruneConfig, check_set, missed_at_start, prune, reference_accuracy
     from merging.train import evaluate
     from merging.zoo import load_zoo
 
+    launched = start_scale(args)
+    if launched is not None:
+        return launched
     net = load_model(args.model)
     args.tasks = ",".join(net.task_names)
     splits = dataset_from_args(args)
@@ -77,10 +87,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.zoo:
         zoo = load_zoo(Path(args.zoo), net.task_names)
         reference = reference_accuracy(zoo, check_set(splits.val, cfg.check_shifts, cfg.seed))
-        print("reference (unpruned single-task, val check set): "
-              + ", ".join(f"{t} {a:.2f}%" for t, a in reference.items()))
+        if is_main():
+            print("reference (unpruned single-task, val check set): "
+                  + ", ".join(f"{t} {a:.2f}%" for t, a in reference.items()))
     before = load_model(args.model)
     pruned, history = prune(net, splits, cfg, reference=reference)
+    if not is_main():  # every rank pruned to the same network; rank 0 writes and reports it
+        return 0
     stop: dict[str, Any] = next((h for h in reversed(history) if h.get("kind") == "stop"), {})
     steps = sum(1 for h in history if h.get("accepted"))
     print(f"{steps} prune steps accepted; stopped: {stop.get('reason', '?')}")
@@ -106,6 +119,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from merging.bench import BenchConfig, combine, quick_config, run_bench
     from merging.pruning import PruneConfig
 
+    launched = start_scale(args)
+    if launched is not None:
+        return launched
     if args.combine:
         paths = [Path(p) for p in args.combine.split(",")]
         combine(paths, Path(args.out or paths[0].parent))
@@ -147,6 +163,7 @@ def register(sub: Any) -> None:
     g.add_argument("--min-keep", type=float, default=None,
                    help="floor of each task's set per layer, as a share of its own network's width (default 0.25)")
     add_dataset_args(p)
+    add_scale_args(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("prune", help="structured pruning of a (multitask) model within an accuracy budget")
@@ -162,6 +179,7 @@ def register(sub: Any) -> None:
     p.add_argument("--cost-blind", action="store_true", help="ignore each channel's cost across combinations")
     p.add_argument("--seed", type=int, default=0)
     add_dataset_args(p)
+    add_scale_args(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("bench", help="separate vs shared vs pam (vs any registered merger): MACs of every "
@@ -182,4 +200,5 @@ def register(sub: Any) -> None:
                    "merge them into one report (in --out, default the first one's directory)")
     p.add_argument("--out", default=None, help="directory for bench-<dataset>.{json,md,png} "
                    "(default results/, or results/quick/ with --quick)")
+    add_scale_args(p)
     p.set_defaults(func=cmd_bench)

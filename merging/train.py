@@ -11,8 +11,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from merging import distributed
 from merging.arch import ArchConfig
-from merging.data.base import MultitaskData
+from merging.data.base import MultitaskData, batch_count
+from merging.device import Amp, Precision, current_device, current_precision, resolve_device
 from merging.network import MultitaskNet
 from merging.tasks import TaskSpec
 
@@ -26,6 +28,8 @@ class TrainConfig:
     shift: int = 1  # random translation augmentation, in pixels (0: off)
     seed: int = 0  # seeds parameter init, shuffling and augmentation
     progress: bool = True  # show a tqdm bar
+    device: str | None = None  # auto | cpu | cuda[:N] | mps; None: the run's device (merging.device, default CPU)
+    amp: Amp = "off"  # autocast dtype on the device: off | bf16 | fp16 (CUDA only); off: the run's setting
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -42,7 +46,8 @@ def task_loss(task: TaskSpec, logits: Tensor, y: Tensor) -> Tensor:
 
 
 def joint_loss(net: MultitaskNet, outs: dict[str, Tensor], y: dict[str, Tensor]) -> Tensor:
-    return sum((task_loss(net.task(t), o, y[t]) for t, o in outs.items()), start=torch.zeros(()))
+    device = next(iter(outs.values())).device if outs else torch.device("cpu")
+    return sum((task_loss(net.task(t), o.float(), y[t]) for t, o in outs.items()), start=torch.zeros((), device=device))
 
 
 def random_shift(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
@@ -69,28 +74,59 @@ def fit(
     tasks: Sequence[str] | None = None,
     desc: str = "train",
 ) -> MultitaskNet:
-    """Train ``net`` on the summed loss of ``tasks`` (all by default), in place."""
+    """Train ``net`` on the summed loss of ``tasks`` (all by default), in place.
+
+    Runs on ``cfg.device`` (default: the run's device, see ``merging.device``) and returns the
+    network on the device it came from. Under torchrun, DDP with this rank's shard of every
+    global batch of ``cfg.batch_size`` (the same steps and learning-rate schedule as one process),
+    and every rank ends with rank 0's weights and batch-norm statistics.
+    """
     gen = seed_everything(cfg.seed)
+    device = resolve_device(cfg.device) if cfg.device else current_device()
+    precision = Precision(cfg.amp) if cfg.amp != "off" else current_precision()
+    precision.check(device)
+    world, rank = distributed.world_size(), distributed.rank()
+    home = next((p.device for p in net.parameters()), torch.device("cpu"))
+    net.to(device)
     combo = tuple(tasks) if tasks else net.task_names
     params = [p for p in net.parameters() if p.requires_grad]
+    model: torch.nn.Module = net
+    if world > 1:
+        used = {id(p) for p in net.for_combination(combo).parameters()}
+        model = distributed.wrap(net, device, find_unused=any(id(p) not in used for p in params))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, -(-len(data) // cfg.batch_size))
+    scaler = precision.scaler(device)
+    steps_per_epoch = max(1, batch_count(len(data), cfg.batch_size, world))
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.15
     )
     net.train()
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=None if cfg.progress else True, leave=False)
+    show = cfg.progress and distributed.is_main()
+    bar = tqdm(range(cfg.epochs), desc=desc, disable=None if show else True, leave=False)
     for _ in bar:
-        total = 0.0
-        for xb, yb in data.batches(cfg.batch_size, shuffle=True, generator=gen):
+        total, seen = 0.0, 0
+        for xb, yb in data.batches(cfg.batch_size, shuffle=True, generator=gen, rank=rank, world=world):
             xb = random_shift(xb, cfg.shift, gen)
-            loss = joint_loss(net, net(xb, combo), yb)
+            if device.type != "cpu":
+                xb = xb.to(device, non_blocking=True)
+                yb = {k: v.to(device, non_blocking=True) for k, v in yb.items()}
+            with precision.autocast(device):
+                loss = joint_loss(net, model(xb, combo), yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             sched.step()
             total += float(loss.detach()) * len(xb)
-        bar.set_postfix(loss=f"{total / len(data):.4f}")
+            seen += len(xb)
+        bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
+    if world > 1:
+        distributed.sync_module(net)  # the last step's local batch-norm update differs per rank
+    net.to(home)
     net.eval()
     return net
 
@@ -100,16 +136,19 @@ def correctness(net: MultitaskNet, data: MultitaskData, tasks: Sequence[str] | N
     """Per-sample correctness in [0, 1] per task: argmax hit for classes, share of attributes right."""
     was_training = net.training
     net.eval()
+    device, home = current_device(), next((p.device for p in net.parameters()), torch.device("cpu"))
+    net.to(device)
     combo = tuple(tasks) if tasks else net.task_names
     parts: dict[str, list[Tensor]] = {t: [] for t in combo}
     for xb, yb in data.batches(512):
-        outs = net(xb, combo)
+        outs = net(xb.to(device), combo)
         for t in combo:
-            o, y = outs[t], yb[t]
+            o, y = outs[t].cpu(), yb[t]
             if net.task(t).kind == "classes":
                 parts[t].append((o.argmax(1) == y).float())
             else:
                 parts[t].append(((o > 0).float() == y).float().mean(1))
+    net.to(home)
     net.train(was_training)
     return {t: torch.cat(v) if v else torch.zeros(0) for t, v in parts.items()}
 

@@ -9,6 +9,7 @@ from merging.arch import ArchConfig
 from merging.checkpoint import atomic_write_json, load_model, save_model
 from merging.cost import combination_cost
 from merging.data.base import Splits
+from merging.distributed import barrier, is_main
 from merging.errors import MergingError
 from merging.network import MultitaskNet
 from merging.report import format_table
@@ -29,13 +30,16 @@ def train_zoo(splits: Splits, arch: ArchConfig, cfg: TrainConfig, out: Path, ver
         test = evaluate(net, splits.test)[task.name]
         net.meta.update({"dataset": splits.name, "val_accuracy": val, "test_accuracy": test,
                          "preprocessing": splits.preprocessing.to_json()})
-        paths[task.name] = save_model(net, out / task.name)
+        # Every rank trained the same network (DDP); rank 0 alone writes it.
+        paths[task.name] = save_model(net, out / task.name) if is_main() else (out / task.name).with_suffix(".json")
         cost = combination_cost(net)
         per_task[task.name] = {"model": paths[task.name].name, "val_accuracy": val, "test_accuracy": test,
                                      "macs": cost.macs, "params": cost.params}
         rows.append([task.name, task.kind, val, test, cost.macs, cost.params])
-    atomic_write_json(out / ZOO_INDEX, index)
-    if verbose:
+    if is_main():
+        atomic_write_json(out / ZOO_INDEX, index)
+    barrier()  # the other ranks return paths that exist once rank 0 wrote them
+    if verbose and is_main():
         print(format_table(["task", "kind", "val acc %", "test acc %", "MACs", "params"], rows))
         print(f"saved {len(paths)} networks under {out}/")
     return paths

@@ -73,14 +73,48 @@ class MultitaskData:
         by_name = {t.name: t for t in self.tasks}
         return MultitaskData(tuple(by_name[n] for n in names), self.x, {n: self.y[n] for n in names}, self.images)
 
-    def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    def batch_indices(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+        rank: int = 0, world: int = 1,
+    ) -> Iterator[Tensor]:
+        """Sample indices of each batch; with ``world > 1``, this rank's shard of every global batch.
+
+        Sharding follows DistributedSampler: every rank draws the same permutation (same
+        generator state), the order is padded by wrapping around to a multiple of ``world``, and
+        each global batch of ``ceil(batch_size / world) * world`` samples is dealt out
+        ``idx[rank::world]``, so every rank runs the same number of equal-sized steps (a rank
+        with one step fewer would leave the others waiting in the gradient all-reduce).
+        """
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
+        if world <= 1:
+            for i in range(0, n, batch_size):
+                yield order[i : i + batch_size]
+            return
+        padded = -(-n // world) * world
+        if padded > n:
+            order = torch.cat([order, order[: padded - n]]) if n else order
+        step = -(-batch_size // world) * world
+        for i in range(0, padded, step):
+            yield order[i : i + step][rank::world]
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+        rank: int = 0, world: int = 1,
+    ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        for idx in self.batch_indices(batch_size, shuffle, generator, rank, world):
             yield self.x[idx], {k: v[idx] for k, v in self.y.items()}
+
+    def in_memory(self) -> MultitaskData:
+        """This data with its images as one tensor (already so here; streaming data loads them)."""
+        return self
+
+
+def batch_count(n: int, batch_size: int, world: int = 1) -> int:
+    """Steps per epoch of ``MultitaskData.batch_indices`` (the same on every rank)."""
+    if world <= 1:
+        return -(-n // batch_size)
+    return -(-(-(-n // world) * world) // (-(-batch_size // world) * world))
 
 
 @dataclass

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from merging import distributed
 from merging.data.base import MultitaskData
+from merging.device import current_device, current_precision
 from merging.errors import MergingError, invariant
 from merging.mergers._hessian import (
     greedy_pairs,
@@ -137,32 +139,65 @@ def shifted_copies(data: MultitaskData, shift: int) -> MultitaskData:
     return MultitaskData(data.tasks, torch.cat(xs), y)
 
 
+class _JointLoss(torch.nn.Module):
+    """The retraining loss as a module's forward, so DistributedDataParallel can wrap it (the zipped
+    network's own ``forward`` computes every task, while retraining sums only the first ``tasks``)."""
+
+    def __init__(self, z: ZippedNet, tasks: int) -> None:
+        super().__init__()
+        self.z, self.tasks = z, tasks
+
+    def forward(self, xb: torch.Tensor, yb: dict[str, torch.Tensor]) -> torch.Tensor:
+        z = self.z
+        return sum(
+            (task_loss(z.tasks[t], z.forward_task(xb, t), yb[z.tasks[t].name]) for t in range(self.tasks)),
+            start=torch.zeros((), device=xb.device),
+        )
+
+
 def retrain(z: ZippedNet, data: MultitaskData, tasks: int, cfg: MtzConfig, seed: int) -> None:
     """A fixed number of batches of joint training of every parameter on the summed loss of the first
-    ``tasks`` tasks (a step count, as the authors' per-layer iterations, so cost does not grow with the data)."""
+    ``tasks`` tasks (a step count, as the authors' per-layer iterations, so cost does not grow with the data).
+
+    On the run's device (``merging.device``); under torchrun, DDP over shards of each batch."""
     if cfg.retrain_steps <= 0:
         return
+    device, precision = current_device(), current_precision()
+    world, rank = distributed.world_size(), distributed.rank()
+    home = next((p.device for p in z.parameters()), torch.device("cpu"))
+    z.to(device)
+    loss_fn = _JointLoss(z, tasks)
+    model = distributed.wrap(loss_fn, device) if world > 1 else loss_fn
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(z.parameters(), lr=cfg.retrain_lr)
+    scaler = precision.scaler(device)
     # Annealed to zero: a constant rate leaves the networks off the minimum their long training
     # reached, which alone can cost a point and fail the budget for reasons unrelated to zipping.
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.retrain_steps)
     z.train()
     done = 0
     while done < cfg.retrain_steps:
-        for xb, yb in data.batches(cfg.batch_size, shuffle=True, generator=gen):
+        for xb, yb in data.batches(cfg.batch_size, shuffle=True, generator=gen, rank=rank, world=world):
             xb = random_shift(xb, cfg.shift, gen)
-            loss = sum(
-                (task_loss(z.tasks[t], z.forward_task(xb, t), yb[z.tasks[t].name]) for t in range(tasks)),
-                start=torch.zeros(()),
-            )
+            if device.type != "cpu":
+                xb, yb = xb.to(device), {k: v.to(device) for k, v in yb.items()}
+            with precision.autocast(device):
+                loss = model(xb, yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             sched.step()
             done += 1
             if done == cfg.retrain_steps:
                 break
+    if world > 1:
+        distributed.sync_module(z)
+    z.to(home)
     z.eval()
 
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from merging.cost import combination_cost
 from merging.data.base import MultitaskData, Splits
+from merging.distributed import agree_net, broadcast_object
 from merging.errors import MergingError
 from merging.network import MultitaskNet, block_key
 from merging.pruning.budget import Verdict, assess, reference_accuracy
@@ -46,6 +47,7 @@ from merging.train import TrainConfig, fit, random_shift
 
 def check_set(val: MultitaskData, shifts: int, seed: int) -> MultitaskData:
     """Validation data plus ``shifts`` randomly 1-pixel-shifted copies (deterministic for a seed)."""
+    val = val.in_memory()  # the check set is built in memory (streaming data loads its images here)
     if shifts <= 0:
         return val
     gen = torch.Generator().manual_seed(10_000 + seed)
@@ -130,6 +132,7 @@ def prune_step(
             break
         chosen.setdefault((l, mask), []).append(j)
         removed += cost
+    chosen = broadcast_object(chosen)  # which channels go: rank 0 decides for every rank
     module = net.for_combination(None)
     graph = tp.DependencyGraph().build_dependency(module, example_inputs=data.x[:2], verbose=False)
     empty: list[tuple[int, int]] = []
@@ -219,7 +222,9 @@ def prune(
         raise MergingError("bad_argument", f"prune: no reference accuracy for {missing}")
 
     def record(kind: str, **extra: Any) -> tuple[dict[str, Any], Verdict]:
-        v = assess(net, checks, ref, cfg.budget, cfg.confidence)
+        # Accept, undo or freeze: rank 0's verdict decides for every rank (identical weights give
+        # identical verdicts; this makes sure of it).
+        v = broadcast_object(assess(net, checks, ref, cfg.budget, cfg.confidence))
         row = {"kind": kind, "macs_all": combination_cost(net).macs, "weighted_macs": weighted_macs(net),
                "check_accuracy": v.accuracy, "drop_upper": v.upper, "within_budget": v.ok, **extra}
         history.append(row)
@@ -245,6 +250,10 @@ def prune(
     for k in bar:
         step_fn = regroup_step if cfg.regroup else prune_step
         info = step_fn(net, train, replace(cfg, seed=cfg.seed + k), step, frozen)
+        # Under torchrun every rank computed the step; rank 0's cut (structure and weights) is the one
+        # all ranks go on with, and rank 0's step record with it (a no-op in one process).
+        net = agree_net(net)
+        info = broadcast_object(info)
         finetune_unfrozen(net, train, cfg, cfg.finetune_epochs, cfg.seed + 1000 + k, frozen)
         row, verdict = record("step", **info)
         if not verdict.ok and cfg.retry_epochs > 0:
@@ -299,7 +308,7 @@ def final_finetune(
     trial = copy.deepcopy(net)
     _finetune(trial, train, cfg, cfg.final_epochs, cfg.seed + 3000, cfg.final_lr)
     after = assess(trial, checks, ref, cfg.budget, cfg.confidence)
-    keep = after.ok and sum(after.upper.values()) <= sum(before.upper.values())
+    keep = broadcast_object(after.ok and sum(after.upper.values()) <= sum(before.upper.values()))
     history.append({"kind": "final", "kept": keep, "drop_upper_before": before.upper, "drop_upper": after.upper,
                     "check_accuracy": after.accuracy, "macs_all": combination_cost(net).macs})
     return trial if keep else net
