@@ -25,6 +25,11 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--image-size", default=None, help="folder/celeba: HxW to resize to, e.g. 32x32")
     g.add_argument("--channels", type=int, default=None, help="folder/celeba: 1 (grayscale) or 3 (RGB)")
+    g.add_argument("--eager", action="store_true",
+                   help="folder/celeba: decode every image into memory first (default: stream them from disk)")
+    g.add_argument("--loader-workers", type=int, default=None, help="folder/celeba: DataLoader workers (default 2)")
+    g.add_argument("--cache-mb", type=float, default=None,
+                   help="folder/celeba: decoded-image cache per process, in MB (default 64)")
 
 
 def dataset_from_args(args: argparse.Namespace) -> Any:
@@ -46,6 +51,14 @@ def dataset_from_args(args: argparse.Namespace) -> Any:
             kw["size"] = size
         if args.channels:
             kw["channels"] = args.channels
+        from merging.data.stream import LoaderConfig
+
+        base = LoaderConfig()
+        kw["stream"] = not getattr(args, "eager", False)
+        kw["loader"] = LoaderConfig(
+            workers=base.workers if getattr(args, "loader_workers", None) is None else args.loader_workers,
+            cache_mb=base.cache_mb if getattr(args, "cache_mb", None) is None else args.cache_mb,
+        )
     if args.dataset == "digits":
         kw["tasks"] = tasks
     elif args.dataset == "folder":

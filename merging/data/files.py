@@ -7,40 +7,43 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from merging.data.base import MultitaskData, Preprocessing, Splits, register_dataset, split_indices
+from merging.data.stream import ImageFiles, LazyImages, LoaderConfig, StreamingData, channel_stats, read_image01
 from merging.errors import MergingError
 from merging.tasks import TaskSpec
 
 
-def _load_images(root: Path, names: list[str], size: tuple[int, int], channels: int) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    mode = "L" if channels == 1 else "RGB"
-    arrays = []
-    for name in names:
-        path = root / name
-        if not path.is_file():
-            raise MergingError("missing_image", f"image {name!r} listed in the labels is not in {root}")
-        try:
-            with Image.open(path) as src:
-                im = src.convert(mode).resize((size[1], size[0]), Image.Resampling.BILINEAR)
-                a = np.asarray(im, dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError) as e:
-            raise MergingError("bad_image", f"cannot read image {path}: {e}") from e
-        arrays.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
-    if not arrays:
+def _check_listed(root: Path, names: list[str]) -> None:
+    if not names:
         raise MergingError("bad_data", "no images listed")
+    for name in names:
+        if not (root / name).is_file():
+            raise MergingError("missing_image", f"image {name!r} listed in the labels is not in {root}")
+
+
+def _load_images(root: Path, names: list[str], size: tuple[int, int], channels: int) -> torch.Tensor:
+    """The eager path: every image decoded into one tensor (memory grows with the data set)."""
+    _check_listed(root, names)
+    bar = tqdm(names, desc="images", leave=False, disable=None)
+    arrays = [read_image01(root / name, size, channels) for name in bar]
     return torch.from_numpy(np.stack(arrays))
 
 
-def _split(name: str, tasks: tuple[TaskSpec, ...], x01: torch.Tensor, y: dict[str, torch.Tensor],
+def _split(name: str, tasks: tuple[TaskSpec, ...], x: torch.Tensor | ImageFiles, y: dict[str, torch.Tensor],
            pre: Preprocessing, split_seed: int, info: dict[str, object]) -> Splits:
-    if len(x01) < 5:
-        raise MergingError("bad_data", f"{name}: need at least 5 images to split, got {len(x01)}")
-    full = MultitaskData(tasks, pre.normalise(x01), y)
+    if len(x) < 5:
+        raise MergingError("bad_data", f"{name}: need at least 5 images to split, got {len(x)}")
+    full: MultitaskData
+    if isinstance(x, ImageFiles):
+        x.pre = pre
+        full = StreamingData(tasks, LazyImages(x), y)  # type: ignore[arg-type]
+    else:
+        full = MultitaskData(tasks, pre.normalise(x), y)
     tr, va, te = split_indices(len(full), split_seed)
-    return Splits(name, full.subset(tr), full.subset(va), full.subset(te), pre, info=info)
+    return Splits(name, full.subset(tr), full.subset(va), full.subset(te), pre,
+                  info={**info, "streaming": isinstance(x, ImageFiles)})
 
 
 @register_dataset("folder")
@@ -52,9 +55,14 @@ def folder(
     size: tuple[int, int] = (32, 32),
     channels: int = 1,
     split_seed: int = 0,
+    stream: bool = True,
+    loader: LoaderConfig | None = None,
 ) -> Splits:
     """Images under ``root`` and a CSV (``root/labels.csv`` by default) with an image column and
-    one column per task; each task's classes are the distinct values of its column, sorted."""
+    one column per task; each task's classes are the distinct values of its column, sorted.
+
+    ``stream``: read images on demand (``merging.data.stream``; memory bounded by ``loader``'s
+    cache); ``False``: decode them all into memory first (the former path, kept for comparison)."""
     root = Path(root)
     csv_path = Path(labels_csv) if labels_csv else root / "labels.csv"
     if not csv_path.is_file():
@@ -82,11 +90,19 @@ def folder(
             raise MergingError("bad_data", f"{csv_path}: task {t!r} has a single class {classes}")
         specs.append(TaskSpec(t, "classes", tuple(classes)))
         y[t] = torch.tensor([classes.index(v) for v in values], dtype=torch.long)
-    x01 = _load_images(root, [r[image_column] for r in rows], size, channels)
+    names = [r[image_column] for r in rows]
+    info: dict[str, object] = {"root": str(root), "labels": str(csv_path)}
+    if stream:
+        _check_listed(root, names)
+        files = ImageFiles(root, names, size, channels, loader=loader)
+        mean, std = channel_stats(files)
+        pre = Preprocessing(size=size, channels=channels, mean=mean, std=std)
+        return _split("folder", tuple(specs), files, y, pre, split_seed, info)
+    x01 = _load_images(root, names, size, channels)
     mean = tuple(float(m) for m in x01.mean(dim=(0, 2, 3)))
     std = tuple(max(float(s), 1e-3) for s in x01.std(dim=(0, 2, 3)))
     pre = Preprocessing(size=size, channels=channels, mean=mean, std=std)
-    return _split("folder", tuple(specs), x01, y, pre, split_seed, {"root": str(root), "labels": str(csv_path)})
+    return _split("folder", tuple(specs), x01, y, pre, split_seed, info)
 
 
 def parse_celeba_attrs(path: Path) -> tuple[list[str], list[str], np.ndarray]:
@@ -134,8 +150,11 @@ def celeba(
     channels: int = 3,
     limit: int | None = None,
     split_seed: int = 0,
+    stream: bool = True,
+    loader: LoaderConfig | None = None,
 ) -> Splits:
-    """CelebA-format attributes; each task is a named group of binary attributes."""
+    """CelebA-format attributes; each task is a named group of binary attributes (images streamed
+    from disk unless ``stream=False``, as for :func:`folder`)."""
     groups = parse_task_groups(task_groups) if isinstance(task_groups, str) else task_groups
     attrs, files, values = parse_celeba_attrs(Path(attr_file))
     if limit:
@@ -149,6 +168,11 @@ def celeba(
         specs.append(TaskSpec(name, "attributes", tuple(members)))
         cols = [attrs.index(a) for a in members]
         y[name] = torch.from_numpy((values[:, cols] == 1).astype(np.float32))
-    x01 = _load_images(Path(image_dir), files, size, channels)
     pre = Preprocessing(size=size, channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
-    return _split("celeba", tuple(specs), x01, y, pre, split_seed, {"attr_file": str(attr_file)})
+    x: torch.Tensor | ImageFiles
+    if stream:
+        _check_listed(Path(image_dir), files)
+        x = ImageFiles(Path(image_dir), files, size, channels, loader=loader)
+    else:
+        x = _load_images(Path(image_dir), files, size, channels)
+    return _split("celeba", tuple(specs), x, y, pre, split_seed, {"attr_file": str(attr_file)})
