@@ -90,7 +90,7 @@ def set_threads(n: int) -> None:
     if n < 1:
         raise ExportError("bad_threads", f"thread count must be >= 1, got {n}")
     with _state_lock:
-        if _loaded_any_program:
+        if _loaded_any_program and thread_count() != n:  # asking for what is already there is fine
             raise ExportError(
                 "threads_after_load",
                 "the XNNPACK threadpool can only be resized before any program is loaded in this process",
