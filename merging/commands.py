@@ -160,7 +160,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    from merging.scale_bench import main as scale_main
+
+    scale_main(["--out", args.out, "--epochs", str(args.epochs), "--images", str(args.images)])
+    return 0
+
+
 def register(sub: Any) -> None:
+    p = sub.add_parser("bench-scale", help="epoch time at 1 vs 2 processes (gloo) and loader RSS eager vs "
+                       "streaming -> results/scale.{json,md}")
+    p.add_argument("--out", default="results")
+    p.add_argument("--epochs", type=int, default=4, help="timed fine-tuning epochs per process count")
+    p.add_argument("--images", type=int, default=20_000, help="images in the generated folder")
+    p.set_defaults(func=cmd_bench_scale)
+
     p = sub.add_parser("train", help="train one single-task network per task (the zoo)")
     add_dataset_args(p)
     add_arch_args(p)

@@ -198,7 +198,7 @@ class StreamingData(MultitaskData):
         return MultitaskData(self.tasks, self.lazy.materialise(), self.y, self.images)
 
 
-def channel_stats(files: ImageFiles, batch: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(files: ImageFiles, batch: int = 64) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of the [0, 1] pixels over every image, in one streaming pass
     (float64 running sums; the eager loader's float32 reductions agree within ~1e-6)."""
     raw = ImageFiles(files.root, files.names, files.size, files.channels, None, LoaderConfig(
@@ -210,10 +210,9 @@ def channel_stats(files: ImageFiles, batch: int = 256) -> tuple[tuple[float, ...
     from tqdm.auto import tqdm
 
     for xb in tqdm(raw.batches(plan), total=len(plan), desc="image statistics", leave=False, disable=None):
-        x = xb.to(torch.float64)
-        total += x.sum(dim=(0, 2, 3))
-        squares += (x * x).sum(dim=(0, 2, 3))
-        n += x.shape[0] * x.shape[2] * x.shape[3]
+        total += xb.sum(dim=(0, 2, 3), dtype=torch.float64)
+        squares += (xb * xb).sum(dim=(0, 2, 3), dtype=torch.float64)
+        n += xb.shape[0] * xb.shape[2] * xb.shape[3]
     raw.close()
     if n == 0:
         raise MergingError("bad_data", "no images listed")
