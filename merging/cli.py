@@ -74,9 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if _distributed() is not None:
-            failure = sys.modules["merging.distributed"].RankFailure
-            _leave_job(args.command, e, 3 if isinstance(e, failure) else 1)
+        dist = _distributed()
+        if dist is not None:
+            failure = dist.as_rank_failure(e)
+            _leave_job(args.command, failure or e, 3 if failure is not None else 1)
         raise
     dist = _distributed()
     if dist is not None:

@@ -96,6 +96,24 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+_COLLECTIVE_SIGNS = ("gloo", "nccl", "connection closed", "timed out", "timeout", "process group", "collective")
+
+
+def as_rank_failure(e: BaseException) -> RankFailure | None:
+    """``e`` as a :class:`RankFailure` if it is a failed collective (DDP's gradient all-reduce raises
+    a bare RuntimeError from inside backward), else None."""
+    if isinstance(e, RankFailure):
+        return e
+    dist_error = getattr(dist, "DistError", ())
+    text = str(e).lower()
+    if (dist_error and isinstance(e, dist_error)) or (
+        isinstance(e, RuntimeError) and any(sign in text for sign in _COLLECTIVE_SIGNS)
+    ):
+        return RankFailure(f"rank {rank()}: a collective failed (another rank died, or hung past the "
+                           f"{timeout_seconds():g} s timeout): {e}")
+    return None
+
+
 def _guard(what: str, fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)

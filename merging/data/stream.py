@@ -53,60 +53,79 @@ def read_image01(path: Path, size: tuple[int, int], channels: int) -> np.ndarray
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
-class ImageFiles(Dataset[Tensor]):
-    """The network inputs of a list of image files, decoded on demand, with an LRU cache bounded in bytes."""
+class _Decoder(Dataset[Tensor]):
+    """Image ``i`` -> network input, with an LRU cache bounded in bytes. What the loader's workers
+    get a copy of (it holds no loader itself: no reference cycle, so dropping the data stops the
+    workers at once rather than at the next garbage collection, which took ~10 s)."""
 
-    def __init__(self, root: Path, names: Sequence[str], size: tuple[int, int], channels: int,
-                 pre: Preprocessing | None = None, loader: LoaderConfig | None = None) -> None:
-        self.root, self.names, self.size, self.channels = root, list(names), size, channels
-        self.pre = pre
-        self.loader = loader or LoaderConfig()
-        self._cache: OrderedDict[int, Tensor] = OrderedDict()
-        self._cached_bytes = 0
-        self._image_bytes = 4 * channels * size[0] * size[1]
-        self._plan = _Plan()
-        self._dl: DataLoader[Tensor] | None = None
-        self._busy = False
+    def __init__(self, root: Path, names: list[str], size: tuple[int, int], channels: int,
+                 pre: Preprocessing | None, cache_mb: float) -> None:
+        self.root, self.names, self.size, self.channels, self.pre = root, names, size, channels, pre
+        self.budget = cache_mb * 2**20
+        self.image_bytes = 4 * channels * size[0] * size[1]
+        self.cache: OrderedDict[int, Tensor] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.names)
-
-    def __getstate__(self) -> dict[str, Any]:  # workers get no cache and no loader of their own
-        state = dict(self.__dict__)
-        state.update(_cache=OrderedDict(), _cached_bytes=0, _dl=None, _busy=False)
-        return state
-
-    def close(self) -> None:
-        """Stop this store's worker processes now (they also stop when it is garbage-collected)."""
-        it = getattr(self._dl, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self._dl = None
 
     def load01(self, i: int) -> Tensor:
         return torch.from_numpy(read_image01(self.root / self.names[i], self.size, self.channels))
 
     def __getitem__(self, i: int) -> Tensor:
-        hit = self._cache.get(i)
+        hit = self.cache.get(i)
         if hit is not None:
-            self._cache.move_to_end(i)
+            self.cache.move_to_end(i)
             return hit
         x = self.load01(i)
         if self.pre is not None:
             x = self.pre.normalise(x[None])[0]
-        budget = self.loader.cache_mb * 2**20
-        if self._image_bytes <= budget:
-            self._cache[i] = x
-            self._cached_bytes += self._image_bytes
-            while self._cached_bytes > budget:
-                self._cache.popitem(last=False)
-                self._cached_bytes -= self._image_bytes
+        if self.image_bytes <= self.budget:
+            self.cache[i] = x
+            while len(self.cache) * self.image_bytes > self.budget:
+                self.cache.popitem(last=False)
         return x
+
+
+class ImageFiles:
+    """The network inputs of a list of image files, decoded on demand (bounded cache per process),
+    read in batches by persistent ``DataLoader`` workers."""
+
+    def __init__(self, root: Path, names: Sequence[str], size: tuple[int, int], channels: int,
+                 pre: Preprocessing | None = None, loader: LoaderConfig | None = None) -> None:
+        self.root, self.names, self.size, self.channels = root, list(names), size, channels
+        self.loader = loader or LoaderConfig()
+        self._decoder = _Decoder(root, self.names, size, channels, pre, self.loader.cache_mb)
+        self._plan = _Plan()
+        self._dl: DataLoader[Tensor] | None = None
+        self._busy = False
+
+    @property
+    def pre(self) -> Preprocessing | None:
+        return self._decoder.pre
+
+    @pre.setter
+    def pre(self, value: Preprocessing | None) -> None:
+        self.close()  # workers hold a copy of the decoder
+        self._decoder.pre = value
+        self._decoder.cache.clear()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def close(self) -> None:
+        """Stop this store's worker processes now (they also stop when it is dropped)."""
+        it = getattr(self._dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._dl = None
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self._decoder[i]
 
     def stack(self, idx: Sequence[int]) -> Tensor:
         if not len(idx):
             return torch.zeros(0, self.channels, *self.size)
-        return torch.stack([self[int(i)] for i in idx])
+        return torch.stack([self._decoder[int(i)] for i in idx])
 
     def batches(self, plan: list[list[int]]) -> Iterator[Tensor]:
         """Stacked images of each index list of ``plan``, read by the (persistent) workers."""
@@ -115,7 +134,7 @@ class ImageFiles(Dataset[Tensor]):
                 yield self.stack(idx)
             return
         if self._dl is None:
-            self._dl = DataLoader(self, batch_sampler=self._plan, num_workers=self.loader.workers,
+            self._dl = DataLoader(self._decoder, batch_sampler=self._plan, num_workers=self.loader.workers,
                                   collate_fn=torch.stack, persistent_workers=True,
                                   prefetch_factor=self.loader.prefetch)
         self._busy, self._plan.batches = True, plan
