@@ -21,6 +21,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install -r /tmp/requirements.txt
 # Then the code (no dependency resolution any more).
 COPY README.md ./
+COPY pam_common ./pam_common
 COPY merging ./merging
 COPY mobile_export ./mobile_export
 COPY service ./service

@@ -7,16 +7,18 @@ against the JSON's sha256 and the structure it describes; both files are written
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from merging.errors import MergingError
 from merging.network import MultitaskNet
+from pam_common.atomic import atomic_write_bytes, atomic_write_json
+
+# atomic_write_* are re-exported: bench, zoo, scale_bench and mobile_export import them from here.
+__all__ = ["atomic_write_bytes", "atomic_write_json", "load_model", "save_model", "sha256_file"]
 
 
 def sha256_file(path: Path) -> str:
@@ -25,24 +27,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -54,13 +38,9 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 def save_model(net: MultitaskNet, path: str | Path) -> Path:
     """Write ``<path>.pt`` then ``<path>.json``; returns the JSON path (the one to pass around)."""
     cfg_path, pt_path = _paths(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{pt_path.name}.", dir=pt_path.parent if pt_path.parent.exists() else None)
-    os.close(fd)
-    try:
-        torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, tmp)
-        data = Path(tmp).read_bytes()
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    buf = io.BytesIO()  # serialise in memory: the sha256 below is of exactly the bytes written
+    torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, buf)
+    data = buf.getvalue()
     atomic_write_bytes(pt_path, data)
     cfg = net.config()
     cfg["weights"] = {"file": pt_path.name, "sha256": hashlib.sha256(data).hexdigest()}

@@ -25,6 +25,7 @@ from merging.data import load_dataset
 from merging.data.digits import raw_digits
 from merging.mergers import create_merger
 from merging.report import format_table
+from merging.tasks import combination_name
 from merging.train import TrainConfig, evaluate
 from merging.zoo import load_zoo, train_zoo
 
@@ -107,7 +108,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print("\n== cost of every combination (separate = each task's own pruned network; spec = the specialist "
           "limit: c_alone(t) for one task, the all-task specialist for all five)", flush=True)
     sep, got = cost_table(separate), cost_table(merged)
-    full = "+".join(sorted(names))
+    full = combination_name(names)
     rows = []
     for combo in sep:
         spec = sep[combo].macs if "+" not in combo else combination_cost(spec_net).macs if combo == full else None

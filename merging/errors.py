@@ -7,17 +7,11 @@ so a traceback from it always means a bug in this package, never in the caller's
 
 from __future__ import annotations
 
+from pam_common.errors import CodedError
 
-class MergingError(Exception):
+
+class MergingError(CodedError):
     """A problem with the caller's input, with a stable machine-readable ``code``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"[{self.code}] {self.message}"
 
 
 def invariant(condition: bool, message: str) -> None:

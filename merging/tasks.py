@@ -13,6 +13,18 @@ from itertools import combinations as _subsets
 from typing import Literal
 
 from merging.errors import MergingError
+from pam_common.combinations import combination_name, split_combination
+
+__all__ = [
+    "TaskKind",
+    "TaskSpec",
+    "all_combinations",
+    "canonical_combination",
+    "combination_name",  # re-exported: defined once in pam_common for all three layers
+    "mask_of",
+    "names_of",
+    "set_name",
+]
 
 TaskKind = Literal["classes", "attributes"]
 
@@ -49,10 +61,6 @@ class TaskSpec:
         return TaskSpec(str(d["name"]), kind, tuple(str(x) for x in labels))  # type: ignore[arg-type]
 
 
-def combination_name(names: Iterable[str]) -> str:
-    return "+".join(sorted(names))
-
-
 def canonical_combination(requested: Iterable[str] | str, known: Sequence[str]) -> tuple[str, ...]:
     """Validate and normalise a request: sorted, de-duplicated task names.
 
@@ -60,10 +68,9 @@ def canonical_combination(requested: Iterable[str] | str, known: Sequence[str]) 
     and empty requests are a :class:`MergingError`.
     """
     if isinstance(requested, str):
-        parts = [p.strip() for p in requested.replace("+", ",").split(",")]
+        parts = split_combination(requested)
     else:
-        parts = [str(p).strip() for p in requested]
-    parts = [p for p in parts if p]
+        parts = [p for p in (str(p).strip() for p in requested) if p]
     if not parts:
         raise MergingError("empty_combination", f"a combination needs at least one task; known: {', '.join(known)}")
     unknown = sorted(set(parts) - set(known))

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
+from pam_common.errors import CodedError
 
-class ExportError(Exception):
+
+class ExportError(CodedError):
     """A problem with the caller's input or files, with a stable machine-readable ``code``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"[{self.code}] {self.message}"

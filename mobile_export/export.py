@@ -47,6 +47,7 @@ from mobile_export.manifest import (
     TaskEntry,
 )
 from mobile_export.quiet import quiet_stderr
+from pam_common.combinations import combination_name
 
 MAX_AUTO_TASKS = 6  # above this many tasks (63 methods) the caller must choose --combinations
 DEFAULT_MAX_BATCH = 8
@@ -135,7 +136,7 @@ def check_exportable(net: MultitaskNet) -> None:
 # ---------------------------------------------------------------------------- lowering
 def export_programs(net: MultitaskNet, combos: Sequence[tuple[str, ...]], max_batch: int) -> dict[str, Any]:
     """``torch.export`` one program per combination, batch dimension dynamic up to ``max_batch``."""
-    return {"+".join(c): export_method(net, c, max_batch) for c in combos}
+    return {combination_name(c): export_method(net, c, max_batch) for c in combos}
 
 
 def lower_programs(programs: Mapping[str, Any]) -> bytes:
@@ -155,7 +156,7 @@ def lite_method_names(combos: Sequence[tuple[str, ...]]) -> dict[str, str]:
         while name in used:
             name, i = f"{base}_{i}", i + 1
         used.add(name)
-        out["+".join(combo)] = name
+        out[combination_name(combo)] = name
     return out
 
 
@@ -169,7 +170,7 @@ def build_lite(
     Each method is traced once: the tracer's own check (``check_trace=True``, what this did before)
     traces every method a second time and compares, which the reload-and-compare below covers."""
     names = lite_method_names(combos)
-    subs = {names["+".join(c)]: net.for_combination(c).eval() for c in combos}
+    subs = {names[combination_name(c)]: net.for_combination(c).eval() for c in combos}
 
     def _make(key: str) -> Any:
         def method(self: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -421,7 +422,7 @@ def _export(
     # process per core, but only with at least MIN_METHODS_PER_WORKER methods each.
     auto = max(1, min(default_workers(), len(combos) // MIN_METHODS_PER_WORKER))
     workers = min(cfg.workers or auto, len(combos))
-    names = ["+".join(c) for c in combos]
+    names = [combination_name(c) for c in combos]
     log(f"exporting {len(combos)} method(s) with {workers} process(es): "
         f"{', '.join(names) if len(names) <= 8 else ', '.join(names[:7]) + f', ... ({len(names) - 7} more)'}")
     estimate = len(combos) * SECONDS_PER_METHOD / workers
@@ -483,7 +484,7 @@ def _export(
         methods_entries = []
         for c in combos:
             cost = combination_cost(net, c)
-            name = "+".join(c)
+            name = combination_name(c)
             methods_entries.append(
                 MethodEntry(
                     name=name, tasks=list(c), macs=cost.macs, params=cost.params, lite_method=lite_names.get(name)
@@ -557,7 +558,7 @@ def _write_reference(bundle: Path, net: MultitaskNet, combos: Sequence[tuple[str
     outputs: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for c in combos:
-            outputs["+".join(c)] = [o.detach().clone() for o in net.for_combination(c).eval()(x)]
+            outputs[combination_name(c)] = [o.detach().clone() for o in net.for_combination(c).eval()(x)]
     path = bundle / REFERENCE_FILE
     with tempfile.NamedTemporaryFile(dir=bundle, delete=False) as f:
         torch.save({"x": x, "outputs": outputs}, f)

@@ -6,9 +6,6 @@ with the ExecuTorch runtime and this schema only.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -16,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mobile_export.errors import ExportError
+from pam_common.atomic import atomic_write_json
+from pam_common.combinations import combination_name, split_combination
 
 SCHEMA_VERSION: Literal[1] = 1
 MANIFEST_FILE = "manifest.json"
@@ -100,8 +99,8 @@ class Manifest(_Strict):
             seen.add(m.name)
             if m.tasks != sorted(set(m.tasks)) or not set(m.tasks) <= set(names) or not m.tasks:
                 raise ValueError(f"method {m.name}: tasks {m.tasks} must be sorted, distinct, known")
-            if m.name != "+".join(m.tasks):
-                raise ValueError(f"method {m.name}: name must be the canonical combination {'+'.join(m.tasks)}")
+            if m.name != combination_name(m.tasks):
+                raise ValueError(f"method {m.name}: name must be the canonical combination {combination_name(m.tasks)}")
         return self
 
     # ------------------------------------------------------------------ queries
@@ -120,10 +119,9 @@ class Manifest(_Strict):
         if requested is None:
             return sorted(self.task_names)
         if isinstance(requested, str):
-            parts = [p.strip() for p in requested.replace("+", ",").split(",")]
+            parts = split_combination(requested)
         else:
-            parts = [str(p).strip() for p in requested]
-        parts = [p for p in parts if p]
+            parts = [p for p in (str(p).strip() for p in requested) if p]
         if not parts:
             raise ExportError("empty_combination", f"no task requested; known tasks: {', '.join(self.task_names)}")
         unknown = sorted(set(parts) - set(self.task_names))
@@ -135,7 +133,7 @@ class Manifest(_Strict):
 
     def method_for(self, requested: Iterable[str] | str | None) -> MethodEntry:
         """The method that runs exactly the requested combination."""
-        name = "+".join(self.canonical(requested))
+        name = combination_name(self.canonical(requested))
         for m in self.methods:
             if m.name == name:
                 return m
@@ -163,16 +161,4 @@ class Manifest(_Strict):
         p = Path(path)
         if p.is_dir():
             p = p / MANIFEST_FILE
-        atomic_write_bytes(p, json.dumps(self.model_dump(mode="json"), indent=2).encode() + b"\n")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (readers never see half a file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_json(p, self.model_dump(mode="json"))

@@ -39,7 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from mobile_export.manifest import Manifest, atomic_write_bytes
+from mobile_export.manifest import Manifest
+from pam_common.atomic import atomic_write_bytes
+from pam_common.combinations import combination_name
 from service.errors import ServiceError
 
 
@@ -316,7 +318,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
 
     manifest = Manifest.load(cfg.bundle_dir)
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
-    all_tasks = "+".join(sorted(manifest.task_names))
+    all_tasks = combination_name(manifest.task_names)
     if cfg.combinations:
         methods = [manifest.method_for(c).name for c in cfg.combinations]
     else:

@@ -9,15 +9,14 @@ combination.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mobile_export.errors import ExportError
 from mobile_export.manifest import Manifest, MethodEntry
+from pam_common.combinations import combination_name, split_combination
 from service.errors import ServiceError
 
-_SEPARATORS = re.compile(r"[,+\s]+")
 _CLIENT_CODES = {"unknown_task": 400, "empty_combination": 400, "combination_not_exported": 404}
 MAX_TASK_VALUES = 64  # repeated ``tasks`` values (and tasks named) per request; more is a 400
 
@@ -42,7 +41,7 @@ def split_tasks(values: Iterable[str] | str | None) -> list[str] | None:
     vals = [values] if isinstance(values, str) else list(values)
     if len(vals) > MAX_TASK_VALUES:
         raise ServiceError(400, "too_many_tasks", f"{len(vals)} 'tasks' values; at most {MAX_TASK_VALUES}")
-    names = [p for v in vals for p in _SEPARATORS.split(v) if p]
+    names = [p for v in vals for p in split_combination(v)]
     if len(names) > MAX_TASK_VALUES:
         raise ServiceError(400, "too_many_tasks", f"{len(names)} task names; at most {MAX_TASK_VALUES}")
     return names
@@ -72,7 +71,7 @@ def resolve(manifest: Manifest, requested: list[str] | None, *, strict: bool) ->
         raise ServiceError(_CLIENT_CODES.get(e.code, 400), e.code,
                            e.message + ("; separate tasks with ',' (tasks=a,b) or repeat tasks=" if
                                         e.code == "unknown_task" else ""), extra=extra) from e
-    name = "+".join(tasks)
+    name = combination_name(tasks)
     exact = next((m for m in manifest.methods if m.name == name), None)
     if exact is not None:
         return Resolved(name, tasks, exact)

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
+from pam_common.errors import CodedError
 
-class ServiceError(Exception):
+
+class ServiceError(CodedError):
     """A request the service refuses (4xx) or cannot serve right now (503/504), with a JSON reason."""
 
     def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None,
                  extra: dict[str, object] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(code, message)
         self.status = status
-        self.code = code
-        self.message = message
         self.headers = headers or {}
         self.extra = extra or {}
 
     def body(self) -> dict[str, object]:
         return {"error": self.code, "detail": self.message, **self.extra}
-
-    def __str__(self) -> str:
-        return f"[{self.code}] {self.message}"
