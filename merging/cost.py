@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from merging.graph import GroupKey, HeadKey, Node
 from merging.network import MultitaskNet
 from merging.tasks import all_combinations, combination_name, mask_of
 
@@ -20,39 +21,32 @@ class Cost:
     params: int  # parameters of those blocks (weights, biases, BN affine)
 
 
-def _conv_macs(out_ch: int, in_ch: int, kernel: tuple[int, int], conv_hw: tuple[int, int]) -> int:
-    return out_ch * in_ch * kernel[0] * kernel[1] * conv_hw[0] * conv_hw[1]
+def node_params(net: MultitaskNet, node: Node) -> int:
+    return sum(p.numel() for p in net.module_of(node.key).parameters())
 
 
 def block_cost(net: MultitaskNet, layer: int, mask: int) -> Cost:
-    block = net.block(layer, mask)
-    r = net.resolved[layer]
-    macs = _conv_macs(block.conv.out_channels, block.conv.in_channels, r.kernel, r.conv_hw)
-    return Cost(macs, sum(p.numel() for p in block.parameters()))
+    node = net.graph()[GroupKey(layer, mask)]
+    return Cost(node.macs, node_params(net, node))
 
 
 def head_cost(net: MultitaskNet, task: str) -> Cost:
-    head = net.head(task)
-    k = net.resolved[-1].out_hw
-    macs = _conv_macs(head.conv.out_channels, head.conv.in_channels, k, (1, 1))
-    return Cost(macs, sum(p.numel() for p in head.parameters()))
+    node = net.graph()[HeadKey(net.task_names.index(task), task)]
+    return Cost(node.macs, node_params(net, node))
 
 
 def combination_cost(net: MultitaskNet, combination: Iterable[str] | str | None = None) -> Cost:
     combo = net.resolve_combination(combination)
-    cmask = mask_of(combo, net.task_names)
-    macs = params = 0
-    for l, groups in enumerate(net.layout):
-        for mask in groups:
-            if mask & cmask:
-                c = block_cost(net, l, mask)
-                macs, params = macs + c.macs, params + c.params
-    for t in combo:
-        c = head_cost(net, t)
-        macs, params = macs + c.macs, params + c.params
-    return Cost(macs, params)
+    nodes = net.graph().run_by(mask_of(combo, net.task_names))
+    return Cost(sum(n.macs for n in nodes), sum(node_params(net, n) for n in nodes))
 
 
 def cost_table(net: MultitaskNet) -> dict[str, Cost]:
     """Canonical combination name -> cost, for every combination of the network's tasks."""
-    return {combination_name(c): combination_cost(net, c) for c in all_combinations(net.task_names)}
+    graph = net.graph()
+    params = {n.key: node_params(net, n) for n in graph}
+    out: dict[str, Cost] = {}
+    for c in all_combinations(net.task_names):
+        nodes = graph.run_by(mask_of(c, net.task_names))
+        out[combination_name(c)] = Cost(sum(n.macs for n in nodes), sum(params[n.key] for n in nodes))
+    return out

@@ -19,14 +19,11 @@ from torch import Tensor, nn
 
 from merging.arch import ArchConfig, ResolvedLayer, resolve
 from merging.errors import MergingError, invariant
+from merging.graph import GroupGraph, GroupKey, HeadKey, Node, NodeKey
 from merging.tasks import TaskSpec, canonical_combination, mask_of, names_of, set_name
 
 INPUT_KEY = "input"
 FORMAT = "pam-multitask/1"
-
-
-def block_key(layer: int, mask: int) -> str:
-    return f"L{layer}_g{mask}"
 
 
 def is_superset(outer: int, inner: int) -> bool:
@@ -148,7 +145,7 @@ class MultitaskNet(nn.Module):
                 ins = self._checked_reads(l, mask, None if reads is None else reads.get((l, mask)))
                 self.reads[(l, mask)] = ins
                 in_ch = self.arch.in_channels if l == 0 else sum(self.layout[l - 1][m] for m in ins)
-                self.blocks[block_key(l, mask)] = GroupBlock(in_ch, width, self.resolved[l])
+                self.blocks[GroupKey(l, mask).name] = GroupBlock(in_ch, width, self.resolved[l])
         self.heads = nn.ModuleDict()
         last = len(self.layout) - 1
         for i, t in enumerate(self.tasks):
@@ -160,14 +157,10 @@ class MultitaskNet(nn.Module):
 
     # ----------------------------------------------------------------- structure
     def block(self, layer: int, mask: int) -> GroupBlock:
-        return cast(GroupBlock, self.blocks[block_key(layer, mask)])
+        return cast(GroupBlock, self.blocks[GroupKey(layer, mask).name])
 
     def head(self, task: str) -> TaskHead:
         return cast(TaskHead, self.heads[task])
-
-    def reader_conv(self, key: str, is_head: bool) -> nn.Conv2d:
-        """The conv of a consumer as returned by :meth:`consumers`."""
-        return cast(TaskHead, self.heads[key]).conv if is_head else cast(GroupBlock, self.blocks[key]).conv
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -208,7 +201,7 @@ class MultitaskNet(nn.Module):
     def input_keys(self, layer: int, mask: int) -> tuple[str, ...]:
         if layer == 0:
             return (INPUT_KEY,)
-        return tuple(block_key(layer - 1, m) for m in self.reads[(layer, mask)])
+        return tuple(GroupKey(layer - 1, m).name for m in self.reads[(layer, mask)])
 
     def plan(self, combination: Iterable[str] | str | None = None) -> list[Step]:
         combo = self.resolve_combination(combination)
@@ -217,11 +210,11 @@ class MultitaskNet(nn.Module):
         for l, groups in enumerate(self.layout):
             for mask in groups:
                 if mask & cmask:
-                    steps.append(Step(block_key(l, mask), self.input_keys(l, mask), False))
+                    steps.append(Step(GroupKey(l, mask).name, self.input_keys(l, mask), False))
         last = len(self.layout) - 1
         for name in combo:
             i = self.task_names.index(name)
-            steps.append(Step(name, tuple(block_key(last, m) for m in self.head_reads(i)), True))
+            steps.append(Step(name, tuple(GroupKey(last, m).name for m in self.head_reads(i)), True))
         return steps
 
     def resolve_combination(self, combination: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -242,22 +235,33 @@ class MultitaskNet(nn.Module):
     def group_width(self, layer: int, mask: int) -> int:
         return self.layout[layer].get(mask, 0)
 
-    def consumers(self, layer: int, mask: int) -> list[tuple[str, int, bool]]:
-        """(key, input offset, is_head) of every block or head that reads group (layer, mask)."""
-        out: list[tuple[str, int, bool]] = []
-        if layer + 1 < len(self.layout):
-            for m in self.layout[layer + 1]:
-                reads = self.reads[(layer + 1, m)]
-                if mask in reads:
-                    off = sum(self.layout[layer][r] for r in reads[: reads.index(mask)])
-                    out.append((block_key(layer + 1, m), off, False))
-        else:
-            for i, t in enumerate(self.tasks):
-                reads = self.head_reads(i)
-                if mask in reads:
-                    off = sum(self.layout[layer][r] for r in reads[: reads.index(mask)])
-                    out.append((t.name, off, True))
-        return out
+    def graph(self) -> GroupGraph:
+        """The group graph of the current structure (a snapshot: ask again after surgery)."""
+        nodes: list[Node] = []
+        widths: dict[GroupKey, int] = {}
+        for l, groups in enumerate(self.layout):
+            r = self.resolved[l]
+            for mask, width in groups.items():
+                key = GroupKey(l, mask)
+                widths[key] = width
+                ins = tuple(GroupKey(l - 1, m) for m in self.reads[(l, mask)])
+                in_ch = self.arch.in_channels if l == 0 else sum(widths[k] for k in ins)
+                nodes.append(Node(key, "fc" if r.fc else "conv", ins, in_ch, width, r.kernel, r.conv_hw))
+        last = len(self.layout) - 1
+        for i, t in enumerate(self.tasks):
+            ins = tuple(GroupKey(last, m) for m in self.head_reads(i))
+            nodes.append(Node(HeadKey(i, t.name), "head", ins, sum(widths[k] for k in ins), t.out_dim,
+                              self.resolved[last].out_hw, (1, 1)))
+        return GroupGraph(nodes, widths)
+
+    def module_of(self, key: NodeKey) -> GroupBlock | TaskHead:
+        """The block or head named by a graph key."""
+        if isinstance(key, HeadKey):
+            return cast(TaskHead, self.heads[key.task])
+        return cast(GroupBlock, self.blocks[key.name])
+
+    def conv_of(self, key: NodeKey) -> nn.Conv2d:
+        return self.module_of(key).conv
 
     @torch.no_grad()
     def select_channels(self, layer: int, mask: int, keep: Sequence[int] | Tensor) -> None:
@@ -272,20 +276,20 @@ class MultitaskNet(nn.Module):
             raise MergingError("bad_group", f"layer {layer} has no group {mask}")
         if keep_t.numel() and (int(keep_t.min()) < 0 or int(keep_t.max()) >= width):
             raise MergingError("bad_group", f"channel index out of range for a group of width {width}")
-        consumers = self.consumers(layer, mask)
+        readers = self.graph().readers(GroupKey(layer, mask))
         if keep_t.numel() == 0:
-            for key, _, is_head in consumers:
-                if is_head:
-                    others = [m for m in self.head_reads(self.task_names.index(key)) if m != mask]
-                    if not others:
-                        raise MergingError("empty_task", f"removing this group would leave task {key!r} with no input")
-        for key, off, is_head in consumers:
-            conv = self.reader_conv(key, is_head)
+            for r in readers:
+                if isinstance(r.node.key, HeadKey) and len(r.node.inputs) == 1:
+                    raise MergingError("empty_task",
+                                       f"removing this group would leave task {r.node.key.task!r} with no input")
+        for r in readers:
+            conv = self.conv_of(r.node.key)
+            off = r.offset
             idx = torch.cat([torch.arange(off), off + keep_t, torch.arange(off + width, conv.in_channels)])
             _slice_conv_in(conv, idx)
         block = self.block(layer, mask)
         if keep_t.numel() == 0:
-            del self.blocks[block_key(layer, mask)]
+            del self.blocks[GroupKey(layer, mask).name]
             del self.layout[layer][mask]
             del self.reads[(layer, mask)]
             self._drop_reader_of(layer, mask)

@@ -219,8 +219,10 @@ def test_zero_width_groups_are_dropped_or_refused() -> None:
     empty = torch.zeros(0, dtype=torch.long)
     block = net.blocks["L1_g1"]
     width = net.group_width(1, 1)
-    for key, off, is_head in net.consumers(1, 1):
-        conv = net.heads[key].conv if is_head else net.blocks[key].conv
+    from merging.graph import GroupKey
+
+    for r in net.graph().readers(GroupKey(1, 1)):
+        conv, off = net.conv_of(r.node.key), r.offset
         keep = torch.cat([torch.arange(off), torch.arange(off + width, conv.in_channels)])
         _slice_conv_in(conv, keep)
     _slice_conv_out(block.conv, block.bn, empty)

@@ -7,7 +7,8 @@ import torch
 
 from merging.arch import create_arch
 from merging.errors import MergingError
-from merging.network import MultitaskNet, block_key
+from merging.graph import GroupKey
+from merging.network import MultitaskNet
 from merging.tasks import canonical_combination
 from tests.conftest import make_tasks, random_net, subsets
 
@@ -45,7 +46,7 @@ def test_combination_runs_only_groups_whose_set_meets_it() -> None:
     for combo in subsets(list(net.task_names)):
         cmask = sum(1 << net.task_names.index(t) for t in combo)
         keys = {s.key for s in net.plan(combo) if not s.head}
-        expected = {block_key(l, m) for l, g in enumerate(net.layout) for m in g if m & cmask}
+        expected = {GroupKey(l, m).name for l, g in enumerate(net.layout) for m in g if m & cmask}
         assert keys == expected
 
 
@@ -72,9 +73,8 @@ def test_zero_width_groups_vanish_and_surgery_keeps_function() -> None:
     width = net.group_width(l, mask)
     drop = [0]
     with torch.no_grad():
-        for key, off, is_head in net.consumers(l, mask):
-            conv = net.heads[key].conv if is_head else net.blocks[key].conv
-            conv.weight[:, off + drop[0]] = 0
+        for r in net.graph().readers(GroupKey(l, mask)):
+            net.conv_of(r.node.key).weight[:, r.offset + drop[0]] = 0
     before = net(x)
     net.select_channels(l, mask, [i for i in range(width) if i not in drop])
     net.check_wiring()
@@ -83,7 +83,7 @@ def test_zero_width_groups_vanish_and_surgery_keeps_function() -> None:
         torch.testing.assert_close(after[t], before[t], rtol=1e-5, atol=1e-6)
     # A whole group removed: it disappears from the layout and every combination still runs.
     net.select_channels(l, mask, [])
-    assert net.group_width(l, mask) == 0 and block_key(l, mask) not in net.blocks
+    assert net.group_width(l, mask) == 0 and GroupKey(l, mask).name not in net.blocks
     net.check_wiring()
     for combo in subsets(list(net.task_names)):
         out = net(x, combo)

@@ -8,9 +8,10 @@ import torch
 from merging.arch import ArchConfig, LayerSpec
 from merging.data.base import MultitaskData
 from merging.errors import MergingError
+from merging.graph import GroupKey
 from merging.mergers import create_merger
 from merging.mergers.pam import PamConfig, PamMerger
-from merging.network import MultitaskNet, block_key
+from merging.network import MultitaskNet
 from merging.tasks import TaskSpec, all_combinations
 from tests.pam_support import tiny_zoo
 
@@ -50,7 +51,7 @@ def _planted() -> tuple[list[MultitaskNet], MultitaskData]:
         plan = plans[t.name]
         arch = ArchConfig("planted", 3, (1, 1), (LayerSpec("fc", len(plan)),))
         net = MultitaskNet.single_task(t, arch)
-        block = net.blocks[block_key(0, 1)]
+        block = net.blocks[GroupKey(0, 1).name]
         with torch.no_grad():
             block.conv.weight.zero_()
             for row, (col, scale) in enumerate(plan):
@@ -64,7 +65,7 @@ def _planted() -> tuple[list[MultitaskNet], MultitaskData]:
 
 
 def _rows_of(net: MultitaskNet, layer: int, mask: int) -> torch.Tensor:
-    return net.blocks[block_key(layer, mask)].conv.weight.detach()[:, :, 0, 0]
+    return net.blocks[GroupKey(layer, mask).name].conv.weight.detach()[:, :, 0, 0]
 
 
 def test_planted_groups_are_recovered() -> None:

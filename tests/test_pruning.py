@@ -12,8 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from merging.arch import create_arch
 from merging.cost import combination_cost
 from merging.errors import MergingError
+from merging.graph import GroupKey
 from merging.mergers import create_merger
-from merging.network import MultitaskNet, block_key
+from merging.network import MultitaskNet
 from merging.pruning import (
     PruneConfig,
     check_set,
@@ -78,9 +79,9 @@ def test_a_group_whose_every_channel_is_cut_is_removed() -> None:
     torch.manual_seed(0)
     net = MultitaskNet(tasks, arch, layout).eval()
     with torch.no_grad():  # a useless group (weights in and out zero): every criterion ranks it last
-        net.blocks[block_key(0, 1)].conv.weight.zero_()
-        net.blocks[block_key(0, 1)].conv.bias.zero_()
-        net.blocks[block_key(1, 1)].conv.weight[:, :4] = 0.0  # its only reader: group 1 reads groups 1, 3
+        net.blocks[GroupKey(0, 1).name].conv.weight.zero_()
+        net.blocks[GroupKey(0, 1).name].conv.bias.zero_()
+        net.blocks[GroupKey(1, 1).name].conv.weight[:, :4] = 0.0  # its only reader: group 1 reads groups 1, 3
     cfg = PruneConfig(criterion="magnitude", price="none", taylor_batches=1, progress=False)
     info = prune_step(net, digits_splits.train.select_tasks(net.task_names), cfg, fraction=0.35)
     assert (0, 1) in info["removed_groups"]
@@ -94,8 +95,8 @@ def test_last_input_of_a_head_is_never_removed() -> None:
     arch = create_arch("lenet", width_mult=0.25)
     net = MultitaskNet(tasks, arch, [{3: 4}, {3: 4}, {1: 2, 2: 4}]).eval()
     with torch.no_grad():  # task 0's only exclusive group is useless, and its head's only input
-        net.blocks[block_key(2, 1)].conv.weight.zero_()
-        net.blocks[block_key(2, 1)].conv.bias.zero_()
+        net.blocks[GroupKey(2, 1).name].conv.weight.zero_()
+        net.blocks[GroupKey(2, 1).name].conv.bias.zero_()
         net.heads[tasks[0].name].conv.weight.zero_()
     cfg = PruneConfig(criterion="magnitude", price="none", taylor_batches=1, progress=False)
     prune_step(net, digits_splits.train.select_tasks(net.task_names), cfg, fraction=0.02)
@@ -165,9 +166,10 @@ def test_frozen_parts_stay_bit_identical_while_the_rest_is_finetuned() -> None:
     after = net.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "the live parts were not trained"
+    mask_of_block = {g.name: g.mask for g in net.graph().groups()}
     for k in before:
         if k.startswith("blocks."):
-            mask = int(k.split(".")[1].split("_g")[1])
+            mask = mask_of_block[k.split(".")[1]]
             if mask & frozen:
                 assert k not in changed, k  # weights and batch-norm statistics alike
             elif k.endswith("conv.weight"):

@@ -27,12 +27,12 @@ from torch import Tensor, nn
 
 from merging.arch import ArchConfig, resolve
 from merging.errors import invariant
-from merging.network import GroupBlock, MultitaskNet, TaskHead, block_key
+from merging.network import GroupBlock, MultitaskNet, TaskHead
 from merging.tasks import TaskSpec
 
 
 def _block(net: MultitaskNet, layer: int, mask: int) -> GroupBlock:
-    return cast(GroupBlock, net.blocks[block_key(layer, mask)])
+    return cast(GroupBlock, net.block(layer, mask))
 
 
 def _head(net: MultitaskNet, task: str) -> TaskHead:

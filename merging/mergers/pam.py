@@ -54,7 +54,7 @@ from merging.data.base import MultitaskData
 from merging.errors import MergingError, invariant
 from merging.mergers.base import Merger, check_mergeable, create_merger, register_merger, single_block
 from merging.mi import DEFAULT_NOISE, label_entropy, mutual_information_many
-from merging.network import MultitaskNet, block_key
+from merging.network import MultitaskNet
 from merging.pruning.surgery import remove_dead_groups
 
 Split = Literal["general", "two-level"]
@@ -350,7 +350,7 @@ def _copy_weights(merged: MultitaskNet, nets: Sequence[MultitaskNet], members: l
     """Block-diagonal union: each channel keeps its weights on its own network's channels, zero elsewhere."""
     for l, groups in enumerate(members):
         for mask, chans in groups.items():
-            block: Any = merged.blocks[block_key(l, mask)]
+            block: Any = merged.block(l, mask)
             w = torch.zeros_like(block.conv.weight)
             inputs = None if l == 0 else [ch for m in merged.reads[(l, mask)] for ch in members[l - 1][m]]
             for row, ch in enumerate(chans):

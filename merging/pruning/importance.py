@@ -25,7 +25,7 @@ import torch_pruning as tp
 from torch import Tensor
 
 from merging.data.base import MultitaskData
-from merging.network import MultitaskNet, block_key
+from merging.network import MultitaskNet
 from merging.pruning.config import PruneConfig
 from merging.train import joint_loss
 
@@ -46,24 +46,6 @@ class ChannelScores:
     share: Tensor  # (width,) cost / the channel's MACs if every combination paid for it: in (0, 1]
 
 
-def channel_parts(net: MultitaskNet, layer: int, mask: int) -> tuple[int, list[tuple[int, int]]]:
-    """The MACs one channel of group (layer, mask) brings: its own filter's, and (reader set, MACs of
-    its slice) for every block or head that reads it (a head's set is its task alone)."""
-    r = net.resolved[layer]
-    conv = net.block(layer, mask).conv
-    own = conv.in_channels * r.kernel[0] * r.kernel[1] * r.conv_hw[0] * r.conv_hw[1]
-    readers: list[tuple[int, int]] = []
-    for key, _, is_head in net.consumers(layer, mask):
-        rc = net.reader_conv(key, is_head)
-        if is_head:
-            readers.append((1 << net.task_names.index(key), rc.out_channels * rc.kernel_size[0] * rc.kernel_size[1]))
-        else:
-            rl = net.resolved[layer + 1]
-            per_in = rc.out_channels * rl.kernel[0] * rl.kernel[1] * rl.conv_hw[0] * rl.conv_hw[1]
-            readers.append((int(key.split("_g")[1]), per_in))
-    return own, readers
-
-
 def channel_costs(net: MultitaskNet, weighted: bool = True) -> dict[tuple[int, int], float]:
     """(layer, mask) -> MACs one channel of that group brings: its own filter plus its slice of every
     reader, each part times the share of combinations that run it (``weighted``; otherwise each part
@@ -71,10 +53,10 @@ def channel_costs(net: MultitaskNet, weighted: bool = True) -> dict[tuple[int, i
     n = len(net.tasks)
     share = (lambda m: combination_share(m, n)) if weighted else (lambda m: 1.0)
     out: dict[tuple[int, int], float] = {}
-    for l, groups in enumerate(net.layout):
-        for mask in groups:
-            own, readers = channel_parts(net, l, mask)
-            out[(l, mask)] = float(own * share(mask) + sum(macs * share(m) for m, macs in readers))
+    graph = net.graph()
+    for key in graph.groups():
+        own, readers = graph.channel_parts(key)
+        out[(key.layer, key.mask)] = float(own * share(key.mask) + sum(macs * share(m) for m, macs in readers))
     return out
 
 
@@ -112,7 +94,7 @@ def score_channels(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig) -> 
     raw: list[tuple[int, int, Tensor | None, Tensor | None]] = []
     for l, groups in enumerate(net.layout):
         for mask, width in groups.items():
-            conv = net.blocks[block_key(l, mask)].conv
+            conv = net.block(l, mask).conv
             group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(width)))
             t = taylor(group).detach().abs() if use_taylor else None
             m = magnitude(group).detach() if use_mag else None

@@ -36,7 +36,7 @@ from merging.cost import combination_cost
 from merging.data.base import MultitaskData, Splits
 from merging.distributed import agree_net, broadcast_object
 from merging.errors import MergingError
-from merging.network import MultitaskNet, block_key
+from merging.network import MultitaskNet
 from merging.pruning.budget import Verdict, assess, reference_accuracy
 from merging.pruning.config import PruneConfig
 from merging.pruning.importance import ChannelScores, score_channels, weighted_macs
@@ -141,7 +141,7 @@ def prune_step(
         if len(idxs) >= width:
             empty.append((l, mask))
             continue
-        conv = net.blocks[block_key(l, mask)].conv
+        conv = net.block(l, mask).conv
         group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=sorted(idxs))
         group.prune()
     net.sync_layout()
@@ -165,9 +165,9 @@ def prune_step(
 def _freeze(net: MultitaskNet, frozen: int) -> list[torch.nn.Parameter]:
     """Stop gradients into every group serving a frozen task and into those tasks' heads."""
     params: list[torch.nn.Parameter] = []
-    for l, groups in enumerate(net.layout):
-        params += [p for mask in groups if mask & frozen for p in net.blocks[block_key(l, mask)].parameters()]
-    params += [p for t, name in enumerate(net.task_names) if frozen >> t & 1 for p in net.heads[name].parameters()]
+    for node in net.graph():
+        if node.serves & frozen:
+            params += list(net.module_of(node.key).parameters())
     for p in params:
         p.requires_grad_(False)
     return params
@@ -185,17 +185,16 @@ def finetune_unfrozen(
         return
     params = _freeze(net, frozen)
     # Batch-norm statistics are buffers, not parameters: restore them on the frozen blocks.
-    buffers = {name: b.clone() for name, b in net.named_buffers()}
+    frozen_blocks = [net.block(k.layer, k.mask) for k in net.graph().groups() if k.mask & frozen]
+    buffers = [(b, b.clone()) for block in frozen_blocks for b in block.buffers()]
     try:
         _finetune(net, data, cfg, epochs, seed, tasks=live)
     finally:
         for p in params:
             p.requires_grad_(True)
     with torch.no_grad():
-        for name, b in net.named_buffers():
-            key = name.split(".")[1] if name.startswith("blocks.") else None
-            if key is not None and int(key.split("_g")[1]) & frozen and name in buffers:
-                b.copy_(buffers[name])
+        for b, saved in buffers:
+            b.copy_(saved)
 
 
 def prune(

@@ -34,7 +34,7 @@ from merging.data.base import MultitaskData
 from merging.errors import MergingError
 from merging.network import MultitaskNet, is_superset
 from merging.pruning.config import PruneConfig
-from merging.pruning.importance import channel_parts, combination_share, weighted_macs
+from merging.pruning.importance import combination_share, weighted_macs
 from merging.train import joint_loss
 
 
@@ -275,16 +275,17 @@ def pair_savings(net: MultitaskNet) -> dict[tuple[int, int], Tensor]:
     not the set without t, and its slice of every reader serving t."""
     n = len(net.tasks)
     out: dict[tuple[int, int], Tensor] = {}
-    for l, groups in enumerate(net.layout):
-        for mask in groups:
-            own, readers = channel_parts(net, l, mask)
-            save = torch.zeros(n)
-            for t in range(n):
-                if mask >> t & 1:
-                    rest = mask & ~(1 << t)
-                    s = own * (combination_share(mask, n) - (combination_share(rest, n) if rest else 0.0))
-                    save[t] = s + sum(macs * combination_share(m, n) for m, macs in readers if m >> t & 1)
-            out[(l, mask)] = save
+    graph = net.graph()
+    for key in graph.groups():
+        mask = key.mask
+        own, readers = graph.channel_parts(key)
+        save = torch.zeros(n)
+        for t in range(n):
+            if mask >> t & 1:
+                rest = mask & ~(1 << t)
+                s = own * (combination_share(mask, n) - (combination_share(rest, n) if rest else 0.0))
+                save[t] = s + sum(macs * combination_share(m, n) for m, macs in readers if m >> t & 1)
+        out[(key.layer, mask)] = save
     return out
 
 
@@ -298,7 +299,8 @@ def pair_importance(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig) ->
     gen = torch.Generator().manual_seed(cfg.seed)
     was_training = net.training
     net.eval()
-    readers = {(l, m): net.consumers(l, m) for l, g in enumerate(net.layout) for m in g}
+    graph = net.graph()
+    readers = {(k.layer, k.mask): graph.readers(k) for k in graph.groups()}
     try:
         for b, (xb, yb) in enumerate(data.batches(128, shuffle=True, generator=gen)):
             if b >= cfg.taylor_batches:
@@ -308,14 +310,13 @@ def pair_importance(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig) ->
             for (l, mask), cons in readers.items():
                 width = net.layout[l][mask]
                 per_task = torch.zeros(width, n)
-                for key, off, is_head in cons:
-                    conv = net.reader_conv(key, is_head)
+                for r in cons:
+                    conv = net.conv_of(r.node.key)
                     if conv.weight.grad is None:
                         continue
-                    wg = (conv.weight * conv.weight.grad)[:, off : off + width].sum((0, 2, 3)).detach()
-                    serves = 1 << net.task_names.index(key) if is_head else int(key.split("_g")[1])
+                    wg = (conv.weight * conv.weight.grad)[:, r.offset : r.offset + width].sum((0, 2, 3)).detach()
                     for t in range(n):
-                        if serves >> t & 1:
+                        if r.node.serves >> t & 1:
                             per_task[:, t] += wg
                 scores[(l, mask)] += per_task.abs()
     finally:

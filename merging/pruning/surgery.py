@@ -12,9 +12,10 @@ def remove_dead_groups(net: MultitaskNet) -> list[tuple[int, int]]:
     or regrouping leaves none, the block is computed for nothing. Top-down, so removals cascade.
     """
     removed: list[tuple[int, int]] = []
-    for l in range(len(net.layout) - 2, -1, -1):
-        for mask in list(net.layout[l]):
-            if mask in net.layout[l] and not net.consumers(l, mask):
-                net.select_channels(l, mask, [])
-                removed.append((l, mask))
-    return removed
+    while True:  # top-down: a removal can leave the group below unread in turn
+        dead = [k for k in net.graph().groups() if not net.graph().readers(k)]
+        if not dead:
+            return removed
+        key = max(dead)
+        net.select_channels(key.layer, key.mask, [])
+        removed.append((key.layer, key.mask))
