@@ -35,12 +35,14 @@ class ScaleBenchConfig:
     dataset: str = "composite"  # the largest generated data set
     epochs: int = 4  # timed fine-tuning epochs per run (the first is reported apart: warm-up)
     batch_size: int = 64  # global batch, as the pruner's fine-tunes
-    nprocs: tuple[int, ...] = (1, 2)  # process counts to time
+    # (processes, threads per process) to time: one process using both cores, one single-threaded
+    # process (the per-rank work of the 2-process run), and two single-threaded ranks
+    runs: tuple[tuple[int, int], ...] = ((1, 2), (1, 1), (2, 1))
     images: int = 20_000  # images in the generated folder for the loader pass
     image_size: int = 64  # generated and loaded at this size, RGB (eager: 48 KB of float32 per image)
     folder: Path = Path("runs/scale-folder")  # where the generated folder goes (reused when complete)
     workers: int = 2  # streaming: DataLoader workers
-    cache_mb: float = 64.0  # streaming: cache per process
+    cache_mb: float = 32.0  # streaming: cache per process
 
 
 # ---------------------------------------------------------------------------- generated folder
@@ -166,9 +168,8 @@ def epoch_times(dataset: str, epochs: int, batch_size: int) -> dict[str, Any]:
             "epoch_seconds": [round(t, 3) for t in times], "val_accuracy": acc}
 
 
-def time_epochs(nproc: int, cfg: ScaleBenchConfig) -> dict[str, Any]:
-    cores = os.cpu_count() or 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc))}
+def time_epochs(nproc: int, threads: int, cfg: ScaleBenchConfig) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     args = ["-m", "merging.scale_bench", "epochs", cfg.dataset, str(cfg.epochs), str(cfg.batch_size)]
     if nproc == 1:
         cmd = [sys.executable, *args]
@@ -187,27 +188,32 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> dict[str, Any]:
     load_before = os.getloadavg()
     report: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
                               "cpu_count": os.cpu_count(), "load_before": [round(v, 2) for v in load_before]}
-    runs = {}
-    for n in cfg.nprocs:
-        print(f"timing fine-tuning epochs at {n} process(es) ...", flush=True)
-        runs[n] = time_epochs(n, cfg)
-        runs[n]["load_after"] = [round(v, 2) for v in os.getloadavg()]
-    report["epochs"] = {str(n): r for n, r in runs.items()}
+    runs: dict[str, dict[str, Any]] = {}
+    for n, threads in cfg.runs:
+        print(f"timing fine-tuning epochs at {n} process(es) x {threads} thread(s) ...", flush=True)
+        r = time_epochs(n, threads, cfg)
+        r["load_after"] = [round(v, 2) for v in os.getloadavg()]
+        runs[f"{n}x{threads}"] = r
+    report["epochs"] = runs
 
     def steady(r: dict[str, Any]) -> float:
         t = r["epoch_seconds"][1:] or r["epoch_seconds"]  # the first epoch pays warm-up
         return float(np.median(t))
 
-    if 1 in runs:
-        t1 = steady(runs[1])
-        report["scaling"] = {str(n): {"epoch_seconds": steady(r), "speedup": round(t1 / steady(r), 3),
-                                      "efficiency": round(t1 / (n * steady(r)), 3)} for n, r in runs.items()}
+    # Efficiency of n ranks against one process: t(1) / (n x t(n)), for each one-process baseline.
+    singles = {k: steady(r) for k, r in runs.items() if r["world"] == 1}
+    report["scaling"] = {
+        k: {"epoch_seconds": round(steady(r), 3),
+            **{f"speedup_vs_{b}": round(t1 / steady(r), 3) for b, t1 in singles.items()},
+            **{f"efficiency_vs_{b}": round(t1 / (r["world"] * steady(r)), 3) for b, t1 in singles.items()}}
+        for k, r in runs.items()
+    }
     print(f"writing {cfg.images} images under {cfg.folder} (once) ...", flush=True)
     write_image_folder(cfg.folder, cfg.images, cfg.image_size)
     passes = []
-    for stream in (False, True):
-        print(f"loader pass, {'streaming' if stream else 'eager'} ...", flush=True)
-        p = loader_pass_in_child(cfg.folder, cfg.image_size, stream, cfg.workers, cfg.cache_mb)
+    for stream, workers in ((False, 0), (True, 0), (True, cfg.workers)):
+        print(f"loader pass, {'streaming' if stream else 'eager'}, {workers} workers ...", flush=True)
+        p = loader_pass_in_child(cfg.folder, cfg.image_size, stream, workers, cfg.cache_mb)
         p["load_after"] = [round(v, 2) for v in os.getloadavg()]
         passes.append(p)
     report["loader"] = passes
@@ -229,14 +235,18 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"## Fine-tuning epoch time, `{c['dataset']}`, global batch {c['batch_size']}, gloo",
         "",
-        "| processes | threads each | epoch seconds (each run) | steady epoch s | speed-up | efficiency | load after |",
-        "|---|---|---|---|---|---|---|",
+        "| processes x threads | epoch seconds (each run) | steady epoch s | load after |",
+        "|---|---|---|---|",
     ]
-    for n, e in r["epochs"].items():
-        s = r.get("scaling", {}).get(n, {})
-        lines.append(f"| {n} | {e['threads']} | {', '.join(f'{t:.2f}' for t in e['epoch_seconds'])} | "
-                     f"{s.get('epoch_seconds', float('nan')):.2f} | {s.get('speedup', float('nan')):.2f}x | "
-                     f"{100 * s.get('efficiency', float('nan')):.0f}% | {e['load_after']} |")
+    for k, e in r["epochs"].items():
+        lines.append(f"| {k} | {', '.join(f'{t:.2f}' for t in e['epoch_seconds'])} | "
+                     f"{r['scaling'][k]['epoch_seconds']:.2f} | {e['load_after']} |")
+    lines += ["", "| ranks vs one process | speed-up | efficiency t(1) / (n x t(n)) |", "|---|---|---|"]
+    for k, sc in r["scaling"].items():
+        for key in sc:
+            if key.startswith("speedup_vs_") and not k.startswith("1x"):
+                base = key.removeprefix("speedup_vs_")
+                lines.append(f"| {k} vs {base} | {sc[key]:.2f}x | {100 * sc['efficiency_vs_' + base]:.0f}% |")
     lines += [
         "",
         "Steady epoch time: median of the epochs after the first. Efficiency = t(1) / (n x t(n)).",
