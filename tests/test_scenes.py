@@ -68,6 +68,8 @@ def test_same_seed_same_tensors_other_seed_other_images() -> None:
         pa, pb = getattr(a, part), getattr(b, part)
         assert torch.equal(pa.x, pb.x)
         assert all(torch.equal(pa.y[t], pb.y[t]) for t in TASKS)
+    # the labels do not depend on the size: the same seed labels 32x32 and 64x64 images alike
+    assert all(torch.equal(small(32).train.y[t], small(64).train.y[t]) for t in TASKS)
     c = make_scenes(32, sizes=(200, 50, 50), seed=4)
     assert not torch.equal(a.train.x, c.train.x)
     assert not torch.equal(a.train.y["position"], c.train.y["position"])

@@ -21,8 +21,13 @@ pattern) at a random period and phase, plus pixel noise. Five tasks, chosen for 
 Training, validation and test images are drawn from disjoint source digits (a stratified split of
 the 1,797 digits), so a network cannot score by memorising strokes it saw in training. Every random
 choice comes from ``seed`` (rendering) and ``split_seed`` (which digits go where): the same
-arguments give the same tensors. Rendering is vectorised (NumPy) and chunked, so 10,000 images at
-32x32 take about a second and peak memory stays near the size of the result.
+arguments give the same tensors, and the labels do not depend on the size (``scenes`` and
+``scenes-64`` with one seed label their images alike). Rendering is vectorised (NumPy)
+and chunked: the default 10,000 images at 32x32 (120 MB) or 5,000 at 64x64 (245 MB) take 2-3 s,
+and peak memory stays near the size of the result.
+
+Which size to ask for by name: ``scenes`` (32x32) and ``scenes-64``, so that everything that reloads
+a data set from a model's ``dataset`` name (``pam bench``) gets the size the model was trained at.
 """
 
 from __future__ import annotations
