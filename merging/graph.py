@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-NodeKind = Literal["conv", "fc", "head"]
+NodeKind = Literal["conv", "fc", "dw", "add", "head"]
 
 
 @dataclass(frozen=True, order=True)
@@ -64,6 +64,7 @@ class Node:
     out_channels: int
     kernel: tuple[int, int]
     out_hw: tuple[int, int]  # the conv's output map, where its MACs are spent
+    groups: int = 1  # conv groups: the width for a depthwise conv (channel c reads input channel c)
 
     @property
     def serves(self) -> int:
@@ -72,22 +73,28 @@ class Node:
 
     @property
     def macs_per_product(self) -> int:
-        """MACs of one (input channel, output channel) pair."""
-        return self.kernel[0] * self.kernel[1] * self.out_hw[0] * self.out_hw[1]
+        """MACs of one (input channel, output channel) pair that is connected; an add has none
+        (element-wise sums are not multiply-accumulates, as FlopCounterMode counts)."""
+        return 0 if self.kind == "add" else self.kernel[0] * self.kernel[1] * self.out_hw[0] * self.out_hw[1]
 
     @property
     def macs(self) -> int:
-        return self.in_channels * self.out_channels * self.macs_per_product
+        return self.in_channels // self.groups * self.out_channels * self.macs_per_product
 
     @property
     def macs_per_input(self) -> int:
         """What one input channel costs this node (its slice of the weights)."""
-        return self.out_channels * self.macs_per_product
+        return self.out_channels // self.groups * self.macs_per_product
 
     @property
     def macs_per_output(self) -> int:
         """What one output channel (filter) of this node costs."""
-        return self.in_channels * self.macs_per_product
+        return self.in_channels // self.groups * self.macs_per_product
+
+    @property
+    def coupled(self) -> bool:
+        """Its channel c is channel c of its input(s): pruned together with them."""
+        return self.kind in ("dw", "add")
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class GroupGraph:
         self.nodes: dict[NodeKey, Node] = {n.key: n for n in nodes}
         self.widths = widths
         self._readers: dict[GroupKey, list[Reader]] = {k: [] for k in widths}
+        self._unit_of: dict[GroupKey, tuple[GroupKey, ...]] | None = None
         for n in nodes:
             off = 0
             for k in n.inputs:
@@ -134,7 +142,45 @@ class GroupGraph:
     def macs(self, combination_mask: int) -> int:
         return sum(n.macs for n in self.run_by(combination_mask))
 
+    def unit(self, key: GroupKey) -> tuple[GroupKey, ...]:
+        """The groups whose channels are the same channels as ``key``'s, through depthwise convs and
+        additions, in execution order: they are pruned, regrouped and removed together."""
+        return self._units()[key]
+
+    def units(self) -> list[tuple[GroupKey, ...]]:
+        """Every pruning unit once, each in execution order (its first member is its producer)."""
+        return sorted(set(self._units().values()))
+
+    def _units(self) -> dict[GroupKey, tuple[GroupKey, ...]]:
+        if self._unit_of is None:
+            parent = {k: k for k in self.widths}
+
+            def find(k: GroupKey) -> GroupKey:
+                while parent[k] != k:
+                    parent[k] = parent[parent[k]]
+                    k = parent[k]
+                return k
+
+            for n in self.nodes.values():
+                if n.coupled and isinstance(n.key, GroupKey):
+                    for i in n.inputs:
+                        a, b = find(n.key), find(i)
+                        if a != b:
+                            parent[max(a, b)] = min(a, b)
+            members: dict[GroupKey, list[GroupKey]] = {}
+            for k in self.widths:
+                members.setdefault(find(k), []).append(k)
+            self._unit_of = {k: tuple(sorted(members[find(k)])) for k in self.widths}
+        return self._unit_of
+
+    def input_readers(self, key: GroupKey) -> list[Reader]:
+        """Where the channels of ``key``'s unit are read as input channels of a dense conv or head
+        (inside the unit too: a 1x1 conv between a depthwise conv and an addition); depthwise and
+        add members read them as their own channels instead."""
+        return [r for k in self.unit(key) for r in self._readers[k] if not r.node.coupled]
+
     def channel_parts(self, key: GroupKey) -> tuple[int, list[tuple[int, int]]]:
-        """The MACs one channel of group ``key`` brings: its own filter's, and (reader's task set,
-        MACs of its slice there) for every reader."""
-        return self.nodes[key].macs_per_output, [(r.node.serves, r.node.macs_per_input) for r in self._readers[key]]
+        """The MACs one channel of ``key``'s pruning unit brings: its filters' in every member, and
+        (reader's task set, MACs of its slice there) for every reader outside the unit."""
+        own = sum(self.nodes[k].macs_per_output for k in self.unit(key))
+        return own, [(r.node.serves, r.node.macs_per_input) for r in self.input_readers(key)]

@@ -30,35 +30,62 @@ def is_superset(outer: int, inner: int) -> bool:
     return outer & inner == inner
 
 
+def _activate(x: Tensor, act: str) -> Tensor:
+    if act == "relu":
+        return torch.relu(x)
+    if act == "relu6":
+        return nn.functional.relu6(x)
+    return x
+
+
 class GroupBlock(nn.Module):
-    """conv (+ BN) + ReLU (+ max-pool) for the channels of one group at one layer."""
+    """conv (+ BN) + activation (+ max-pool) for the channels of one group at one layer; a
+    depthwise layer's conv has one filter per input channel (``groups`` = width)."""
 
     def __init__(self, in_ch: int, out_ch: int, layer: ResolvedLayer) -> None:
         super().__init__()
         self.conv = nn.Conv2d(
-            in_ch, out_ch, layer.kernel, stride=layer.stride, padding=layer.padding, bias=not layer.bn
+            in_ch, out_ch, layer.kernel, stride=layer.stride, padding=layer.padding, bias=not layer.bn,
+            groups=out_ch if layer.kind == "dw" else 1,
         )
         self.bn = nn.BatchNorm2d(out_ch) if layer.bn else None
+        self.act = layer.act
         self.pool = layer.pool
+        self.pool_stride = layer.pool_stride
+        self.pool_padding = layer.pool_padding
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv(x)
         if self.bn is not None:
             x = self.bn(x)
-        x = torch.relu(x)
+        x = _activate(x, self.act)
         if self.pool > 1:
-            x = nn.functional.max_pool2d(x, self.pool)
+            x = nn.functional.max_pool2d(x, self.pool, self.pool_stride, self.pool_padding)
         return x
+
+
+class AddBlock(nn.Module):
+    """The sum of one group's channels in two layers (a skip connection), then the activation."""
+
+    def __init__(self, layer: ResolvedLayer) -> None:
+        super().__init__()
+        self.act = layer.act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _activate(x, self.act)
 
 
 class TaskHead(nn.Module):
     """A dense layer over the last feature map (a conv covering it), flattened to (batch, out)."""
 
-    def __init__(self, in_ch: int, out_dim: int, map_hw: tuple[int, int]) -> None:
+    def __init__(self, in_ch: int, out_dim: int, map_hw: tuple[int, int], avgpool: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_dim, map_hw)
+        self.avgpool = avgpool  # global mean first, then a 1x1 conv (a Linear on the pooled features)
+        self.conv = nn.Conv2d(in_ch, out_dim, (1, 1) if avgpool else map_hw)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.avgpool:
+            x = x.mean((2, 3), keepdim=True)
         return self.conv(x).flatten(1)
 
 
@@ -67,13 +94,19 @@ class Step:
     key: str  # block key, or task name for a head
     inputs: tuple[str, ...]  # keys of the outputs concatenated (in this order) as its input
     head: bool
+    add: bool = False  # sum the inputs instead of concatenating them
 
 
 def _run_steps(blocks: nn.ModuleDict, heads: nn.ModuleDict, steps: Sequence[Step], x: Tensor) -> list[Tensor]:
     outs: dict[str, Tensor] = {INPUT_KEY: x}
     results: list[Tensor] = []
     for step in steps:
-        inp = outs[step.inputs[0]] if len(step.inputs) == 1 else torch.cat([outs[k] for k in step.inputs], 1)
+        if step.add:
+            inp = outs[step.inputs[0]] + outs[step.inputs[1]]
+        elif len(step.inputs) == 1:
+            inp = outs[step.inputs[0]]
+        else:
+            inp = torch.cat([outs[k] for k in step.inputs], 1)
         if step.head:
             results.append(heads[step.key](inp))
         else:
@@ -141,11 +174,14 @@ class MultitaskNet(nn.Module):
         self.reads: dict[tuple[int, int], tuple[int, ...]] = {}
         self.blocks = nn.ModuleDict()
         for l, groups in enumerate(self.layout):
+            r = self.resolved[l]
+            self._check_coupled_layout(l)
             for mask, width in groups.items():
                 ins = self._checked_reads(l, mask, None if reads is None else reads.get((l, mask)))
                 self.reads[(l, mask)] = ins
-                in_ch = self.arch.in_channels if l == 0 else sum(self.layout[l - 1][m] for m in ins)
-                self.blocks[GroupKey(l, mask).name] = GroupBlock(in_ch, width, self.resolved[l])
+                in_ch = self.arch.in_channels if r.source < 0 else sum(self.layout[r.source][m] for m in ins)
+                block = AddBlock(r) if r.kind == "add" else GroupBlock(in_ch, width, r)
+                self.blocks[GroupKey(l, mask).name] = block
         self.heads = nn.ModuleDict()
         last = len(self.layout) - 1
         for i, t in enumerate(self.tasks):
@@ -153,11 +189,14 @@ class MultitaskNet(nn.Module):
             if not ins:
                 raise MergingError("bad_layout", f"task {t.name!r} has no group to read at the last layer")
             in_ch = sum(self.layout[last][m] for m in ins)
-            self.heads[t.name] = TaskHead(in_ch, t.out_dim, self.resolved[last].out_hw)
+            self.heads[t.name] = TaskHead(in_ch, t.out_dim, self.resolved[last].out_hw, arch.head == "avgpool")
 
     # ----------------------------------------------------------------- structure
     def block(self, layer: int, mask: int) -> GroupBlock:
-        return cast(GroupBlock, self.blocks[GroupKey(layer, mask).name])
+        """The conv block of a group (an ``add`` layer has none: ask :meth:`module_of`)."""
+        block = self.blocks[GroupKey(layer, mask).name]
+        invariant(isinstance(block, GroupBlock), f"layer {layer} is an add layer: it has no conv")
+        return cast(GroupBlock, block)
 
     def head(self, task: str) -> TaskHead:
         return cast(TaskHead, self.heads[task])
@@ -172,10 +211,26 @@ class MultitaskNet(nn.Module):
                 return t
         raise MergingError("unknown_task", f"unknown task {name!r}; known: {', '.join(self.task_names)}")
 
+    def _check_coupled_layout(self, layer: int) -> None:
+        """A depthwise or add layer has exactly the groups (and widths) of the layers it reads:
+        its channel c is channel c of each input (both ends of an addition carry the same groups)."""
+        r = self.resolved[layer]
+        for other in (r.source, r.skip) if r.kind in ("dw", "add") else ():
+            if other is not None and self.layout[other] != self.layout[layer]:
+                raise MergingError(
+                    "wiring", f"layer {layer} ({r.kind}) must have the groups and widths of layer {other}: "
+                    f"{self._groups_text(layer)} vs {self._groups_text(other)}")
+
+    def _groups_text(self, layer: int) -> str:
+        return ", ".join(f"{set_name(m, self.task_names)}:{w}" for m, w in self.layout[layer].items())
+
     def _checked_reads(self, layer: int, mask: int, explicit: Sequence[int] | None) -> tuple[int, ...]:
-        if layer == 0:
+        r = self.resolved[layer]
+        if r.source < 0:
             return ()
-        below = self.layout[layer - 1]
+        if r.kind in ("dw", "add"):
+            return (mask,)  # the same group of its input(s); the layouts were checked to match
+        below = self.layout[r.source]
         if explicit is None:
             ins = tuple(m for m in below if is_superset(m, mask))
         else:
@@ -188,7 +243,7 @@ class MultitaskNet(nn.Module):
                         f"{set_name(m, self.task_names)} (a group reads only groups of supersets of its task set)",
                     )
                 if m not in below:
-                    raise MergingError("wiring", f"layer {layer}: reads a group {m} that layer {layer - 1} lacks")
+                    raise MergingError("wiring", f"layer {layer}: reads a group {m} that layer {r.source} lacks")
         if not ins:
             raise MergingError(
                 "wiring", f"layer {layer}: group {set_name(mask, self.task_names)} has no superset group to read"
@@ -199,9 +254,17 @@ class MultitaskNet(nn.Module):
         return tuple(m for m in self.layout[-1] if m >> task_index & 1)
 
     def input_keys(self, layer: int, mask: int) -> tuple[str, ...]:
-        if layer == 0:
-            return (INPUT_KEY,)
-        return tuple(GroupKey(layer - 1, m).name for m in self.reads[(layer, mask)])
+        return tuple(k.name for k in self.input_groups(layer, mask)) or (INPUT_KEY,)
+
+    def input_groups(self, layer: int, mask: int) -> tuple[GroupKey, ...]:
+        """The groups a block reads, in input order (an add: its two addends); () reads the image."""
+        r = self.resolved[layer]
+        if r.source < 0:
+            return ()
+        if r.kind == "add":
+            invariant(r.skip is not None, "an add layer has a skip")
+            return (GroupKey(r.source, mask), GroupKey(cast(int, r.skip), mask))
+        return tuple(GroupKey(r.source, m) for m in self.reads[(layer, mask)])
 
     def plan(self, combination: Iterable[str] | str | None = None) -> list[Step]:
         combo = self.resolve_combination(combination)
@@ -210,7 +273,8 @@ class MultitaskNet(nn.Module):
         for l, groups in enumerate(self.layout):
             for mask in groups:
                 if mask & cmask:
-                    steps.append(Step(GroupKey(l, mask).name, self.input_keys(l, mask), False))
+                    add = self.resolved[l].kind == "add"
+                    steps.append(Step(GroupKey(l, mask).name, self.input_keys(l, mask), False, add))
         last = len(self.layout) - 1
         for name in combo:
             i = self.task_names.index(name)
@@ -244,31 +308,39 @@ class MultitaskNet(nn.Module):
             for mask, width in groups.items():
                 key = GroupKey(l, mask)
                 widths[key] = width
-                ins = tuple(GroupKey(l - 1, m) for m in self.reads[(l, mask)])
-                in_ch = self.arch.in_channels if l == 0 else sum(widths[k] for k in ins)
-                nodes.append(Node(key, "fc" if r.fc else "conv", ins, in_ch, width, r.kernel, r.conv_hw))
+                ins = self.input_groups(l, mask)
+                in_ch = self.arch.in_channels if r.source < 0 else width if r.kind == "add" else sum(
+                    widths[k] for k in ins)
+                kind = "fc" if r.fc else r.kind
+                nodes.append(Node(key, kind, ins, in_ch, width, r.kernel, r.conv_hw,  # type: ignore[arg-type]
+                                  width if r.kind == "dw" else 1))
         last = len(self.layout) - 1
         for i, t in enumerate(self.tasks):
             ins = tuple(GroupKey(last, m) for m in self.head_reads(i))
-            nodes.append(Node(HeadKey(i, t.name), "head", ins, sum(widths[k] for k in ins), t.out_dim,
-                              self.resolved[last].out_hw, (1, 1)))
+            kernel = (1, 1) if self.arch.head == "avgpool" else self.resolved[last].out_hw
+            nodes.append(Node(HeadKey(i, t.name), "head", ins, sum(widths[k] for k in ins), t.out_dim, kernel,
+                              (1, 1)))
         return GroupGraph(nodes, widths)
 
-    def module_of(self, key: NodeKey) -> GroupBlock | TaskHead:
+    def module_of(self, key: NodeKey) -> GroupBlock | AddBlock | TaskHead:
         """The block or head named by a graph key."""
         if isinstance(key, HeadKey):
             return cast(TaskHead, self.heads[key.task])
-        return cast(GroupBlock, self.blocks[key.name])
+        return cast(GroupBlock | AddBlock, self.blocks[key.name])
 
     def conv_of(self, key: NodeKey) -> nn.Conv2d:
-        return self.module_of(key).conv
+        module = self.module_of(key)
+        invariant(not isinstance(module, AddBlock), f"{key} is an add: it has no conv")
+        return cast(GroupBlock | TaskHead, module).conv
 
     @torch.no_grad()
     def select_channels(self, layer: int, mask: int, keep: Sequence[int] | Tensor) -> None:
         """Keep only channels ``keep`` of group (layer, mask), slicing every reader to match.
 
-        An empty ``keep`` removes the group; a block left with nothing to read is removed in
-        turn (its output would be a constant), and a head left with nothing is an error.
+        The group's whole pruning unit (the same channels through depthwise convs and additions)
+        keeps the same channels. An empty ``keep`` removes the unit; a block left with nothing to
+        read is removed in turn (its output would be a constant), and a head left with nothing is
+        an error.
         """
         width = self.group_width(layer, mask)
         keep_t = torch.as_tensor(list(keep) if not isinstance(keep, Tensor) else keep, dtype=torch.long)
@@ -276,10 +348,13 @@ class MultitaskNet(nn.Module):
             raise MergingError("bad_group", f"layer {layer} has no group {mask}")
         if keep_t.numel() and (int(keep_t.min()) < 0 or int(keep_t.max()) >= width):
             raise MergingError("bad_group", f"channel index out of range for a group of width {width}")
-        readers = self.graph().readers(GroupKey(layer, mask))
+        graph = self.graph()
+        key = GroupKey(layer, mask)
+        unit = graph.unit(key)
+        readers = graph.input_readers(key)
         if keep_t.numel() == 0:
             for r in readers:
-                if isinstance(r.node.key, HeadKey) and len(r.node.inputs) == 1:
+                if isinstance(r.node.key, HeadKey) and all(k in unit for k in r.node.inputs):
                     raise MergingError("empty_task",
                                        f"removing this group would leave task {r.node.key.task!r} with no input")
         for r in readers:
@@ -287,51 +362,53 @@ class MultitaskNet(nn.Module):
             off = r.offset
             idx = torch.cat([torch.arange(off), off + keep_t, torch.arange(off + width, conv.in_channels)])
             _slice_conv_in(conv, idx)
-        block = self.block(layer, mask)
         if keep_t.numel() == 0:
-            del self.blocks[GroupKey(layer, mask).name]
-            del self.layout[layer][mask]
-            del self.reads[(layer, mask)]
-            self._drop_reader_of(layer, mask)
+            for k in unit:
+                del self.blocks[k.name]
+                del self.layout[k.layer][k.mask]
+                del self.reads[(k.layer, k.mask)]
+            for r in readers:
+                if isinstance(r.node.key, GroupKey) and r.node.key not in unit:
+                    rk = r.node.key
+                    left = tuple(m for m in self.reads[(rk.layer, rk.mask)] if GroupKey(
+                        self.resolved[rk.layer].source, m) not in unit)
+                    self.reads[(rk.layer, rk.mask)] = left
+                    if not left:
+                        self.select_channels(rk.layer, rk.mask, [])
             return
-        _slice_conv_out(block.conv, block.bn, keep_t)
-        self.layout[layer][mask] = int(keep_t.numel())
-
-    def _drop_reader_of(self, layer: int, mask: int) -> None:
-        if layer + 1 >= len(self.layout):
-            return
-        for m in list(self.layout[layer + 1]):
-            reads = self.reads[(layer + 1, m)]
-            if mask in reads:
-                left = tuple(r for r in reads if r != mask)
-                self.reads[(layer + 1, m)] = left
-                if not left:
-                    self.select_channels(layer + 1, m, [])
+        for k in unit:
+            block = self.blocks[k.name]
+            if isinstance(block, GroupBlock):
+                _slice_conv_out(block.conv, block.bn, keep_t)
+                if block.conv.groups > 1:  # depthwise: its inputs are the kept channels too
+                    block.conv.in_channels = block.conv.groups = int(keep_t.numel())
+            self.layout[k.layer][k.mask] = int(keep_t.numel())
 
     def sync_layout(self) -> None:
         """Re-read group widths from the modules (after an external pruner changed them)."""
         for l, groups in enumerate(self.layout):
+            r = self.resolved[l]
             for mask in groups:
-                groups[mask] = self.block(l, mask).conv.out_channels
+                groups[mask] = self.layout[r.source][mask] if r.kind == "add" else self.block(l, mask).conv.out_channels
         self.check_wiring()
 
     def check_wiring(self) -> None:
         """Raise if any block's input width or read set breaks the wiring rule."""
         for l, groups in enumerate(self.layout):
-            for mask, width in groups.items():
-                ins = self.reads[(l, mask)]
-                for m in ins:
-                    if not is_superset(m, mask) or m not in self.layout[l - 1]:
+            r = self.resolved[l]
+            self._check_coupled_layout(l)
+            for mask in groups:
+                for m in self.reads[(l, mask)]:
+                    if not is_superset(m, mask) or (r.source >= 0 and m not in self.layout[r.source]):
                         raise MergingError("wiring", f"layer {l}: group {mask} reads group {m}")
-                conv = self.block(l, mask).conv
-                expect = self.arch.in_channels if l == 0 else sum(self.layout[l - 1][m] for m in ins)
-                if conv.in_channels != expect or conv.out_channels != width:
-                    raise MergingError("wiring", f"layer {l}: block {mask} has shape {tuple(conv.weight.shape)}")
-        for i, t in enumerate(self.tasks):
-            expect = sum(self.layout[-1][m] for m in self.head_reads(i))
-            got = self.head(t.name).conv.in_channels
-            if got != expect:
-                raise MergingError("wiring", f"head {t.name}: reads {got}, expected {expect}")
+        for node in self.graph():
+            if node.kind == "add":
+                continue
+            conv = self.conv_of(node.key)
+            if (conv.in_channels, conv.out_channels, conv.groups) != (node.in_channels, node.out_channels, node.groups):
+                raise MergingError("wiring", f"{node.key}: conv of shape {tuple(conv.weight.shape)} (groups "
+                                   f"{conv.groups}) where the structure needs {node.in_channels} -> "
+                                   f"{node.out_channels} (groups {node.groups})")
 
     # ----------------------------------------------------------------- persistence
     def config(self) -> dict[str, Any]:

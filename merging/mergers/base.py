@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from merging.data.base import MultitaskData
 from merging.errors import MergingError
+from merging.graph import GroupKey
 from merging.network import MultitaskNet
 from merging.registry import Registry
 
@@ -70,4 +71,16 @@ def check_mergeable(nets: Sequence[MultitaskNet]) -> None:
 def single_block(net: MultitaskNet, layer: int) -> Any:
     """The one block a single-task network has at ``layer``."""
     (mask,) = net.layout[layer]
-    return net.blocks[f"L{layer}_g{mask}"]
+    return net.module_of(GroupKey(layer, mask))
+
+
+def require_chain(net: MultitaskNet, what: str) -> None:
+    """A clear error where an algorithm walks layer by layer and knows no skip or depthwise coupling."""
+    if not net.arch.is_chain:
+        raise MergingError(
+            "unsupported_arch",
+            f"{what} works on chain networks (dense layers each reading the one before, dense heads); "
+            f"{net.arch.family} has skip additions, depthwise convs or pooled heads, whose coupled channels "
+            "(both ends of an addition carry the same groups) it does not handle yet: use the separate or "
+            "shared merger and the pruner, which follow the group graph",
+        )

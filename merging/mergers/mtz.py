@@ -36,7 +36,7 @@ from merging.mergers._hessian import (
     zip_terms,
 )
 from merging.mergers._zipnet import ZippedNet
-from merging.mergers.base import Merger, check_mergeable, register_merger
+from merging.mergers.base import Merger, check_mergeable, register_merger, require_chain
 from merging.network import MultitaskNet
 from merging.train import evaluate, random_shift, seed_everything, task_loss
 
@@ -229,6 +229,7 @@ class MtzMerger(Merger):
     ) -> tuple[ZippedNet, dict[str, Any]]:
         """The zipped network itself (tied weights) and what the budget search saw."""
         check_mergeable(nets)
+        require_chain(nets[0], "mtz")
         cfg = self.config
         n_layers = len(nets[0].layout)
         if cfg.fractions is not None and len(cfg.fractions) != n_layers:

@@ -52,7 +52,14 @@ from torch import Tensor
 
 from merging.data.base import MultitaskData
 from merging.errors import MergingError, invariant
-from merging.mergers.base import Merger, check_mergeable, create_merger, register_merger, single_block
+from merging.mergers.base import (
+    Merger,
+    check_mergeable,
+    create_merger,
+    register_merger,
+    require_chain,
+    single_block,
+)
 from merging.mi import DEFAULT_NOISE, label_entropy, mutual_information_many
 from merging.network import MultitaskNet
 from merging.pruning.surgery import remove_dead_groups
@@ -192,6 +199,7 @@ class PamMerger(Merger):
     # ------------------------------------------------------------------ merging
     def merge(self, nets: Sequence[MultitaskNet], data: MultitaskData, seed: int = 0) -> MultitaskNet:
         check_mergeable(nets)
+        require_chain(nets[0], "pam")
         tasks = [net.tasks[0] for net in nets]
         names = [t.name for t in tasks]
         missing = [t for t in names if t not in data.y]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from merging.data.base import MultitaskData
+from merging.graph import GroupKey
 from merging.mergers.base import Merger, check_mergeable, register_merger, single_block
 from merging.network import MultitaskNet
 
@@ -26,7 +27,7 @@ class SeparateMerger(Merger):
         with torch.no_grad():
             for i, net in enumerate(nets):
                 for l in range(len(layout)):
-                    merged.block(l, 1 << i).load_state_dict(single_block(net, l).state_dict())
+                    merged.module_of(GroupKey(l, 1 << i)).load_state_dict(single_block(net, l).state_dict())
                 merged.heads[tasks[i].name].load_state_dict(net.heads[tasks[i].name].state_dict())
         merged.eval()
         return merged

@@ -92,17 +92,22 @@ def score_channels(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig) -> 
     costs = channel_costs(net)
     full = channel_costs(net, weighted=False)
     raw: list[tuple[int, int, Tensor | None, Tensor | None]] = []
-    for l, groups in enumerate(net.layout):
-        for mask, width in groups.items():
-            conv = net.block(l, mask).conv
-            group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(width)))
-            t = taylor(group).detach().abs() if use_taylor else None
-            m = magnitude(group).detach() if use_mag else None
-            raw.append((l, mask, t, m))
+    # One score per pruning unit, on its producer: Torch-Pruning's group spans the depthwise convs
+    # and additions that share its channels.
+    for unit in net.graph().units():
+        key = unit[0]
+        conv = net.block(key.layer, key.mask).conv
+        idxs = list(range(net.group_width(key.layer, key.mask)))
+        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=idxs)
+        t = taylor(group).detach().abs() if use_taylor else None
+        m = magnitude(group).detach() if use_mag else None
+        raw.append((key.layer, key.mask, t, m))
     net.zero_grad(set_to_none=True)
     out: list[ChannelScores] = []
     for l in range(len(net.layout)):
         here = [r for r in raw if r[0] == l]
+        if not here:
+            continue  # every group of this layer belongs to a unit scored at an earlier layer
         imp_parts: list[list[Tensor]] = [[] for _ in here]
         for which, weight in ((2, 1.0), (3, cfg.magnitude_weight if use_taylor else 1.0)):
             vals = [r[which] for r in here]

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from merging.data.base import MultitaskData
 from merging.errors import MergingError
+from merging.mergers.base import require_chain
 from merging.network import MultitaskNet, is_superset
 from merging.pruning.config import PruneConfig
 from merging.pruning.importance import combination_share, weighted_macs
@@ -176,6 +177,7 @@ def drop_tasks(
     Then every channel's set is narrowed to the tasks it still serves through non-zero weights (a
     channel serving nothing is removed), except in groups serving a ``frozen`` task. In place;
     returns the number of pairs applied."""
+    require_chain(net, "regrouping")
     table = table_of(net)
     top = len(table.layers) - 1
     done = 0

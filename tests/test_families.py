@@ -1,0 +1,172 @@
+"""The residual and MobileNetV2-style families on the group graph: exact MACs, the wiring rule after
+merging and pruning, coupled channels through skip additions and depthwise convs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from merging.arch import ArchConfig, create_arch, resolve
+from merging.cost import combination_cost
+from merging.data.base import MultitaskData
+from merging.errors import MergingError
+from merging.graph import GroupKey
+from merging.mergers.base import create_merger
+from merging.network import MultitaskNet
+from merging.pruning.config import PruneConfig
+from merging.pruning.pruner import prune_step
+from merging.pruning.surgery import remove_dead_groups
+from tests.conftest import make_tasks, subsets
+from tests.test_cost import counted_macs
+
+
+def small_arch(family: str) -> ArchConfig:
+    if family == "resnet":
+        return create_arch("resnet", input_size=(16, 16), stages=(8, 16), blocks=(1, 1))
+    return create_arch("mobilenetv2", input_size=(16, 16), width_mult=0.25, settings=((1, 8, 1, 1), (6, 8, 2, 2)),
+                       stem=16, last=32, stem_stride=1)
+
+
+def coupled_random_layout(arch: ArchConfig, n_tasks: int, seed: int) -> list[dict[int, int]]:
+    """Random groups per dense layer (the all-task group always present, so every group has a
+    superset to read); a depthwise or add layer, and the producer an addition sums with its skip,
+    copy the layout they must equal."""
+    rng = random.Random(seed)
+    full = (1 << n_tasks) - 1
+    res = resolve(arch)
+    # the later of an addition's two producers copies the earlier one's layout
+    tied = {max(r.source, r.skip): min(r.source, r.skip) for r in res if r.kind == "add" and r.skip is not None}
+    layout: list[dict[int, int]] = []
+    for l, r in enumerate(res):
+        if r.kind in ("dw", "add"):
+            layout.append(dict(layout[r.source]))
+        elif l in tied:
+            layout.append(dict(layout[tied[l]]))
+        else:
+            masks = {full} | {rng.randint(1, full) for _ in range(rng.randint(0, 3))}
+            layout.append({m: rng.randint(1, 4) for m in sorted(masks)})
+    return layout
+
+
+def random_family_net(family: str, n_tasks: int, seed: int) -> MultitaskNet:
+    torch.manual_seed(seed)
+    arch = small_arch(family)
+    net = MultitaskNet(make_tasks(n_tasks), arch, coupled_random_layout(arch, n_tasks, seed)).eval()
+    remove_dead_groups(net)  # a random layout may hold groups nothing reads
+    with torch.no_grad():  # non-trivial BN statistics, so a wrong channel shows in the outputs
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def single_nets(family: str, n: int) -> list[MultitaskNet]:
+    arch = small_arch(family)
+    nets = []
+    for i, task in enumerate(make_tasks(n)):
+        torch.manual_seed(100 + i)
+        nets.append(MultitaskNet.single_task(task, arch).eval())
+    return nets
+
+
+@pytest.mark.parametrize("family", ["resnet", "mobilenetv2"])
+def test_graph_macs_equal_the_flop_counter_for_every_combination(family: str) -> None:
+    net = random_family_net(family, 3, seed=1)
+    shape = (1, 3, *net.arch.input_size)
+    for combo in subsets(list(net.task_names)):
+        assert combination_cost(net, combo).macs == counted_macs(net.for_combination(combo), shape), combo
+
+
+def test_full_size_families_count_exactly_too() -> None:
+    for family, kwargs in (("resnet", {"stages": (64, 128, 256, 512), "stem": "imagenet"}),
+                           ("mobilenetv2", {"width_mult": 0.5})):
+        arch = create_arch(family, input_size=(64, 64), **kwargs)
+        net = MultitaskNet.single_task(make_tasks(1)[0], arch).eval()
+        assert combination_cost(net).macs == counted_macs(net.for_combination(None), (1, 3, 64, 64)), family
+
+
+@pytest.mark.parametrize("family", ["resnet", "mobilenetv2"])
+def test_separate_merge_reproduces_each_network_and_keeps_the_wiring(family: str) -> None:
+    nets = single_nets(family, 3)
+    merged = create_merger("separate").merge(nets, MultitaskData(nets[0].tasks, torch.zeros(1, 3, 16, 16),
+                                                                 {nets[0].task_names[0]: torch.zeros(1).long()}))
+    merged.check_wiring()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        out = merged(x)
+        for net in nets:
+            (t,) = net.task_names
+            torch.testing.assert_close(out[t], net(x)[t], rtol=1e-5, atol=1e-5)
+
+
+def test_chain_only_mergers_refuse_the_new_families_clearly() -> None:
+    nets = single_nets("mobilenetv2", 2)
+    data = MultitaskData(nets[0].tasks, torch.zeros(1, 3, 16, 16), {nets[0].task_names[0]: torch.zeros(1).long()})
+    for name in ("pam", "mtz"):
+        with pytest.raises(MergingError) as e:
+            create_merger(name).merge(nets, data)
+        assert e.value.code == "unsupported_arch" and "mobilenetv2" in str(e.value)
+
+
+def _producers(net: MultitaskNet, unit: tuple[GroupKey, ...]) -> list[GroupKey]:
+    """Members computed by a dense conv from outside the unit (an addition's addends)."""
+    graph = net.graph()
+    return [k for k in unit if graph[k].kind in ("conv", "fc") and not set(graph[k].inputs) & set(unit)]
+
+
+def _unit_with_add(net: MultitaskNet) -> tuple[GroupKey, ...]:
+    graph = net.graph()
+    return next(u for u in graph.units() if any(graph[k].kind == "add" for k in u) and len(_producers(net, u)) >= 2)
+
+
+@pytest.mark.parametrize("family", ["resnet", "mobilenetv2"])
+def test_selecting_channels_cuts_the_same_channels_on_both_sides_of_an_addition(family: str) -> None:
+    net = random_family_net(family, 3, seed=4)
+    unit = _unit_with_add(net)
+    producers = _producers(net, unit)  # both addends, each computed by filters of its own
+    width = net.group_width(unit[0].layer, unit[0].mask)
+    keep = [c for c in range(width) if c % 2 == 0] or [0]
+    before = {k: net.conv_of(k).weight.detach().clone() for k in producers}
+    x = torch.randn(2, 3, 16, 16)
+    # What the pruned network must compute: the dropped channels' outgoing weights zeroed.
+    ref = random_family_net(family, 3, seed=4)
+    with torch.no_grad():
+        for r in ref.graph().input_readers(unit[0]):
+            conv = ref.conv_of(r.node.key)
+            for c in range(width):
+                if c not in keep:
+                    conv.weight[:, r.offset + c] = 0
+        expected = ref(x)
+    net.select_channels(unit[-1].layer, unit[-1].mask, keep)  # named by its last member: the whole unit goes
+    net.check_wiring()
+    for k in producers:
+        assert torch.equal(net.conv_of(k).weight, before[k][keep]), k
+    assert {net.group_width(k.layer, k.mask) for k in unit} == {len(keep)}
+    with torch.no_grad():
+        got = net(x)
+    for t in got:
+        torch.testing.assert_close(got[t], expected[t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["resnet", "mobilenetv2"])
+def test_a_pruning_step_keeps_units_coupled_and_macs_exact(family: str) -> None:
+    net = random_family_net(family, 3, seed=6)
+    gen = torch.Generator().manual_seed(0)
+    n = 96
+    data = MultitaskData(net.tasks, torch.randn(n, 3, 16, 16, generator=gen),
+                         {t.name: torch.randint(0, t.out_dim, (n,), generator=gen) if t.kind == "classes"
+                          else torch.randint(0, 2, (n, t.out_dim), generator=gen).float() for t in net.tasks})
+    before = combination_cost(net).macs
+    prune_step(net, data, PruneConfig(taylor_batches=1, seed=0), fraction=0.3)
+    net.check_wiring()
+    after = combination_cost(net).macs
+    assert after < before
+    graph = net.graph()
+    for unit in graph.units():
+        assert len({net.group_width(k.layer, k.mask) for k in unit}) == 1, unit
+    shape = (1, 3, 16, 16)
+    for combo in subsets(list(net.task_names)):
+        assert combination_cost(net, combo).macs == counted_macs(net.for_combination(combo), shape), combo
