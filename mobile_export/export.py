@@ -121,8 +121,10 @@ def parse_combinations(text: str) -> list[str]:
 def check_exportable(net: MultitaskNet) -> None:
     """Zero-width convolutions cannot be lowered; the network must have removed such groups."""
     net.check_wiring()
-    for key, block in net.blocks.items():
-        conv: nn.Conv2d = block.conv  # type: ignore[assignment]
+    for node in net.graph():
+        if node.kind == "add" or node.kind == "head":
+            continue  # an addition has no conv; heads are checked below
+        key, conv = node.key.name, net.conv_of(node.key)
         if conv.in_channels == 0 or conv.out_channels == 0:
             raise ExportError(
                 "zero_width", f"block {key} has a zero-width convolution {tuple(conv.weight.shape)}; "

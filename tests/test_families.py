@@ -170,3 +170,24 @@ def test_a_pruning_step_keeps_units_coupled_and_macs_exact(family: str) -> None:
     shape = (1, 3, 16, 16)
     for combo in subsets(list(net.task_names)):
         assert combination_cost(net, combo).macs == counted_macs(net.for_combination(combo), shape), combo
+
+
+@pytest.mark.slow
+def test_every_method_of_a_mobilenetv2_bundle_matches_eager_through_the_executorch_runtime(tmp_path) -> None:
+    from mobile_export.export import ExportConfig, export_bundle
+    from mobile_export.runtime import BundleRuntime
+
+    nets = single_nets("mobilenetv2", 2)
+    merged = create_merger("separate").merge(nets, MultitaskData(nets[0].tasks, torch.zeros(1, 3, 16, 16),
+                                                                 {nets[0].task_names[0]: torch.zeros(1).long()}))
+    export_bundle(merged, tmp_path / "bundle", ExportConfig(force=True), log=lambda *_: None)
+    rt = BundleRuntime(tmp_path / "bundle")
+    x = torch.randn(2, 3, 16, 16)
+    assert {m.name for m in rt.manifest.methods} == {"t0", "t1", "t0+t1"}
+    with torch.no_grad():
+        for m in rt.manifest.methods:
+            got = rt.run(m.name, x)
+            want = merged.for_combination(m.name.split("+"))(x)
+            assert len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(torch.as_tensor(g), w, rtol=1e-4, atol=1e-4)
