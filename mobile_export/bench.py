@@ -329,6 +329,58 @@ def build_vgg64_case(root: Path, log: Callable[[str], None] = print) -> tuple[Pa
     return root / "vgg64-merged", mpath, root / "vgg64-separate"
 
 
+def build_mobilenetv2_case(root: Path, width_mult: float = 0.5,
+                           log: Callable[[str], None] = print) -> tuple[Path, Path, Path]:
+    """Random-weight MobileNetV2-style networks at 64x64 for 3 tasks: a merged structure (the
+    stem and the first half of the blocks shared, then a shared core of half the width plus one
+    quarter-width group per task, as PAM-style merging and pruning leave it) and the separate one
+    (three full networks). Depthwise and add layers, and the producers an addition sums, take the
+    groups of the layers they are coupled to. Returns (merged bundle, merged model, separate bundle)."""
+    import torch
+
+    from merging.arch import create_arch, resolve
+    from merging.checkpoint import save_model
+    from merging.network import MultitaskNet
+    from merging.tasks import TaskSpec
+    from mobile_export.export import ExportConfig, export_bundle
+
+    torch.manual_seed(0)
+    tasks = [
+        TaskSpec("a", "classes", tuple(f"a{i}" for i in range(5))),
+        TaskSpec("b", "classes", ("b0", "b1")),
+        TaskSpec("c", "attributes", ("c0", "c1", "c2")),
+    ]
+    arch = create_arch("mobilenetv2", input_size=(64, 64), width_mult=width_mult)
+    res = resolve(arch)
+    tied = {max(r.source, r.skip): min(r.source, r.skip) for r in res if r.kind == "add" and r.skip is not None}
+    split = len(res) // 2
+    merged_layout: list[dict[int, int]] = []
+    for i, (spec, r) in enumerate(zip(arch.layers, res, strict=True)):
+        if r.kind in ("dw", "add"):
+            merged_layout.append(dict(merged_layout[r.source]))
+        elif i in tied:
+            merged_layout.append(dict(merged_layout[tied[i]]))
+        elif i < split:
+            merged_layout.append({7: spec.width})
+        else:
+            w = spec.width
+            merged_layout.append({7: max(1, w // 2), 1: max(1, w // 4), 2: max(1, w // 4), 4: max(1, w // 4)})
+    separate_layout = [{1: s.width, 2: s.width, 4: s.width} for s in arch.layers]
+    merged = MultitaskNet(tasks, arch, merged_layout, meta={"merger": "mobilenetv2-64 merged (random weights)"})
+    separate = MultitaskNet(tasks, arch, separate_layout, meta={"merger": "separate (random weights)"})
+    for net in (merged, separate):
+        net.eval()
+    root.mkdir(parents=True, exist_ok=True)
+    mpath = save_model(merged, root / "mobilenetv2_64_merged")
+    spath = save_model(separate, root / "mobilenetv2_64_separate")
+    log("exporting the mobilenetv2-64 merged bundle (every combination) ...")
+    export_bundle(mpath, root / "mobilenetv2-64-merged", ExportConfig(max_batch=4, force=True), log=log)
+    log("exporting the mobilenetv2-64 separate bundle (single-task methods) ...")
+    sep_cfg = ExportConfig(max_batch=4, force=True, combinations=[t.name for t in tasks])
+    export_bundle(spath, root / "mobilenetv2-64-separate", sep_cfg, log=log)
+    return root / "mobilenetv2-64-merged", mpath, root / "mobilenetv2-64-separate"
+
+
 # ---------------------------------------------------------------------------- entry points
 def run_cli(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
@@ -337,6 +389,10 @@ def run_cli(args: argparse.Namespace) -> int:
         model: Path | None = model_path
         separate: Path | None = separate_path
         name = args.name or "vgg64"
+    elif args.case == "mobilenetv2-64":
+        bundle, model_path, separate_path = build_mobilenetv2_case(Path(args.root))
+        model, separate = model_path, separate_path
+        name = args.name or "mobilenetv2-64"
     elif args.bundle is None:
         raise ExportError("bad_argument", "give a BUNDLE_DIR or --case vgg64")
     else:

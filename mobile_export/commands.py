@@ -87,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="latency per method: ExecuTorch (1 and 2 threads), eager, ONNX Runtime, a separate baseline",
     )
     b.add_argument("bundle", nargs="?", default=None, help="bundle to measure")
-    b.add_argument("--case", choices=["vgg64"], default=None, help="build and measure a built-in case instead")
+    b.add_argument("--case", choices=["vgg64", "mobilenetv2-64"], default=None,
+                   help="build and measure a built-in case instead")
     b.add_argument("--root", default="runs/export-bench", help="where --case writes its models and bundles")
     b.add_argument("--model", default=None, help="the bundle's model (eager and ONNX Runtime); default from provenance")
     b.add_argument("--separate", default=None, help="the `separate` baseline bundle, run task by task")
