@@ -100,6 +100,28 @@ def worker_prune(out: str) -> None:
     distributed.shutdown()
 
 
+def worker_mtz(out: str) -> None:
+    """Two small single-task networks zipped by MTZ with DDP retraining; save each rank's result."""
+    from merging import distributed
+    from merging.arch import create_arch
+    from merging.mergers.mtz import MtzMerger
+    from merging.network import MultitaskNet
+
+    distributed.init(torch.device("cpu"))
+    splits = _small_digits()
+    arch = create_arch("lenet", in_channels=1, input_size=tuple(splits.preprocessing.size), width_mult=0.5)
+    nets = []
+    for k, task in enumerate(splits.tasks):
+        torch.manual_seed(k)
+        nets.append(MultitaskNet.single_task(task, arch).eval())
+    merger = MtzMerger(retrain_steps=6, fractions=(1.0,) + (0.5,) * (len(arch.layers) - 1), calibration_size=64,
+                       progress=False)
+    merged = merger.merge(nets, splits.train, seed=0)
+    torch.save(merged.state_dict(), Path(out) / f"rank{distributed.rank()}.pt")
+    distributed.barrier()
+    distributed.shutdown()
+
+
 def worker_train_forever(out: str) -> None:
     """Run ``pam train`` for far longer than the test waits; say "ready" at the first training step."""
     import merging.train as train
@@ -182,6 +204,17 @@ def test_hung_rank_times_out(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_ddp_mtz_retraining_ends_identical_on_both_ranks(tmp_path: Path) -> None:
+    results = _finish(_spawn_ranks(["mtz", str(tmp_path)]), timeout=600)
+    for rc, _, err in results:
+        assert rc == 0, err[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs between ranks")
+
+
+@pytest.mark.slow
 def test_two_process_zoo_matches_one_process_accuracy(tmp_path: Path) -> None:
     """``pam train --nproc 2`` (torchrun's launcher) vs one process: same seed, within 1 point."""
     accs = {}
@@ -198,4 +231,4 @@ def test_two_process_zoo_matches_one_process_accuracy(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    {"prune": worker_prune, "train-forever": worker_train_forever}[sys.argv[1]](*sys.argv[2:])
+    {"prune": worker_prune, "mtz": worker_mtz, "train-forever": worker_train_forever}[sys.argv[1]](*sys.argv[2:])
