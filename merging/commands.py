@@ -29,7 +29,8 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
                    help="folder/celeba: decode every image into memory first (default: stream them from disk)")
     g.add_argument("--loader-workers", type=int, default=None, help="folder/celeba: DataLoader workers (default 2)")
     g.add_argument("--cache-mb", type=float, default=None,
-                   help="folder/celeba: decoded-image cache per process, in MB (default 32)")
+                   help="folder/celeba: decoded-image cache in MB, split between the process and its workers "
+                   "(default 32)")
 
 
 def dataset_from_args(args: argparse.Namespace) -> Any:

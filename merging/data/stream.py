@@ -4,8 +4,8 @@ The folder/CSV and CelebA loaders hand out :class:`StreamingData`: the same inte
 in-memory :class:`~merging.data.base.MultitaskData` (labels in memory, a few bytes per image), but
 the images stay on disk. Batches come in exactly the order the in-memory data would give for the
 same generator (the index plan is drawn the same way), so streaming and eager training see the
-same images in the same steps. Memory is bounded by the loader's cache (``cache_mb`` per process:
-the main one and each worker) plus the batches in flight, whatever the number of images.
+same images in the same steps. Memory is bounded by the loader's cache (``cache_mb`` in all, split
+between the main process and its workers) plus the batches in flight, whatever the number of images.
 
 What still needs one tensor (the pruner's check set, built from the validation split) calls
 :meth:`StreamingData.in_memory`; random access (``data.x[idx]`` for calibration or an example
@@ -34,7 +34,7 @@ class LoaderConfig:
     """How streaming data is read."""
 
     workers: int = 2  # DataLoader worker processes (0: read in the calling process)
-    cache_mb: float = 32.0  # decoded-image cache per process (main and each worker), least recently used out
+    cache_mb: float = 32.0  # decoded-image cache in all, split evenly between the main process and each worker (LRU)
     prefetch: int = 2  # batches each worker reads ahead
 
 
@@ -122,7 +122,9 @@ class ImageFiles:
                  pre: Preprocessing | None = None, loader: LoaderConfig | None = None) -> None:
         self.root, self.names, self.size, self.channels = root, list(names), size, channels
         self.loader = loader or LoaderConfig()
-        self._decoder = _Decoder(root, self.names, size, channels, pre, self.loader.cache_mb)
+        # Each process keeps its own cache (workers are forked copies): split the budget between them.
+        share = self.loader.cache_mb / (max(self.loader.workers, 0) + 1)
+        self._decoder = _Decoder(root, self.names, size, channels, pre, share)
         self._plan = _Plan()
         self._dl: DataLoader[Tensor] | None = None
         self._busy = False
