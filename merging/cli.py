@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 COMMAND_MODULES = (
     "merging.commands",
     "merging.commands_pam",
+    "merging.commands_import",
     "mobile_export.commands",
     "service.commands",
 )
