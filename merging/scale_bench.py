@@ -253,7 +253,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"## One loader pass over {c['images']:,} images ({c['image_size']}x{c['image_size']} RGB), every split",
         "",
-        "| path | workers | cache MB/process | images read | seconds | peak RSS growth MB | load after |",
+        "| path | workers | cache MB (in all) | images read | seconds | peak RSS growth MB | load after |",
         "|---|---|---|---|---|---|---|",
     ]
     for p in r["loader"]:
