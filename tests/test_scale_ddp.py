@@ -59,8 +59,8 @@ def _small_digits():  # type: ignore[no-untyped-def]
     from merging.data import load_dataset
 
     s = load_dataset("digits", tasks=("digit", "parity"))
-    s.train = s.train.subset(list(range(256)))
-    s.val = s.val.subset(list(range(128)))
+    s.train = s.train.subset(list(range(192)))
+    s.val = s.val.subset(list(range(96)))
     return s
 
 
@@ -81,8 +81,8 @@ def worker_prune(out: str) -> None:
     torch.manual_seed(0)
     net = MultitaskNet(list(splits.tasks), arch, [{3: s.width} for s in arch.layers])
     fit(net, splits.train, TrainConfig(epochs=1, progress=False))
-    cfg = PruneConfig(budget=100.0, max_steps=2, finetune_epochs=1, retry_epochs=0, final_epochs=1, recover_epochs=0,
-                      taylor_batches=2, check_shifts=0, progress=False)
+    cfg = PruneConfig(budget=100.0, step=0.3, max_steps=1, finetune_epochs=1, retry_epochs=0, final_epochs=1,
+                      recover_epochs=0, taylor_batches=2, check_shifts=0, progress=False)
     pruned, history = prune(net, splits, cfg)
     # agree_net must also repair a rank that went its own way (here: rank 1 cuts a channel).
     other = copy.deepcopy(pruned)
