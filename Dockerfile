@@ -25,6 +25,7 @@ COPY pam_common ./pam_common
 COPY merging ./merging
 COPY mobile_export ./mobile_export
 COPY service ./service
+COPY pam_app ./pam_app
 RUN pip install --no-deps . && pam --help >/dev/null
 
 # ---------------------------------------------------------------- runtime: the venv, a non-root user

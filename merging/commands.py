@@ -1,4 +1,4 @@
-"""``pam train``, ``pam info``, ``pam demo``: the foundation's subcommands (parser side kept light)."""
+"""``pam train``, ``pam info``: the foundation's subcommands (parser side kept light)."""
 
 from __future__ import annotations
 
@@ -155,12 +155,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from merging.demo import run_demo
-
-    return run_demo(args)
-
-
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     from merging.scale_bench import main as scale_main
 
@@ -191,13 +185,3 @@ def register(sub: Any) -> None:
     p.add_argument("model", help="model config (<name>.json) or its stem")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("demo", help="the main job on the bundled digits: train, merge, prune, export, serve")
-    p.add_argument("--out", default="runs/demo", help="where the demo writes its artifacts")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--route", default=None,
-                   help="merger to start from, '+regroup' to prune with regrouping (default: the benchmark's best)")
-    p.add_argument("--no-serve", action="store_true", help="stop before serving (for scripts)")
-    p.add_argument("--port", type=int, default=8000, help="port to serve the demo bundle on")
-    p.set_defaults(func=cmd_demo)

@@ -85,5 +85,5 @@ def add_import_parser(sub: Any) -> None:
 
 
 def register(sub: Any) -> None:
-    """What ``merging.cli`` calls for each module in ``COMMAND_MODULES``."""
+    """What ``pam_app.cli`` calls for each module in ``COMMAND_MODULES``."""
     add_import_parser(sub)

@@ -202,7 +202,7 @@ def launch(nproc: int, argv: Sequence[str], timeout_s: float | None = None) -> i
         raise MergingError("bad_argument", f"--nproc must be at least 1, got {nproc}")
     os.environ[TIMEOUT_ENV] = str(timeout_seconds(timeout_s))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    args = ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "merging.cli", *argv]
+    args = ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "pam_app", *argv]
     try:
         torchrun.main(args)
     except ChildFailedError as e:

@@ -178,7 +178,7 @@ def server_command(cfg: BenchConfig, port: int, variant: str) -> list[str]:
     if variant == "reference":
         return [sys.executable, "-m", "service.bench_reference", str(cfg.bundle_dir), "--port", str(port),
                 "--threads", str(cfg.threads)]
-    cmd = [sys.executable, "-m", "merging.cli", "serve", str(cfg.bundle_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "pam_app", "serve", str(cfg.bundle_dir), "--port", str(port),
            "--threads", str(cfg.threads), "--workers", str(cfg.workers), "--executor", cfg.executor,
            "--queue-bound", "4096", "--no-probe", "--max-connections", "4096"]
     if variant == "service":

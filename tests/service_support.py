@@ -109,7 +109,7 @@ class Server:
 def serve(bundle: Path, log: Path, *extra: str, token: str = "s3cret", wait_ready: bool = True) -> Iterator[Server]:
     """`pam serve BUNDLE` on a free loopback port; stopped (SIGTERM, then SIGKILL) on exit."""
     port = free_port()
-    cmd = [sys.executable, "-m", "merging.cli", "serve", str(bundle), "--port", str(port), "--admin-token", token,
+    cmd = [sys.executable, "-m", "pam_app", "serve", str(bundle), "--port", str(port), "--admin-token", token,
            "--log-format", "json", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env = {k: v for k, v in env.items() if not k.startswith("PAM_")}

@@ -146,7 +146,7 @@ def test_lite_program_loads_and_matches_eager() -> None:
 
 
 def test_verify_command_against_model_and_reference() -> None:
-    from merging.cli import main
+    from pam_app.cli import main
 
     net, path = _bundle("vgg-pruned-3")
     assert main(["verify", str(path)]) == 0  # against the stored reference outputs
@@ -244,7 +244,7 @@ def test_existing_bundle_is_not_overwritten_without_force() -> None:
 
 @pytest.mark.slow
 def test_export_command_end_to_end_with_subset_and_force() -> None:
-    from merging.cli import main
+    from pam_app.cli import main
 
     model = save_model(lenet_net(seed=3), scratch("cli") / "net")
     out = scratch("cli") / "bundle"

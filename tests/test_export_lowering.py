@@ -142,7 +142,7 @@ def test_cli_combinations_from_picks_the_most_requested() -> None:
     (d / "log.jsonl").write_text("\n".join([_log_line("a+c")] * 4 + [_log_line("b+c")] * 2 + [_log_line("a+b")]))
     assert combinations_from(model, str(d / "log.jsonl"), 2) == ["a", "b", "c", "a+c", "b+c"]
     assert combinations_from(model, str(d / "log.jsonl"), None) == ["a+b", "a+c", "b+c"]
-    from merging.cli import main
+    from pam_app.cli import main
 
     assert main(["export", str(model), "--out", str(d / "b"), "--max-methods", "2"]) == 2  # needs counts
 

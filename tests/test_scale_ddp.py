@@ -125,7 +125,7 @@ def worker_mtz(out: str) -> None:
 def worker_train_forever(out: str) -> None:
     """Run ``pam train`` for far longer than the test waits; say "ready" at the first training step."""
     import merging.train as train
-    from merging.cli import main
+    from pam_app.cli import main
 
     shift = train.random_shift
 
@@ -220,7 +220,7 @@ def test_two_process_zoo_matches_one_process_accuracy(tmp_path: Path) -> None:
     accs = {}
     for n in (1, 2):
         out = tmp_path / f"zoo{n}"
-        cmd = [sys.executable, "-m", "merging.cli", "train", "--tasks", "digit,parity", "--epochs", "15",
+        cmd = [sys.executable, "-m", "pam_app", "train", "--tasks", "digit,parity", "--epochs", "15",
                "--out", str(out), "--device", "cpu", "--nproc", str(n)]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.cli import main
 from merging.data.base import batch_count
 from merging.device import Precision, current_device, resolve_device, use_device
 from merging.errors import MergingError
+from pam_app.cli import main
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 

@@ -62,7 +62,7 @@ def test_dockerfile_port_and_command_match_the_settings_the_cli_and_the_docs() -
     cmd = next(rest for op, rest in ins if op == "CMD" and "health" not in rest)
     argv = [*json.loads(entry), *json.loads(cmd)]  # exec (JSON array) form, as docker reads it
     assert argv[:2] == ["pam", "serve"]
-    from merging.cli import build_parser
+    from pam_app.cli import build_parser
 
     parser, _ = build_parser()
     args = parser.parse_args(argv[1:])

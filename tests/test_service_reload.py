@@ -99,7 +99,7 @@ def test_reload_keeps_the_old_model_when_the_new_bundle_is_bad(tmp_path: Path) -
 
 def _pam_serve(bundle: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAM_")}
-    return subprocess.run([sys.executable, "-m", "merging.cli", "serve", str(bundle), "--port", "0", *extra],
+    return subprocess.run([sys.executable, "-m", "pam_app", "serve", str(bundle), "--port", "0", *extra],
                           capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
 
 

@@ -139,7 +139,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  curl -s -X POST 'http://127.0.0.1:{port}/infer?tasks=digit,parity' -F image=@{out / 'digit.png'}")
     print(f"  open http://127.0.0.1:{port}/dashboard", flush=True)
     pam_cmd = shutil.which("pam")
-    cmd = [pam_cmd] if pam_cmd else [sys.executable, "-m", "merging.cli"]
+    cmd = [pam_cmd] if pam_cmd else [sys.executable, "-m", "pam_app"]
     try:
         return subprocess.call([*cmd, "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port)])
     except KeyboardInterrupt:

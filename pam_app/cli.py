@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "merging.commands_import",
     "mobile_export.commands",
     "service.commands",
+    "pam_app.commands",
 )
 
 

@@ -1,0 +1,26 @@
+"""``pam demo`` (parser side light: the demo imports every layer when it runs)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pam_app.demo import run_demo
+
+    return run_demo(args)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("demo", help="the main job on the bundled digits: train, merge, prune, export, serve")
+    p.add_argument("--out", default="runs/demo", help="where the demo writes its artifacts")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--route", default=None,
+                   help="merger to start from, '+regroup' to prune with regrouping (default: the benchmark's best)")
+    p.add_argument("--no-serve", action="store_true", help="stop before serving (for scripts)")
+    p.add_argument("--port", type=int, default=8000, help="port to serve the demo bundle on")
+    p.set_defaults(func=cmd_demo)
