@@ -331,6 +331,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     torch.set_num_threads(1)  # the machine is shared; intra-op threads on tiny convs mostly spin
     known = list_mergers()
     mergers = list(cfg.mergers) or [*known, *(f"{m}{REGROUP}" for m in ("shared", REFERENCE))]
+    if not create_arch(cfg.arch).is_chain:  # every ratio is against PAM, which walks layers as a chain
+        raise MergingError("unsupported_arch", f"pam bench needs PAM, which cannot merge {cfg.arch} networks yet "
+                           "(skip additions and depthwise convs, see docs/graph.md); for this family measure "
+                           "structures with `pam bench-export --case mobilenetv2-64`")
     unknown = [m for m in mergers if split_route(m)[0] not in known]
     if unknown:
         raise MergingError("unknown_merger", f"unknown merger(s) {unknown}; known: {', '.join(known)}")
@@ -352,8 +356,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     add_ratios(rows)
     rows.extend(median_rows(rows))
     elapsed = time.perf_counter() - start
-    write_results(cfg, rows, mergers, elapsed)
-    log(f"bench {cfg.dataset} done in {elapsed / 60:.1f} min -> {cfg.out_dir}/bench-{cfg.dataset}.{{json,md,png}}")
+    from merging import distributed
+
+    if distributed.is_main():  # under torchrun every rank computed the same rows; one writes them
+        write_results(cfg, rows, mergers, elapsed)
+        log(f"bench {cfg.dataset} done in {elapsed / 60:.1f} min -> {cfg.out_dir}/bench-{cfg.dataset}.{{json,md,png}}")
+    distributed.barrier()
     return rows
 
 

@@ -14,7 +14,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (MergingError,)
 
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="digits", help="digits | digits-partitions | composite | folder | celeba")
+    g.add_argument("--dataset", default="digits",
+                   help="digits | digits-partitions | composite | scenes | scenes-64 | folder | celeba")
     g.add_argument("--tasks", default=None, help="comma-separated subset of the data set's tasks")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
     g.add_argument("--data-root", default=None, help="folder: image folder; celeba: image folder")
@@ -23,7 +24,7 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--task-groups", default=None, help="celeba: 'name=Attr,Attr;name2=Attr' (tasks as attribute groups)"
     )
-    g.add_argument("--image-size", default=None, help="folder/celeba: HxW to resize to, e.g. 32x32")
+    g.add_argument("--image-size", default=None, help="folder/celeba: HxW to resize to, e.g. 32x32; scenes: 16-128")
     g.add_argument("--channels", type=int, default=None, help="folder/celeba: 1 (grayscale) or 3 (RGB)")
     g.add_argument("--eager", action="store_true",
                    help="folder/celeba: decode every image into memory first (default: stream them from disk)")
@@ -60,6 +61,8 @@ def dataset_from_args(args: argparse.Namespace) -> Any:
             workers=base.workers if getattr(args, "loader_workers", None) is None else args.loader_workers,
             cache_mb=base.cache_mb if getattr(args, "cache_mb", None) is None else args.cache_mb,
         )
+    if args.dataset == "scenes" and size:
+        kw["size"] = size
     if args.dataset == "digits":
         kw["tasks"] = tasks
     elif args.dataset == "folder":

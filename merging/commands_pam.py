@@ -131,7 +131,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for ds in datasets:
         cfg = quick_config(ds) if args.quick else BenchConfig(dataset=ds)
         out = args.out or ("results/quick" if args.quick else "results")  # quick runs never overwrite the full run
-        cfg = replace(cfg, mergers=mergers, out_dir=Path(out))
+        cfg = replace(cfg, mergers=mergers, out_dir=Path(out), arch=args.arch or cfg.arch)
         if args.seeds is not None:
             cfg = replace(cfg, seeds=tuple(range(args.seeds)))
         if args.zoo_epochs is not None:
@@ -187,6 +187,8 @@ def register(sub: Any) -> None:
     p.add_argument("--dataset", default="all", help=f"{' | '.join(BENCH_DATASETS)} | all | comma-separated")
     p.add_argument("--quick", action="store_true", help="CI mode: 2 seeds, short training")
     p.add_argument("--mergers", default=None, help="comma-separated mergers (default: every registered merger)")
+    p.add_argument("--arch", default=None, help="zoo architecture family (default lenet); resnet and mobilenetv2 "
+                   "are refused until PAM merges them (docs/graph.md)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, quick 2)")
     p.add_argument("--zoo-epochs", type=int, default=None, help="training epochs per single-task network")
     p.add_argument("--seed-list", default=None, help="explicit seeds, e.g. 2,3 (to split a run over processes)")

@@ -126,6 +126,7 @@ def shifted_copies(data: MultitaskData, shift: int) -> MultitaskData:
     """
     if shift <= 0:
         return data
+    data = data.in_memory()  # a streaming folder/CelebA set: the check set is small enough to hold
     xs, n = [], len(data)
     fill = data.x.amin(dim=(1, 2, 3), keepdim=True)
     padded = torch.nn.functional.pad(data.x - fill, (shift, shift, shift, shift)) + fill
