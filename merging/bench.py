@@ -612,7 +612,12 @@ def render(json_path: Path) -> None:
 def combine(json_paths: Sequence[Path], out_dir: Path) -> list[dict[str, Any]]:
     """Merge bench runs of one data set made with the same settings on different seeds (e.g. run in
     parallel processes) into one report: per-seed rows concatenated, ratios and medians recomputed."""
-    metas = [json.loads(p.with_suffix(".config.json").read_text()) for p in json_paths]
+    metas = []
+    for p in json_paths:
+        meta = p.with_suffix(".config.json")
+        if not p.is_file() or not meta.is_file():
+            raise MergingError("bad_argument", f"{p} and its {meta.name} (written beside it by pam bench) are needed")
+        metas.append(json.loads(meta.read_text()))
     first = metas[0]["config"]
     same = ("dataset", "arch", "zoo_epochs", "prune", "routes", "spec_sizes", "width_grid", "tp_schedule")
     for m in metas[1:]:
