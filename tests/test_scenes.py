@@ -131,6 +131,7 @@ def test_background_label_is_the_stripe_orientation() -> None:
     assert np.median(np.maximum(along_x, along_y)[other]) < 0.25 * np.median(along_y[hor])
 
 
+@pytest.mark.slow  # ~100 s of training on a loaded 2-core machine
 def test_a_small_lenet_learns_the_digit_well_above_chance() -> None:
     from merging.arch import create_arch
     from merging.train import TrainConfig, evaluate, train_single_task
