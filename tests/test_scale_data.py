@@ -60,6 +60,7 @@ def test_streaming_reports_missing_and_broken_images(tmp_path: Path) -> None:
     assert e.value.code == "bad_image"
 
 
+@pytest.mark.slow  # ~20 s; the 20,000-image check beside it is the thorough one
 def test_streaming_memory_stays_below_the_data(tmp_path: Path) -> None:
     """1,500 images of 64x64 RGB: 70 MB of float32 pixels, which the eager path holds at least twice
     at its peak (decoded, normalised); streaming holds an 8 MB cache and the batches in flight.

@@ -158,6 +158,7 @@ def test_ddp_prune_ends_identical_on_both_ranks(tmp_path: Path) -> None:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{key}: {k} differs between ranks")
 
 
+@pytest.mark.slow  # ~20 s of process start-up and a collective timeout
 def test_killed_rank_stops_the_other_within_the_timeout(tmp_path: Path) -> None:
     timeout_s = 15.0
     procs = _spawn_ranks(["train-forever", str(tmp_path / "zoo")], timeout_s=timeout_s)
