@@ -88,6 +88,18 @@ class Precision:
         return torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """One backward pass and optimizer step, through the fp16 loss scaler when there is one."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+
+
 _current: torch.device | None = None  # None: the CPU (today's behaviour), set by use_device/set_device
 _precision = Precision()
 

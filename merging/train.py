@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from merging import distributed
 from merging.arch import ArchConfig
 from merging.data.base import MultitaskData, batch_count
-from merging.device import Amp, Precision, current_device, current_precision, resolve_device
+from merging.device import Amp, Precision, current_device, current_precision, optimizer_step, resolve_device
 from merging.network import MultitaskNet
 from merging.tasks import TaskSpec
 
@@ -112,14 +112,7 @@ def fit(
                 yb = {k: v.to(device, non_blocking=True) for k, v in yb.items()}
             with precision.autocast(device):
                 loss = joint_loss(net, model(xb, combo), yb)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            optimizer_step(loss, opt, scaler)
             sched.step()
             total += float(loss.detach()) * len(xb)
             seen += len(xb)

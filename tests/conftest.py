@@ -66,3 +66,16 @@ def digits_zoo(tmp_path_factory: pytest.TempPathFactory, digits_splits) -> tuple
     times["total"] = time.perf_counter() - t0
     load_zoo(out)
     return out, times
+
+
+def assert_bundle_matches_eager(rt, net: MultitaskNet, x: torch.Tensor, methods: set[str]) -> None:
+    """The bundle holds exactly ``methods``, and each one's outputs through the ExecuTorch runtime
+    ``rt`` match the eager combination module within 1e-4."""
+    assert {m.name for m in rt.manifest.methods} == methods
+    with torch.no_grad():
+        for m in rt.manifest.methods:
+            got = rt.run(m.name, x)
+            want = net.for_combination(m.name.split("+"))(x)
+            assert len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(torch.as_tensor(g), w, rtol=1e-4, atol=1e-4)

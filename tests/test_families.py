@@ -18,7 +18,7 @@ from merging.network import MultitaskNet
 from merging.pruning.config import PruneConfig
 from merging.pruning.pruner import prune_step
 from merging.pruning.surgery import remove_dead_groups
-from tests.conftest import make_tasks, subsets
+from tests.conftest import assert_bundle_matches_eager, make_tasks, subsets
 from tests.test_cost import counted_macs
 
 
@@ -182,12 +182,4 @@ def test_every_method_of_a_mobilenetv2_bundle_matches_eager_through_the_executor
                                                                  {nets[0].task_names[0]: torch.zeros(1).long()}))
     export_bundle(merged, tmp_path / "bundle", ExportConfig(force=True), log=lambda *_: None)
     rt = BundleRuntime(tmp_path / "bundle")
-    x = torch.randn(2, 3, 16, 16)
-    assert {m.name for m in rt.manifest.methods} == {"t0", "t1", "t0+t1"}
-    with torch.no_grad():
-        for m in rt.manifest.methods:
-            got = rt.run(m.name, x)
-            want = merged.for_combination(m.name.split("+"))(x)
-            assert len(got) == len(want)
-            for g, w in zip(got, want, strict=True):
-                torch.testing.assert_close(torch.as_tensor(g), w, rtol=1e-4, atol=1e-4)
+    assert_bundle_matches_eager(rt, merged, torch.randn(2, 3, 16, 16), {"t0", "t1", "t0+t1"})

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from merging import distributed
 from merging.data.base import MultitaskData
-from merging.device import current_device, current_precision
+from merging.device import current_device, current_precision, optimizer_step
 from merging.errors import MergingError, invariant
 from merging.mergers._hessian import (
     greedy_pairs,
@@ -184,14 +184,7 @@ def retrain(z: ZippedNet, data: MultitaskData, tasks: int, cfg: MtzConfig, seed:
                 xb, yb = xb.to(device), {k: v.to(device) for k, v in yb.items()}
             with precision.autocast(device):
                 loss = model(xb, yb)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            optimizer_step(loss, opt, scaler)
             sched.step()
             done += 1
             if done == cfg.retrain_steps:
