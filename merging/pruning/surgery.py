@@ -13,7 +13,8 @@ def remove_dead_groups(net: MultitaskNet) -> list[tuple[int, int]]:
     """
     removed: list[tuple[int, int]] = []
     while True:  # top-down: a removal can leave the group below unread in turn
-        dead = [k for k in net.graph().groups() if not net.graph().readers(k)]
+        graph = net.graph()
+        dead = [k for k in graph.groups() if not graph.readers(k)]
         if not dead:
             return removed
         key = max(dead)
