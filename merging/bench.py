@@ -62,6 +62,7 @@ class BenchConfig:
     mergers: tuple[str, ...] = ()  # empty: every registered merger
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # each seed trains its own zoo, merges and prunes
     arch: str = "lenet"  # architecture family of the zoo
+    width_mult: float = 1.0  # the family's width multiplier
     zoo_epochs: int = 40  # training epochs of each single-task network (and of the shared trunk)
     split_seed: int = 0  # train/val/test split of the data set
     prune: PruneConfig = field(default_factory=lambda: BENCH_PRUNE)
@@ -72,6 +73,13 @@ class BenchConfig:
     spec_sizes: tuple[int, ...] = (2, -1)  # combination sizes with a specialist network (-1: all tasks)
     out_dir: Path = Path("results")  # where bench-<dataset>.{json,md,png} go
     progress: bool = True
+
+    @property
+    def stem(self) -> str:
+        """Result file stem: ``bench-<dataset>`` for the LeNet zoo, else with the family and width."""
+        if self.arch == "lenet" and self.width_mult == 1.0:
+            return f"bench-{self.dataset}"
+        return f"bench-{self.dataset}-{self.arch}" + ("" if self.width_mult == 1.0 else f"-w{self.width_mult:g}")
 
 
 def quick_config(dataset: str, **overrides: Any) -> BenchConfig:
@@ -118,6 +126,9 @@ def spec_combinations(tasks: Sequence[str], sizes: Sequence[int]) -> list[tuple[
 REGROUP = "+regroup"  # route suffix: the same merger, pruned with regrouping (PruneConfig.regroup)
 
 
+CHAIN_ONLY = ("mtz",)  # mergers that walk layers as a chain (regrouping does too: every +regroup route)
+
+
 def split_route(name: str) -> tuple[str, bool]:
     """``"pam+regroup"`` -> ("pam", True); ``"pam"`` -> ("pam", False)."""
     return (name[: -len(REGROUP)], True) if name.endswith(REGROUP) else (name, False)
@@ -129,7 +140,8 @@ class _SeedRun:
     def __init__(self, cfg: BenchConfig, splits: Splits, seed: int, log: Callable[[str], None]) -> None:
         self.cfg, self.splits, self.seed, self.log = cfg, splits, seed, log
         pre = splits.preprocessing
-        self.arch = create_arch(cfg.arch, in_channels=pre.channels, input_size=tuple(pre.size))
+        self.arch = create_arch(cfg.arch, in_channels=pre.channels, input_size=tuple(pre.size),
+                                width_mult=cfg.width_mult)
         # Epoch counts are set for the ~1,100-image digits splits; larger training sets get proportionally
         # fewer epochs (about the same number of gradient steps), so composite fits the time budget.
         scale = min(1.0, REFERENCE_TRAIN_SIZE / len(splits.train))
@@ -331,10 +343,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     torch.set_num_threads(1)  # the machine is shared; intra-op threads on tiny convs mostly spin
     known = list_mergers()
     mergers = list(cfg.mergers) or [*known, *(f"{m}{REGROUP}" for m in ("shared", REFERENCE))]
-    if not create_arch(cfg.arch).is_chain:  # every ratio is against PAM, which walks layers as a chain
-        raise MergingError("unsupported_arch", f"pam bench needs PAM, which cannot merge {cfg.arch} networks yet "
-                           "(skip additions and depthwise convs, see docs/graph.md); for this family measure "
-                           "structures with `pam bench-export --case mobilenetv2-64`")
+    if not create_arch(cfg.arch).is_chain:
+        # MTZ and regrouping walk layers as a chain; PAM, separate and shared follow the group graph
+        chain_only = [m for m in mergers if split_route(m)[0] in CHAIN_ONLY or split_route(m)[1]]
+        if cfg.mergers and chain_only:
+            raise MergingError("unsupported_arch", f"{', '.join(chain_only)} cannot run on {cfg.arch} networks: MTZ "
+                               "and regrouping walk layers as a chain (no skip additions or depthwise convs, see "
+                               "docs/graph.md); choose among separate, shared and pam")
+        mergers = [m for m in mergers if m not in chain_only]
     unknown = [m for m in mergers if split_route(m)[0] not in known]
     if unknown:
         raise MergingError("unknown_merger", f"unknown merger(s) {unknown}; known: {', '.join(known)}")
@@ -360,7 +376,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
 
     if distributed.is_main():  # under torchrun every rank computed the same rows; one writes them
         write_results(cfg, rows, mergers, elapsed)
-        log(f"bench {cfg.dataset} done in {elapsed / 60:.1f} min -> {cfg.out_dir}/bench-{cfg.dataset}.{{json,md,png}}")
+        log(f"bench {cfg.dataset} done in {elapsed / 60:.1f} min -> {cfg.out_dir}/{cfg.stem}.{{json,md,png}}")
     distributed.barrier()
     return rows
 
@@ -431,10 +447,11 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
     tasks = sorted(c for c in combos if "+" not in c)
     seeds = sorted({r["seed"] for r in rows if r["seed"] != "median"})
     pc = cfg.prune
+    width = f" (width x{cfg.width_mult:g})" if cfg.width_mult != 1.0 else ""
     lines = [
         f"# Benchmark: {cfg.dataset}",
         "",
-        f"Mergers {', '.join(mergers)}; seeds {seeds}; zoo {cfg.arch} trained {cfg.zoo_epochs} epochs per seed; "
+        f"Mergers {', '.join(mergers)}; seeds {seeds}; zoo {cfg.arch}{width} trained {cfg.zoo_epochs} epochs per seed; "
         f"same pruner for every merger, reference and specialist (budget {pc.budget} point(s) per task, one-sided "
         f"{pc.confidence:.0%} paired test on val + {pc.check_shifts} shifted copies; criterion {pc.criterion}, "
         f"price {pc.price}, step {pc.step} (min {pc.min_step}), fine-tune {pc.finetune_epochs}+{pc.retry_epochs} "
@@ -619,7 +636,7 @@ def combine(json_paths: Sequence[Path], out_dir: Path) -> list[dict[str, Any]]:
             raise MergingError("bad_argument", f"{p} and its {meta.name} (written beside it by pam bench) are needed")
         metas.append(json.loads(meta.read_text()))
     first = metas[0]["config"]
-    same = ("dataset", "arch", "zoo_epochs", "prune", "routes", "spec_sizes", "width_grid", "tp_schedule")
+    same = ("dataset", "arch", "width_mult", "zoo_epochs", "prune", "routes", "spec_sizes", "width_grid", "tp_schedule")
     for m in metas[1:]:
         diff = [k for k in same if m["config"].get(k) != first.get(k)]
         if diff:
@@ -641,13 +658,14 @@ def combine(json_paths: Sequence[Path], out_dir: Path) -> list[dict[str, Any]]:
 
 def _config_from_json(c: Mapping[str, Any], out_dir: Path, seeds: Sequence[int]) -> BenchConfig:
     return BenchConfig(dataset=c["dataset"], seeds=tuple(seeds), arch=c["arch"], zoo_epochs=c["zoo_epochs"],
+                       width_mult=c.get("width_mult", 1.0), tasks=tuple(c.get("tasks", ())),
                        prune=PruneConfig(**c["prune"]), routes=tuple(c.get("routes", ROUTES)),
                        spec_sizes=tuple(c.get("spec_sizes", (2, -1))), out_dir=out_dir)
 
 
 def write_results(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str], elapsed: float) -> None:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = cfg.out_dir / f"bench-{cfg.dataset}"
+    stem = cfg.out_dir / cfg.stem
     atomic_write_json(stem.with_suffix(".json"), rows)
     md = markdown(cfg, rows, mergers, elapsed)
     atomic_write_bytes(stem.with_suffix(".md"), md.encode())

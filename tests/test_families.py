@@ -102,13 +102,70 @@ def test_separate_merge_reproduces_each_network_and_keeps_the_wiring(family: str
             torch.testing.assert_close(out[t], net(x)[t], rtol=1e-5, atol=1e-5)
 
 
-def test_chain_only_mergers_refuse_the_new_families_clearly() -> None:
+def labelled_by_the_nets(nets: list[MultitaskNet], n: int = 256, seed: int = 0) -> MultitaskData:
+    """Random images labelled by each network's own predictions, so its channels carry information
+    about its task (what PAM's calibration measures)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=gen)
+    y = {}
+    with torch.no_grad():
+        for net in nets:
+            (t,) = net.task_names
+            out = net(x)[t]
+            y[t] = out.argmax(1) if net.tasks[0].kind == "classes" else (out > out.median(0).values).float()
+    return MultitaskData(tuple(net.tasks[0] for net in nets), x, y)
+
+
+@pytest.mark.parametrize("family", ["resnet", "mobilenetv2"])
+def test_pam_merge_reproduces_every_network_where_nothing_is_dropped(family: str) -> None:
+    nets = single_nets(family, 3)
+    merged = create_merger("pam", consistency="expand", drop_irrelevant=False).merge(nets, labelled_by_the_nets(nets))
+    merged.check_wiring()
+    assert merged.meta["pam"]["exact_tasks"] == ["t0", "t1", "t2"]
+    assert len(merged.layout[0]) > 1  # regrouped: channels went to groups of several tasks, not one per network
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        out = merged(x)
+        for net in nets:
+            (t,) = net.task_names
+            torch.testing.assert_close(out[t], net(x)[t], rtol=1e-5, atol=1e-5)
+    for combo in subsets(list(merged.task_names)):
+        assert combination_cost(merged, combo).macs == counted_macs(merged.for_combination(combo), (1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("family", ["resnet", "mobilenetv2"])
+def test_pam_merge_cuts_to_the_wiring_rule_and_keeps_coupled_channels_together(family: str) -> None:
+    nets = single_nets(family, 3)
+    merged = create_merger("pam").merge(nets, labelled_by_the_nets(nets))
+    merged.check_wiring()  # every dense group reads only supersets, every depthwise/add layer its source's groups
+    graph = merged.graph()
+    for unit in graph.units():
+        assert len({tuple(merged.layout[k.layer].items()) for k in unit}) == 1, unit
+    for node in graph:
+        assert node.inputs or node.key.layer == 0  # type: ignore[union-attr]
+    separate = sum(combination_cost(net).macs for net in nets)
+    assert combination_cost(merged).macs < separate  # channels relevant to no task were dropped
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        out = merged(x)
+        for net in nets:
+            (t,) = net.task_names
+            if t in merged.meta["pam"]["exact_tasks"]:
+                torch.testing.assert_close(out[t], net(x)[t], rtol=1e-5, atol=1e-5)
+
+
+def test_chain_only_algorithms_refuse_the_new_families_clearly() -> None:
+    from merging.pruning.regroup import drop_tasks
+
     nets = single_nets("mobilenetv2", 2)
     data = MultitaskData(nets[0].tasks, torch.zeros(1, 3, 16, 16), {nets[0].task_names[0]: torch.zeros(1).long()})
-    for name in ("pam", "mtz"):
-        with pytest.raises(MergingError) as e:
-            create_merger(name).merge(nets, data)
-        assert e.value.code == "unsupported_arch" and "mobilenetv2" in str(e.value)
+    with pytest.raises(MergingError) as e:
+        create_merger("mtz").merge(nets, data)
+    assert e.value.code == "unsupported_arch" and "mobilenetv2" in str(e.value)
+    merged = create_merger("separate").merge(nets, data)
+    with pytest.raises(MergingError) as e:
+        drop_tasks(merged, {})
+    assert e.value.code == "unsupported_arch" and "regrouping" in str(e.value)
 
 
 def _producers(net: MultitaskNet, unit: tuple[GroupKey, ...]) -> list[GroupKey]:
@@ -178,8 +235,8 @@ def test_every_method_of_a_mobilenetv2_bundle_matches_eager_through_the_executor
     from mobile_export.runtime import BundleRuntime
 
     nets = single_nets("mobilenetv2", 2)
-    merged = create_merger("separate").merge(nets, MultitaskData(nets[0].tasks, torch.zeros(1, 3, 16, 16),
-                                                                 {nets[0].task_names[0]: torch.zeros(1).long()}))
+    merged = create_merger("pam").merge(nets, labelled_by_the_nets(nets))  # shared and per-task groups
+    assert any(bin(m).count("1") == 2 for groups in merged.layout for m in groups)
     export_bundle(merged, tmp_path / "bundle", ExportConfig(force=True), log=lambda *_: None)
     rt = BundleRuntime(tmp_path / "bundle")
     assert_bundle_matches_eager(rt, merged, torch.randn(2, 3, 16, 16), {"t0", "t1", "t0+t1"})

@@ -174,10 +174,16 @@ def test_cli_imports_two_networks_into_a_zoo_that_merges_and_reproduces_them(tmp
     data = MultitaskData(nets[0].tasks, torch.zeros(1, 3, 32, 32), {"scene": torch.zeros(1).long()})
     merged = create_merger("separate").merge(nets, data)
     merged.check_wiring()
-    for walker in ("pam", "mtz"):  # these walk chains only: a clear error, not a wrong network
-        with pytest.raises(MergingError) as refused:
-            create_merger(walker).merge(nets, data)
-        assert refused.value.code == "unsupported_arch"
+    with pytest.raises(MergingError) as refused:  # MTZ walks chains only: a clear error, not a wrong network
+        create_merger("mtz").merge(nets, data)
+    assert refused.value.code == "unsupported_arch"
+    # PAM regroups them; kept whole (nothing dropped), every task is exact
+    calib = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        labelled = MultitaskData(tuple(n.tasks[0] for n in nets), calib,
+                                 {name: ref(calib).argmax(1) for name, ref in refs.items()})
+    regrouped = create_merger("pam", consistency="expand", drop_irrelevant=False, calib_size=64).merge(nets, labelled)
+    assert regrouped.meta["pam"]["exact_tasks"] == ["scene", "mood"]
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         both = merged(x)
@@ -186,6 +192,7 @@ def test_cli_imports_two_networks_into_a_zoo_that_merges_and_reproduces_them(tmp
             assert float((both[name] - want).abs().max()) <= ATOL
             (alone,) = merged.for_combination([name])(x)
             assert float((alone - want).abs().max()) <= ATOL
+            assert float((regrouped(x)[name] - want).abs().max()) <= ATOL
     with pytest.raises(MergingError) as e:  # the output must not replace the file it imports
         _run_cli(["import-torchvision", str(tmp_path / "zoo" / "mood.pt"), "--task", "mood", "--labels", "a,b,c",
                   "--input-size", "32", "--out", str(tmp_path / "zoo" / "mood.json")])

@@ -57,10 +57,10 @@ from merging.mergers.base import (
     check_mergeable,
     create_merger,
     register_merger,
-    require_chain,
     single_block,
 )
 from merging.mi import DEFAULT_NOISE, label_entropy, mutual_information_many
+from merging.graph import GroupKey
 from merging.network import MultitaskNet
 from merging.pruning.surgery import remove_dead_groups
 
@@ -123,7 +123,12 @@ class PamMerger(Merger):
 
     # ------------------------------------------------------------------ grouping
     def relevance(self, nets: Sequence[MultitaskNet], data: MultitaskData, seed: int = 0) -> list[list[Channel]]:
-        """Channels of every layer with their relevance and final group masks."""
+        """Channels of every layer with their relevance and final group masks.
+
+        The layers of one pruning unit (the same channels through depthwise convs and additions)
+        share one list: their channels are decided once, on the unit's deepest layer (an
+        addition's output holds both addends).
+        """
         cfg = self.config
         tasks = [net.task_names[0] for net in nets]
         gen = torch.Generator().manual_seed(seed)
@@ -132,21 +137,23 @@ class PamMerger(Merger):
         x = data.x[idx]
         labels = [data.y[t][idx] for t in tasks]
         acts = [_layer_outputs(net, x) for net in nets]
-        layers: list[list[Channel]] = []
-        for l in range(len(nets[0].layout)):
+        structure = _Structure.of(nets[0])
+        layers: list[list[Channel]] = [[] for _ in nets[0].layout]
+        for unit in structure.units:
             feats = []
             chans: list[Channel] = []
             for i in range(len(nets)):
-                a = acts[i][l]
+                a = acts[i][unit[-1]]
                 p = min(cfg.pool, a.shape[-2]), min(cfg.pool, a.shape[-1])
                 feats.append(torch.nn.functional.adaptive_avg_pool2d(a, p).flatten(2))
                 chans.extend(Channel(i, j) for j in range(a.shape[1]))
-            layers.append(chans)
+            for l in unit:
+                layers[l] = chans
             self._relevant_sets(torch.cat(feats, 1), labels, chans)
         if cfg.consistency == "expand":
-            _expand_sets(layers, len(nets))
+            _expand_sets(layers, structure.reads, len(nets))
         else:
-            _cut_sets(layers)
+            _cut_sets(layers, structure.reads)
         return layers
 
     def _relevant_sets(self, feats: Tensor, labels: list[Tensor], chans: list[Channel]) -> None:
@@ -199,7 +206,6 @@ class PamMerger(Merger):
     # ------------------------------------------------------------------ merging
     def merge(self, nets: Sequence[MultitaskNet], data: MultitaskData, seed: int = 0) -> MultitaskNet:
         check_mergeable(nets)
-        require_chain(nets[0], "pam")
         tasks = [net.tasks[0] for net in nets]
         names = [t.name for t in tasks]
         missing = [t for t in names if t not in data.y]
@@ -218,7 +224,8 @@ class PamMerger(Merger):
                     groups.setdefault(ch.final, []).append(ch)
             members.append(dict(sorted(groups.items())))
         layout = [{m: len(g) for m, g in groups.items()} for groups in members]
-        exact = [names[t] for t in range(len(nets)) if _reproduces(layers, t)]
+        reads = _Structure.of(nets[0]).reads
+        exact = [names[t] for t in range(len(nets)) if _reproduces(layers, reads, t)]
         meta = {
             "merger": self.name,
             "pam": {
@@ -251,53 +258,86 @@ def _cap_paths(chans: list[Channel], single: Tensor, n_tasks: int, own_task: boo
             chans[c].relevant &= ~(1 << t)
 
 
-def _expand_sets(layers: list[list[Channel]], n_nets: int) -> None:
-    """Top-down: a channel's set also covers every kept channel above it in its own network (exact)."""
-    above = [0] * n_nets  # union of the final sets of each network's kept channels one layer up
-    for chans in reversed(layers):
+def _expand_sets(layers: list[list[Channel]], reads: Sequence[tuple[int, int]], n_nets: int) -> None:
+    """A channel's set also covers every kept channel that reads it in its own network (exact).
+
+    Widening only, to a fixpoint: in a residual stage a unit both feeds and is fed by the convs
+    between its additions, so one top-down pass is not enough (for a chain it is, and the second
+    pass changes nothing).
+    """
+    for chans in layers:
         for ch in chans:
-            ch.final = ch.relevant | above[ch.net]
-        above = [0] * n_nets
-        for ch in chans:
-            above[ch.net] |= ch.final
+            ch.final = ch.relevant
+    changed = True
+    while changed:
+        changed = False
+        for layer, source in reversed(reads):
+            above = [0] * n_nets  # union of the sets of each network's kept channels that read ``source``
+            for ch in layers[layer]:
+                above[ch.net] |= ch.final
+            for p in layers[source]:
+                if above[p.net] & ~p.final:
+                    p.final |= above[p.net]
+                    changed = True
 
 
-def _cut_sets(layers: list[list[Channel]]) -> None:
+def _cut_sets(layers: list[list[Channel]], reads: Sequence[tuple[int, int]]) -> None:
     """Keep each channel's relevance set; a channel reads only the parents the wiring rule allows.
 
     Weights from a parent whose set is not a superset are cut (the paper's way). Where a group
     would have no superset group at all to read, the parents of its channels that already serve
     part of its set (or, failing that, all kept parents of the same networks) take on the group's
-    set too, so every group has an input.
+    set too, so every group has an input. Widening only, to a fixpoint (see :func:`_expand_sets`).
     """
     for chans in layers:
         for ch in chans:
             ch.final = ch.relevant
-    for l in range(len(layers) - 1, 0, -1):
-        groups = sorted({ch.final for ch in layers[l] if ch.final}, key=lambda m: (-bin(m).count("1"), m))
-        for mask in groups:
-            below = layers[l - 1]
-            if any(p.final & mask == mask for p in below):
-                continue
-            nets = {ch.net for ch in layers[l] if ch.final == mask}
-            parents = [p for p in below if p.net in nets and p.final & mask]
-            parents = parents or [p for p in below if p.net in nets and p.final]
-            parents = parents or [p for p in below if p.net in nets]
-            for p in parents:
-                p.final |= mask
+    changed = True
+    while changed:
+        changed = False
+        for layer, source in reversed(reads):
+            groups = sorted({ch.final for ch in layers[layer] if ch.final}, key=lambda m: (-bin(m).count("1"), m))
+            for mask in groups:
+                below = layers[source]
+                if any(p.final & mask == mask for p in below):
+                    continue
+                nets = {ch.net for ch in layers[layer] if ch.final == mask}
+                parents = [p for p in below if p.net in nets and p.final & mask]
+                parents = parents or [p for p in below if p.net in nets and p.final]
+                parents = parents or [p for p in below if p.net in nets]
+                for p in parents:
+                    p.final |= mask
+                changed = True
 
 
-def _reproduces(layers: list[list[Channel]], t: int) -> bool:
+def _reproduces(layers: list[list[Channel]], reads: Sequence[tuple[int, int]], t: int) -> bool:
     """Whether head t sees exactly its source network: every channel of net t kept, readable, uncut."""
-    for l, chans in enumerate(layers):
-        own = [ch for ch in chans if ch.net == t]
-        if any(not ch.final for ch in own):
+    if any(not ch.final for chans in layers for ch in chans if ch.net == t):
+        return False
+    for layer, source in reads:
+        own = [ch for ch in layers[layer] if ch.net == t]
+        parents = [p for p in layers[source] if p.net == t]
+        if any(p.final & ch.final != ch.final for ch in own for p in parents):
             return False
-        if l > 0:
-            parents = [p for p in layers[l - 1] if p.net == t]
-            if any(p.final & ch.final != ch.final for ch in own for p in parents):
-                return False
     return all(ch.final >> t & 1 for ch in layers[-1] if ch.net == t)
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """What PAM walks, from the group graph of a single-task network: the pruning units (layer
+    indices, shallowest first) and every dense read (reader layer, layer read), in execution
+    order. For a chain: one unit per layer and reads (l, l - 1)."""
+
+    units: tuple[tuple[int, ...], ...]
+    reads: tuple[tuple[int, int], ...]
+
+    @staticmethod
+    def of(net: MultitaskNet) -> _Structure:
+        graph = net.graph()
+        units = tuple(tuple(k.layer for k in unit) for unit in graph.units())
+        reads = tuple((n.key.layer, i.layer) for n in graph if isinstance(n.key, GroupKey) and not n.coupled
+                      for i in n.inputs)
+        return _Structure(units, reads)
 
 
 def _grid(n: int) -> list[int]:
@@ -344,23 +384,33 @@ class _PrefixInfo:
 
 @torch.no_grad()
 def _layer_outputs(net: MultitaskNet, x: Tensor) -> list[Tensor]:
+    """The output of every trunk layer of a single-task network on ``x``."""
     net.eval()
-    outs = []
-    h = x
-    for l in range(len(net.layout)):
-        h = single_block(net, l)(h)
-        outs.append(h)
-    return outs
+    outs: dict[int, Tensor] = {}
+    hooks = [single_block(net, l).register_forward_hook(
+        lambda _m, _i, out, l=l: outs.__setitem__(l, out)) for l in range(len(net.layout))]
+    try:
+        net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [outs[l] for l in range(len(net.layout))]
 
 
 @torch.no_grad()
 def _copy_weights(merged: MultitaskNet, nets: Sequence[MultitaskNet], members: list[dict[int, list[Channel]]]) -> None:
-    """Block-diagonal union: each channel keeps its weights on its own network's channels, zero elsewhere."""
+    """Block-diagonal union: each channel keeps its weights on its own network's channels, zero elsewhere
+    (a depthwise channel keeps its filter; an addition has none)."""
     for l, groups in enumerate(members):
+        r = merged.resolved[l]
+        if r.kind == "add":
+            continue  # no weights: it sums the unit's channels
         for mask, chans in groups.items():
             block: Any = merged.block(l, mask)
             w = torch.zeros_like(block.conv.weight)
-            inputs = None if l == 0 else [ch for m in merged.reads[(l, mask)] for ch in members[l - 1][m]]
+            # the image, or a depthwise conv: a channel's filter reads only its own input channel
+            flat = r.source < 0 or r.kind == "dw"
+            inputs = None if flat else [ch for m in merged.reads[(l, mask)] for ch in members[r.source][m]]
             for row, ch in enumerate(chans):
                 src = single_block(nets[ch.net], l)
                 if inputs is None:
