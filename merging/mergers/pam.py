@@ -34,6 +34,13 @@ wiring rule a group of set S may only read groups of sets S' ⊇ S. Two ways to 
   channel computes exactly what it did in its source network. The price: a network whose top
   channels serve many tasks makes all of them pay for its whole lower stack.
 
+Networks that are not a chain (``resnet``, ``mobilenetv2``): PAM works on *pruning units* of
+the group graph (a depthwise conv's channels are its input's, an addition's are both addends'),
+so a unit's channels are decided once, on its deepest layer, and every member gets the same
+groups. The wiring rule is met at every dense read (a conv reading any earlier layer, a head),
+to a fixpoint: in a residual stage the unit of the additions both feeds and is fed by the convs
+between them.
+
 With ``own_task`` (default) a kept channel of task t's network always includes t. A task whose
 every channel is kept, readable and uncut gets exactly its single-task outputs before any
 fine-tuning; those tasks are listed in ``meta["pam"]["exact_tasks"]`` (with ``expand`` and
