@@ -367,6 +367,9 @@ class MultitaskNet(nn.Module):
                 del self.blocks[k.name]
                 del self.layout[k.layer][k.mask]
                 del self.reads[(k.layer, k.mask)]
+            # Every reader's reads first, then the cascade: the structure must be whole before the
+            # next removal asks the graph, and two emptied readers may share one unit.
+            emptied: list[GroupKey] = []
             for r in readers:
                 if isinstance(r.node.key, GroupKey) and r.node.key not in unit:
                     rk = r.node.key
@@ -374,7 +377,10 @@ class MultitaskNet(nn.Module):
                         self.resolved[rk.layer].source, m) not in unit)
                     self.reads[(rk.layer, rk.mask)] = left
                     if not left:
-                        self.select_channels(rk.layer, rk.mask, [])
+                        emptied.append(rk)
+            for rk in emptied:
+                if rk.mask in self.layout[rk.layer]:  # not gone with an earlier one's unit
+                    self.select_channels(rk.layer, rk.mask, [])
             return
         for k in unit:
             block = self.blocks[k.name]

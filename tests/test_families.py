@@ -240,3 +240,25 @@ def test_every_method_of_a_mobilenetv2_bundle_matches_eager_through_the_executor
     export_bundle(merged, tmp_path / "bundle", ExportConfig(force=True), log=lambda *_: None)
     rt = BundleRuntime(tmp_path / "bundle")
     assert_bundle_matches_eager(rt, merged, torch.randn(2, 3, 16, 16), {"t0", "t1", "t0+t1"})
+
+
+@pytest.mark.parametrize("family", ["resnet", "mobilenetv2"])
+def test_removing_any_unit_cascades_to_a_whole_network_with_exact_macs(family: str) -> None:
+    import copy
+
+    nets = single_nets(family, 3)
+    base = create_merger("pam").merge(nets, labelled_by_the_nets(nets))  # groups that read a single group
+    cascaded = 0
+    for unit in base.graph().units():
+        net = copy.deepcopy(base)
+        try:
+            net.select_channels(unit[0].layer, unit[0].mask, [])
+        except MergingError as e:
+            assert e.code == "empty_task"  # the one refusal: a task would be left with no input
+            continue
+        net.check_wiring()
+        cascaded += len(base.graph().groups()) - len(net.graph().groups()) > len(unit)
+        for combo in subsets(list(net.task_names)):
+            assert combination_cost(net, combo).macs == counted_macs(net.for_combination(combo), (1, 3, 16, 16))
+    if family == "resnet":  # here some removal leaves a reader with nothing to read, which goes in turn
+        assert cascaded     # (in this MobileNetV2 every such cascade ends at a head: the empty_task refusal)
