@@ -665,14 +665,16 @@ def _config_from_json(c: Mapping[str, Any], out_dir: Path, seeds: Sequence[int])
 
 def write_results(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str], elapsed: float) -> None:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = cfg.out_dir / cfg.stem
-    atomic_write_json(stem.with_suffix(".json"), rows)
+    def stem(suffix: str) -> Path:  # not Path.with_suffix: a width such as w0.25 would read as a suffix
+        return cfg.out_dir / f"{cfg.stem}{suffix}"
+
+    atomic_write_json(stem(".json"), rows)
     md = markdown(cfg, rows, mergers, elapsed)
-    atomic_write_bytes(stem.with_suffix(".md"), md.encode())
-    plot(cfg, rows, mergers, stem.with_suffix(".png"))
+    atomic_write_bytes(stem(".md"), md.encode())
+    plot(cfg, rows, mergers, stem(".png"))
     config = asdict(cfg)
     config["out_dir"] = str(cfg.out_dir)
-    atomic_write_json(stem.with_suffix(".config.json"), {"config": config, "mergers": list(mergers),
+    atomic_write_json(stem(".config.json"), {"config": config, "mergers": list(mergers),
                                                          "seconds": round(elapsed, 1)})
 
 

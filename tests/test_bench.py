@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from merging.bench import ALONE, SPEC, BenchConfig, quick_config, run_bench, wilson
+from merging.bench import ALONE, SPEC, BenchConfig, quick_config, run_bench, wilson, write_results
 from merging.errors import MergingError
 from merging.pruning import PruneConfig
 from merging.references import TpSchedule
@@ -108,3 +108,11 @@ def test_chain_only_mergers_are_refused_by_name_on_graph_families(tmp_path: Path
         run_bench(replace(cfg, mergers=("pam", "mtz", "shared+regroup")), log=lambda _: None)
     assert e.value.code == "unsupported_arch" and "mtz, shared+regroup" in str(e.value)
     assert cfg.stem == "bench-scenes-mobilenetv2-w0.25" and quick_config("digits").stem == "bench-digits"
+
+
+def test_result_files_carry_the_width_in_their_name(bench, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rows, _ = bench
+    cfg = BenchConfig(dataset="digits", tasks=("parity", "loop"), seeds=(0,), width_mult=0.25, out_dir=tmp_path)
+    write_results(cfg, rows, ["separate", "pam"], 1.0)  # the width is part of the name, not a suffix to replace
+    assert {p.name for p in tmp_path.iterdir()} == {f"bench-digits-lenet-w0.25{s}" for s in
+                                                    (".json", ".md", ".png", ".config.json")}
