@@ -262,3 +262,24 @@ def test_removing_any_unit_cascades_to_a_whole_network_with_exact_macs(family: s
             assert combination_cost(net, combo).macs == counted_macs(net.for_combination(combo), (1, 3, 16, 16))
     if family == "resnet":  # here some removal leaves a reader with nothing to read, which goes in turn
         assert cascaded     # (in this MobileNetV2 every such cascade ends at a head: the empty_task refusal)
+
+
+@pytest.mark.parametrize("family", ["resnet", "mobilenetv2"])
+def test_finetuning_around_a_frozen_task_keeps_its_groups_bit_identical(family: str) -> None:
+    from merging.pruning.pruner import finetune_unfrozen
+
+    net = random_family_net(family, 3, seed=6)
+    gen = torch.Generator().manual_seed(0)
+    n = 64
+    data = MultitaskData(net.tasks, torch.randn(n, 3, 16, 16, generator=gen),
+                         {t.name: torch.randint(0, t.out_dim, (n,), generator=gen) if t.kind == "classes"
+                          else torch.randint(0, 2, (n, t.out_dim), generator=gen).float() for t in net.tasks})
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    frozen = 0b001  # the groups serving t0 (additions included: they hold no weights) stay as they are
+    finetune_unfrozen(net, data, PruneConfig(lr=1e-2, batch_size=32), epochs=1, seed=0, frozen=frozen)
+    after = net.state_dict()
+    frozen_names = {g.name for g in net.graph().groups() if g.mask & frozen}
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for k in before:
+        if k.startswith("blocks.") and k.split(".")[1] in frozen_names:
+            assert torch.equal(before[k], after[k]), k

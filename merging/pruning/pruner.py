@@ -185,7 +185,7 @@ def finetune_unfrozen(
         return
     params = _freeze(net, frozen)
     # Batch-norm statistics are buffers, not parameters: restore them on the frozen blocks.
-    frozen_blocks = [net.block(k.layer, k.mask) for k in net.graph().groups() if k.mask & frozen]
+    frozen_blocks = [net.module_of(k) for k in net.graph().groups() if k.mask & frozen]  # add layers hold none
     buffers = [(b, b.clone()) for block in frozen_blocks for b in block.buffers()]
     try:
         _finetune(net, data, cfg, epochs, seed, tasks=live)
