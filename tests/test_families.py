@@ -63,6 +63,14 @@ def random_family_net(family: str, n_tasks: int, seed: int) -> MultitaskNet:
     return net
 
 
+def random_labelled(net: MultitaskNet, n: int) -> MultitaskData:
+    """n random images with random labels for every task of ``net`` (seeded)."""
+    gen = torch.Generator().manual_seed(0)
+    return MultitaskData(net.tasks, torch.randn(n, 3, 16, 16, generator=gen),
+                         {t.name: torch.randint(0, t.out_dim, (n,), generator=gen) if t.kind == "classes"
+                          else torch.randint(0, 2, (n, t.out_dim), generator=gen).float() for t in net.tasks})
+
+
 def single_nets(family: str, n: int) -> list[MultitaskNet]:
     arch = small_arch(family)
     nets = []
@@ -211,11 +219,7 @@ def test_selecting_channels_cuts_the_same_channels_on_both_sides_of_an_addition(
 @pytest.mark.parametrize("family", ["resnet", "mobilenetv2"])
 def test_a_pruning_step_keeps_units_coupled_and_macs_exact(family: str) -> None:
     net = random_family_net(family, 3, seed=6)
-    gen = torch.Generator().manual_seed(0)
-    n = 96
-    data = MultitaskData(net.tasks, torch.randn(n, 3, 16, 16, generator=gen),
-                         {t.name: torch.randint(0, t.out_dim, (n,), generator=gen) if t.kind == "classes"
-                          else torch.randint(0, 2, (n, t.out_dim), generator=gen).float() for t in net.tasks})
+    data = random_labelled(net, 96)
     before = combination_cost(net).macs
     prune_step(net, data, PruneConfig(taylor_batches=1, seed=0), fraction=0.3)
     net.check_wiring()
@@ -269,11 +273,7 @@ def test_finetuning_around_a_frozen_task_keeps_its_groups_bit_identical(family: 
     from merging.pruning.pruner import finetune_unfrozen
 
     net = random_family_net(family, 3, seed=6)
-    gen = torch.Generator().manual_seed(0)
-    n = 64
-    data = MultitaskData(net.tasks, torch.randn(n, 3, 16, 16, generator=gen),
-                         {t.name: torch.randint(0, t.out_dim, (n,), generator=gen) if t.kind == "classes"
-                          else torch.randint(0, 2, (n, t.out_dim), generator=gen).float() for t in net.tasks})
+    data = random_labelled(net, 64)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     frozen = 0b001  # the groups serving t0 (additions included: they hold no weights) stay as they are
     finetune_unfrozen(net, data, PruneConfig(lr=1e-2, batch_size=32), epochs=1, seed=0, frozen=frozen)
