@@ -13,7 +13,8 @@ from itertools import combinations as _subsets
 from typing import Literal
 
 from merging.errors import MergingError
-from pam_common.combinations import combination_name, split_combination
+from pam_common.combinations import canonical_combination as validate_combination
+from pam_common.combinations import combination_name
 
 __all__ = [
     "TaskKind",
@@ -65,20 +66,9 @@ def canonical_combination(requested: Iterable[str] | str, known: Sequence[str]) 
     """Validate and normalise a request: sorted, de-duplicated task names.
 
     Accepts ``"a,b"``, ``"a+b"`` or an iterable of names. Duplicates are dropped; unknown names
-    and empty requests are a :class:`MergingError`.
+    and empty requests are a :class:`MergingError` (the rule is :func:`pam_common.canonical_combination`).
     """
-    if isinstance(requested, str):
-        parts = split_combination(requested)
-    else:
-        parts = [p for p in (str(p).strip() for p in requested) if p]
-    if not parts:
-        raise MergingError("empty_combination", f"a combination needs at least one task; known: {', '.join(known)}")
-    unknown = sorted(set(parts) - set(known))
-    if unknown:
-        raise MergingError(
-            "unknown_task", f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(known)}"
-        )
-    return tuple(sorted(set(parts)))
+    return validate_combination(requested, known, MergingError)
 
 
 def mask_of(names: Iterable[str], tasks: Sequence[str]) -> int:

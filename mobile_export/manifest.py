@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mobile_export.errors import ExportError
 from pam_common.atomic import atomic_write_json
-from pam_common.combinations import combination_name, split_combination
+from pam_common.combinations import canonical_combination, combination_name
 
 SCHEMA_VERSION: Literal[1] = 1
 MANIFEST_FILE = "manifest.json"
@@ -118,18 +118,7 @@ class Manifest(_Strict):
         """Validate and normalise requested tasks (order, duplicates); ``None`` means all tasks."""
         if requested is None:
             return sorted(self.task_names)
-        if isinstance(requested, str):
-            parts = split_combination(requested)
-        else:
-            parts = [p for p in (str(p).strip() for p in requested) if p]
-        if not parts:
-            raise ExportError("empty_combination", f"no task requested; known tasks: {', '.join(self.task_names)}")
-        unknown = sorted(set(parts) - set(self.task_names))
-        if unknown:
-            raise ExportError(
-                "unknown_task", f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(self.task_names)}"
-            )
-        return sorted(set(parts))
+        return list(canonical_combination(requested, self.task_names, ExportError))
 
     def method_for(self, requested: Iterable[str] | str | None) -> MethodEntry:
         """The method that runs exactly the requested combination."""

@@ -7,7 +7,12 @@ so the service (like a phone) can use it without pulling in torch or the merging
 from __future__ import annotations
 
 from pam_common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from pam_common.combinations import COMBINATION_SEPARATOR, combination_name, split_combination
+from pam_common.combinations import (
+    COMBINATION_SEPARATOR,
+    canonical_combination,
+    combination_name,
+    split_combination,
+)
 from pam_common.errors import CodedError
 
 __all__ = [
@@ -16,6 +21,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "canonical_combination",
     "combination_name",
     "split_combination",
 ]

@@ -18,6 +18,7 @@ from pam_common import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    canonical_combination,
     combination_name,
     split_combination,
 )
@@ -33,6 +34,7 @@ def test_imports_without_torch_pydantic_or_any_layer() -> None:
         "import pam_common as c\n"
         "assert c.combination_name(['parity', 'digit']) == 'digit+parity'\n"
         "assert c.split_combination('a,b+c') == ['a', 'b', 'c']\n"
+        "assert c.canonical_combination('c a,a', ['a', 'c']) == ('a', 'c')\n"
         "assert str(c.CodedError('x', 'y')) == '[x] y'\n"
         "p = pathlib.Path(tempfile.mkdtemp()) / 'f.json'; c.atomic_write_json(p, {'a': 1})\n"
         "assert p.read_text() == '{\\n  \"a\": 1\\n}\\n'\n"
@@ -62,6 +64,34 @@ def test_every_layer_uses_the_one_naming_and_splitting() -> None:
     assert merging_name is combination_name
     assert canonical_combination("parity digit", ["digit", "parity"]) == ("digit", "parity")
     assert split_tasks("digit parity") == split_combination("digit parity")
+
+
+def test_one_combination_validation_reports_in_each_layers_error_type() -> None:
+    from merging.errors import MergingError
+    from merging.tasks import canonical_combination as merging_canonical
+    from mobile_export.errors import ExportError
+    from mobile_export.manifest import Manifest, TaskEntry
+
+    known = ["digit", "parity"]
+    manifest = Manifest.model_construct(tasks=[TaskEntry(name=n, kind="classes", labels=["0", "1"]) for n in known])
+    assert canonical_combination("parity,digit+parity", known) == ("digit", "parity")
+    assert merging_canonical(["parity", " digit "], known) == ("digit", "parity")
+    assert manifest.canonical("parity digit parity") == ["digit", "parity"]
+    assert manifest.canonical(None) == known
+    for bad, code in (("", "empty_combination"), (" , + ", "empty_combination"), ("digit+age", "unknown_task"),
+                      (["age", "zz"], "unknown_task")):
+        errors = []
+        for call, kind in ((lambda b: canonical_combination(b, known), CodedError),
+                           (lambda b: merging_canonical(b, known), MergingError),
+                           (lambda b: manifest.canonical(b), ExportError)):
+            with pytest.raises(kind) as e:
+                call(bad)
+            assert type(e.value) is kind and e.value.code == code, (bad, kind)
+            errors.append(e.value.message)
+        assert len(set(errors)) == 1, errors  # one rule, one wording, in every layer
+    # the rule is written once: neither layer keeps its own copy of it
+    for path in ("merging/tasks.py", "mobile_export/manifest.py"):
+        assert '"empty_combination"' not in (ROOT / path).read_text(), path
 
 
 def test_every_layer_error_is_a_coded_error_with_the_same_shape() -> None:
