@@ -12,6 +12,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ExportError,)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    _add_export(sub)
+    _add_verify(sub)
+    _add_bench(sub)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "export",
         help="export a multitask model to a bundle: model.pte (one method per combination), manifest, report",
@@ -65,6 +71,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="store_true",
         help="also write model.ptl for the TorchScript lite interpreter (deprecated upstream; off by default)",
     )
+    p.add_argument(
+        "--exporter",
+        dest="exporters",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also write the bundle in this registered format (repeatable; built in: torchscript-lite = --lite)",
+    )
     p.add_argument("--no-lite", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for scripts
     p.add_argument(
         "--measure",
@@ -76,12 +90,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.set_defaults(func=cmd_export)
 
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     v = sub.add_parser("verify", help="check a bundle: sha256, every method through ExecuTorch against eager")
     v.add_argument("bundle", help="bundle directory")
     v.add_argument("--model", default=None, help="the model to compare with (default: the bundle's reference outputs)")
     v.add_argument("--probe", action="store_true", help="also load and run it in a child process first")
     v.set_defaults(func=cmd_verify)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b = sub.add_parser(
         "bench-export",
         help="latency per method: ExecuTorch (1 and 2 threads), eager, ONNX Runtime, a separate baseline",
@@ -100,7 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mobile_export.export import ExportConfig, export_bundle, parse_combinations
+    from mobile_export.export import ExportConfig, export_bundle
+    from mobile_export.selection import parse_combinations
 
     if args.combinations is not None and not parse_combinations(args.combinations):
         raise ExportError("empty_combination_list", "--combinations names no combination")
@@ -115,6 +134,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         combinations=combinations,
         max_batch=args.max_batch,
         lite=args.lite and not args.no_lite,
+        exporters=tuple(args.exporters),
         measure=args.measure and not args.no_measure,
         memory=args.measure and not args.no_measure,
         workers=args.workers,

@@ -65,7 +65,9 @@ def family_net(n_tasks: int, seed: int = 0) -> Any:
 def _before(net: Any, out: Path, lite: bool) -> dict[str, Any]:
     """The pre-issue-13 export, phase by phase (same calls as that code)."""
     from merging.tasks import all_combinations
-    from mobile_export.export import ExportConfig, build_lite
+    from mobile_export.export import ExportConfig
+    from mobile_export.exporters import ExportJob
+    from mobile_export.exporters.torchscript_lite import TorchScriptLiteExporter
     from mobile_export.lowering import export_method, lower_serial
     from mobile_export.phases import Phases
     from mobile_export.verify import measure_memory, verify_bundle
@@ -87,11 +89,17 @@ def _before(net: Any, out: Path, lite: bool) -> dict[str, Any]:
     full = tuple(sorted(net.task_names))
     with ph.phase("measure_size", 1):
         lower_serial({"+".join(full): export_method(net, full, 8)}, check_ir=True)
-    if lite:
-        with ph.phase("lite", len(combos)):
-            _, status, _ = build_lite(net, combos, 8, check_trace=True)
-        if not status.startswith("ok"):
-            raise RuntimeError(status)
+    if lite:  # traced with the tracer's own check (every method traced twice), reloaded and compared
+        lite_exporter = TorchScriptLiteExporter(check_trace=True)
+        job = ExportJob(net, tuple(combos), 8, ph)
+        art = lite_exporter.export(job)
+        if art.data is None:
+            raise RuntimeError(art.status)
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / art.file).write_bytes(art.data)
+            check = lite_exporter.verify(art, Path(d), job)
+        if not check.ok:
+            raise RuntimeError(check.problem)
     # the bundle around that program, written by export_bundle (its lowering replaced by the bytes above)
     import mobile_export.lowering as low
     from mobile_export.export import export_bundle
@@ -182,7 +190,7 @@ def _child(n: int, mode: str, model: str | None, log: Path) -> dict[str, Any]:
 
 
 PHASE_ORDER = ["torch_export", "to_edge_transform_and_lower", "to_executorch", "lower", "serialize",
-               "measure_size", "lite", "verify", "measure_memory"]
+               "measure_size", "lite", "lite_verify", "verify", "measure_memory"]
 
 
 def to_markdown(name: str, runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:

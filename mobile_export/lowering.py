@@ -68,6 +68,11 @@ def export_method(net: MultitaskNet, combo: Sequence[str], max_batch: int) -> An
     return export(net.for_combination(tuple(combo)).eval(), (x,), dynamic_shapes=dyn, strict=False)
 
 
+def export_programs(net: MultitaskNet, combos: Sequence[tuple[str, ...]], max_batch: int) -> dict[str, Any]:
+    """``torch.export`` one program per combination (the input :func:`lower_serial` takes)."""
+    return {"+".join(c): export_method(net, c, max_batch) for c in combos}
+
+
 def _compile_config() -> Any:
     from executorch.exir import EdgeCompileConfig
 

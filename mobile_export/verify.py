@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mobile_export.errors import ExportError
+from mobile_export.lowering import example_input
 from mobile_export.manifest import Manifest
 from mobile_export.runtime import BundleRuntime
 
@@ -30,8 +31,6 @@ def _expected(
     """Inputs (batch 1 and the maximum batch) and, per method, the expected outputs for each."""
     names = [m.name for m in manifest.methods]
     if net is not None:
-        from mobile_export.export import example_input
-
         xs = [example_input(net, b, seed=seed + 1) for b in sorted({1, manifest.input.max_batch})]
         with torch.no_grad():
             exp = {m.name: [list(net.for_combination(m.tasks).eval()(x)) for x in xs] for m in manifest.methods}

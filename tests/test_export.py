@@ -18,9 +18,10 @@ from merging.cost import combination_cost
 from merging.network import MultitaskNet
 from merging.tasks import TaskSpec, all_combinations
 from mobile_export.errors import ExportError
-from mobile_export.export import ExportConfig, export_bundle, parse_combinations, resolve_combinations
+from mobile_export.export import ExportConfig, export_bundle
 from mobile_export.manifest import Manifest
 from mobile_export.runtime import BundleRuntime
+from mobile_export.selection import parse_combinations, resolve_combinations
 from tests.test_export_fixtures import COMBINATIONS, MAX_BATCH, TASKS, bundle, lenet_net, prefetch, scratch
 
 DEFAULT_KINDS = ["lenet", "vgg-pruned-3"]
@@ -258,7 +259,7 @@ def test_export_command_end_to_end_with_subset_and_force() -> None:
 
 
 def test_preprocessing_sources_and_fallback() -> None:
-    from mobile_export.export import resolve_preprocessing
+    from mobile_export.model_meta import resolve_preprocessing
 
     arch8 = create_arch("lenet")  # 8x8 grayscale, like digits
     net = MultitaskNet(TASKS, arch8, [{7: 2}, {7: 2}, {7: 2}])
@@ -282,7 +283,7 @@ def test_preprocessing_sources_and_fallback() -> None:
 
 def test_accuracy_measured_on_a_data_set_or_refused() -> None:
     from merging.data import load_dataset
-    from mobile_export.export import measure_accuracy
+    from mobile_export.model_meta import measure_accuracy
 
     tasks = [TaskSpec("parity", "classes", ("even", "odd")), TaskSpec("large", "classes", ("small", "large"))]
     torch.manual_seed(0)
