@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +32,8 @@ class TrainConfig:
     progress: bool = True  # show a tqdm bar
     device: str | None = None  # auto | cpu | cuda[:N] | mps; None: the run's device (merging.device, default CPU)
     amp: Amp = "off"  # autocast dtype on the device: off | bf16 | fp16 (CUDA only); off: the run's setting
+    distill: float = 0.0  # weight of the teachers' soft targets in each task's loss (0: labels only)
+    temperature: float = 2.0  # softening of teacher and student logits in the distillation term
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -50,21 +54,64 @@ def joint_loss(net: MultitaskNet, outs: dict[str, Tensor], y: dict[str, Tensor])
     return sum((task_loss(net.task(t), o.float(), y[t]) for t, o in outs.items()), start=torch.zeros((), device=device))
 
 
+def soft_loss(task: TaskSpec, logits: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Hinton's distillation term: the student's tempered outputs against the teacher's, times T^2
+    (so its gradient scale does not depend on T)."""
+    t2 = temperature * temperature
+    if task.kind == "classes":
+        target = torch.softmax(teacher / temperature, dim=1)
+        return t2 * nn.functional.kl_div(torch.log_softmax(logits / temperature, dim=1), target, reduction="batchmean")
+    soft = torch.sigmoid(teacher / temperature)
+    return t2 * nn.functional.binary_cross_entropy_with_logits(logits / temperature, soft)
+
+
+class Teachers:
+    """The task networks a merged network should agree with (each task's own network): their
+    logits on a batch, for :func:`distilled_loss`."""
+
+    def __init__(self, nets: Sequence[MultitaskNet]) -> None:
+        self.nets = list(nets)
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for net in self.nets:
+            mine = [t for t in net.task_names if t in tasks]
+            if mine:
+                net.eval()
+                out.update(net(x, tuple(mine)))
+        return out
+
+
+def distilled_loss(
+    net: MultitaskNet, outs: dict[str, Tensor], y: dict[str, Tensor], teacher: Mapping[str, Tensor], cfg: TrainConfig
+) -> Tensor:
+    """Per task: (1 - a) * label loss + a * distillation term (tasks without a teacher: labels only)."""
+    total = torch.zeros((), device=next(iter(outs.values())).device)
+    for t, o in outs.items():
+        hard = task_loss(net.task(t), o.float(), y[t])
+        if t in teacher:
+            soft = soft_loss(net.task(t), o.float(), teacher[t].float(), cfg.temperature)
+            total = total + (1.0 - cfg.distill) * hard + cfg.distill * soft
+        else:
+            total = total + hard
+    return total
+
+
 def random_shift(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
-    """Translate each image by up to ``shift`` pixels, filling with the image's minimum (background)."""
+    """Translate each image by up to ``shift`` pixels, filling with the image's minimum (background).
+
+    One gather for the whole batch (a loop over the offsets was a fifth of a training step)."""
     if shift <= 0:
         return x
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     fill = x.amin(dim=(1, 2, 3), keepdim=True)
     padded = nn.functional.pad(x - fill, (shift, shift, shift, shift)) + fill
     offsets = torch.randint(0, (2 * shift + 1) ** 2, (n,), generator=generator)
-    out = torch.empty_like(x)
-    for k in range((2 * shift + 1) ** 2):
-        idx = (offsets == k).nonzero().flatten()
-        if idx.numel():
-            dy, dx = divmod(k, 2 * shift + 1)
-            out[idx] = padded[idx, :, dy : dy + h, dx : dx + w]
-    return out
+    dy, dx = offsets // (2 * shift + 1), offsets % (2 * shift + 1)
+    rows = (torch.arange(h)[None, :] + dy[:, None])[:, None, :, None]  # (n, 1, h, 1)
+    cols = (torch.arange(w)[None, :] + dx[:, None])[:, None, None, :]  # (n, 1, 1, w)
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
 def fit(
@@ -73,13 +120,15 @@ def fit(
     cfg: TrainConfig,
     tasks: Sequence[str] | None = None,
     desc: str = "train",
+    teachers: Teachers | None = None,
 ) -> MultitaskNet:
     """Train ``net`` on the summed loss of ``tasks`` (all by default), in place.
 
     Runs on ``cfg.device`` (default: the run's device, see ``merging.device``) and returns the
     network on the device it came from. Under torchrun, DDP with this rank's shard of every
     global batch of ``cfg.batch_size`` (the same steps and learning-rate schedule as one process),
-    and every rank ends with rank 0's weights and batch-norm statistics.
+    and every rank ends with rank 0's weights and batch-norm statistics. With ``teachers`` and
+    ``cfg.distill > 0``, each task also learns its teacher's outputs on the same (augmented) batch.
     """
     gen = seed_everything(cfg.seed)
     device = resolve_device(cfg.device) if cfg.device else current_device()
@@ -88,40 +137,99 @@ def fit(
     world, rank = distributed.world_size(), distributed.rank()
     home = next((p.device for p in net.parameters()), torch.device("cpu"))
     net.to(device)
+    # On the CPU, channels-last convolutions and max-pools are about 1.3x faster for these networks.
+    layout = torch.channels_last if device.type == "cpu" and data.x.dim() == 4 else None
+    if layout is not None:
+        net.to(memory_format=layout)
     combo = tuple(tasks) if tasks else net.task_names
     params = [p for p in net.parameters() if p.requires_grad]
     model: torch.nn.Module = net
     if world > 1:
         used = {id(p) for p in net.for_combination(combo).parameters()}
         model = distributed.wrap(net, device, find_unused=any(id(p) not in used for p in params))
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **_fused(device))
     scaler = precision.scaler(device)
     steps_per_epoch = max(1, batch_count(len(data), cfg.batch_size, world))
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.15
     )
+    distill = teachers if teachers is not None and cfg.distill > 0 else None
     net.train()
-    show = cfg.progress and distributed.is_main()
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=None if show else True, leave=False)
-    for _ in bar:
-        total, seen = 0.0, 0
+    progress = _Progress(desc, cfg.epochs, cfg.progress and distributed.is_main())
+    for epoch in range(cfg.epochs):
+        total, seen, hits = 0.0, 0, 0.0
         for xb, yb in data.batches(cfg.batch_size, shuffle=True, generator=gen, rank=rank, world=world):
             xb = random_shift(xb, cfg.shift, gen)
             if device.type != "cpu":
                 xb = xb.to(device, non_blocking=True)
                 yb = {k: v.to(device, non_blocking=True) for k, v in yb.items()}
+            if layout is not None:
+                xb = xb.contiguous(memory_format=layout)
             with precision.autocast(device):
-                loss = joint_loss(net, model(xb, combo), yb)
+                outs = model(xb, combo)
+                if distill is not None:
+                    loss = distilled_loss(net, outs, yb, distill(xb, combo), cfg)
+                else:
+                    loss = joint_loss(net, outs, yb)
             optimizer_step(loss, opt, scaler)
             sched.step()
             total += float(loss.detach()) * len(xb)
             seen += len(xb)
-        bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
+            if progress.enabled:
+                hits += _batch_hits(net, outs, yb)
+        progress.epoch(epoch + 1, total / max(seen, 1), 100.0 * hits / max(seen * len(combo), 1))
+    progress.close()
+    if layout is not None:
+        net.to(memory_format=torch.contiguous_format)
     if world > 1:
         distributed.sync_module(net)  # the last step's local batch-norm update differs per rank
     net.to(home)
     net.eval()
     return net
+
+
+def _fused(device: torch.device) -> dict[str, bool]:
+    """One fused AdamW kernel for all parameters where the device has it (a tenth of a step was
+    the per-tensor loop)."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+@torch.no_grad()
+def _batch_hits(net: MultitaskNet, outs: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> float:
+    hits = 0.0
+    for t, o in outs.items():
+        if net.task(t).kind == "classes":
+            hits += float((o.argmax(1) == y[t]).sum())
+        else:
+            hits += float(((o > 0).float() == y[t]).float().mean(1).sum())
+    return hits
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise one line per epoch (at most ~10 lines per run) on
+    stderr, so logs show epoch, loss, training accuracy and time left too."""
+
+    def __init__(self, desc: str, epochs: int, enabled: bool) -> None:
+        self.desc, self.epochs, self.enabled = desc, epochs, enabled and epochs > 0
+        self.start = time.perf_counter()
+        self.tty = self.enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=epochs, desc=desc, leave=False) if self.tty else None
+        self.every = max(1, epochs // 10)
+
+    def epoch(self, k: int, loss: float, acc: float) -> None:
+        if not self.enabled:
+            return
+        left = (time.perf_counter() - self.start) / k * (self.epochs - k)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.1f}%")
+        elif k % self.every == 0 or k == self.epochs:
+            print(f"{self.desc}: epoch {k}/{self.epochs} loss {loss:.4f} train acc {acc:.1f}% "
+                  f"time left {left:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @torch.no_grad()

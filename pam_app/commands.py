@@ -14,7 +14,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_budget_study(args: argparse.Namespace) -> int:
+    from pam_app.budget_study import main_study
+
+    return main_study(args)
+
+
 def register(sub: Any) -> None:
+    q = sub.add_parser("budget-study", help="measure the budget rule's false accept/reject rates on glyphs "
+                       "against a 50k-image truth split -> results/budget-rule.{json,md}")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--epochs", type=int, default=15, help="zoo training epochs")
+    q.add_argument("--draws", type=int, default=300, help="check sets drawn per network, task and size")
+    q.add_argument("--routes", default="separate,pam", help="pruning runs whose visited networks are studied")
+    q.add_argument("--out-dir", default="results")
+    q.set_defaults(func=cmd_budget_study)
+
     p = sub.add_parser("demo", help="the main job on the bundled digits: train, merge, prune, export, serve")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its artifacts")
     p.add_argument("--epochs", type=int, default=60)

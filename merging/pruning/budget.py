@@ -30,11 +30,23 @@ from merging.train import correctness
 
 class Reference(dict[str, float]):
     """Per-task reference accuracy (percent) on a check set, plus each sample's correctness there
-    (what the paired test needs). Behaves as the plain ``{task: accuracy}`` dict everywhere else."""
+    (what the paired test needs) and the reference networks themselves (what retraining can learn
+    from: ``PruneConfig.distill``). Behaves as the plain ``{task: accuracy}`` dict everywhere else."""
 
-    def __init__(self, accuracy: Mapping[str, float], correct: Mapping[str, Tensor] | None = None) -> None:
+    def __init__(
+        self, accuracy: Mapping[str, float], correct: Mapping[str, Tensor] | None = None,
+        nets: Sequence[MultitaskNet] = (),
+    ) -> None:
         super().__init__(accuracy)
         self.correct: dict[str, Tensor] = dict(correct or {})
+        self.nets: list[MultitaskNet] = list(nets)
+
+    def subset(self, idx: Tensor) -> Reference:
+        """The reference on the check-set samples ``idx`` (accuracy recomputed there)."""
+        if not self.correct:
+            return self
+        correct = {t: c[idx] for t, c in self.correct.items()}
+        return Reference({t: 100.0 * float(c.mean()) for t, c in correct.items()}, correct, self.nets)
 
 
 def reference_accuracy(nets: Sequence[MultitaskNet], checks: MultitaskData) -> Reference:
@@ -42,7 +54,46 @@ def reference_accuracy(nets: Sequence[MultitaskNet], checks: MultitaskData) -> R
     correct: dict[str, Tensor] = {}
     for net in nets:
         correct.update(correctness(net, checks.select_tasks(net.task_names)))
-    return Reference({t: 100.0 * float(c.mean()) for t, c in correct.items()}, correct)
+    return Reference({t: 100.0 * float(c.mean()) for t, c in correct.items()}, correct, nets)
+
+
+def margin(disagreement: float, images: int, confidence: float) -> float:
+    """Half-width (points) the paired test adds to a point drop: z * sqrt(p / n) for a network that
+    disagrees with its reference on a share ``p`` of ``n`` independent images. A point drop can be
+    certified within budget B only if it is at most B minus this."""
+    if images <= 0:
+        return float("inf")
+    return 100.0 * z_value(confidence) * (max(disagreement, 0.0) / images) ** 0.5
+
+
+def resolution_line(images: int, confidence: float, budget: float, disagreement: Sequence[float] = (0.02, 0.05)) -> str:
+    """What a check set of ``images`` independent images can certify, said up front."""
+    parts = [f"at {p:.0%} disagreement +-{margin(p, images, confidence):.2f} points "
+             f"(point drops up to {budget - margin(p, images, confidence):.2f} certify)" for p in disagreement]
+    return f"check set: {images:,} independent images, one-sided {confidence:.0%} test; " + "; ".join(parts)
+
+
+def split_checks(checks: MultitaskData, share: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Sample indices of two disjoint parts of the check set, split by source image (the shifted
+    copies of an image stay together): ``1 - share`` for the pruner's step decisions, ``share``
+    held out for the one certification at the end."""
+    images = checks.images or len(checks)
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    held = torch.zeros(images, dtype=torch.bool)
+    held[torch.randperm(images, generator=gen)[: round(share * images)]] = True
+    sample_held = held[torch.arange(len(checks)) % images]
+    return (~sample_held).nonzero().flatten(), sample_held.nonzero().flatten()
+
+
+def check_subset(checks: MultitaskData, idx: Tensor) -> MultitaskData:
+    """Samples ``idx`` of a check set from :func:`split_checks`, keeping the image clustering."""
+    images = checks.images or len(checks)
+    part = checks.subset(idx)
+    # split_checks keeps whole images and the order i, i + images, ...: the part's copies of an
+    # image sit len(part) // copies apart again.
+    copies = len(checks) // images
+    part.images = len(part) // copies if copies > 1 else None
+    return part
 
 
 @dataclass(frozen=True)
@@ -51,6 +102,8 @@ class Verdict:
     drop: dict[str, float]  # reference minus accuracy (points; negative: better than the reference)
     upper: dict[str, float]  # one-sided upper confidence bound of the drop (points)
     failing: tuple[str, ...]  # tasks whose upper bound exceeds the budget
+    disagreement: dict[str, float]  # share of images where the network and its reference differ in correctness
+    images: int = 0  # independent images the verdict rests on
 
     @property
     def ok(self) -> bool:
@@ -80,6 +133,8 @@ def judge(
     acc: dict[str, float] = {}
     drop: dict[str, float] = {}
     upper: dict[str, float] = {}
+    disagree: dict[str, float] = {}
+    n_images = 0
     for t, c in net_correct.items():
         acc[t] = 100.0 * float(c.mean())
         if t in ref_correct and ref_correct[t].shape == c.shape:
@@ -90,8 +145,10 @@ def judge(
         # Unpaired: the exact difference of accuracies (the mean of d equals it only up to rounding).
         drop[t] = 100.0 * float(d.mean()) if t in ref_correct else float(reference[t]) - acc[t]
         upper[t] = drop[t] + z * 100.0 * se
+        disagree[t] = float(d.abs().gt(0).float().mean()) if t in ref_correct else float("nan")
+        n_images = int(d.numel())
     failing = tuple(t for t in net_correct if upper[t] > budget + 1e-9)
-    return Verdict(acc, drop, upper, failing)
+    return Verdict(acc, drop, upper, failing, disagree, n_images)
 
 
 def assess(

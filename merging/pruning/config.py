@@ -29,7 +29,11 @@ class PruneConfig:
     magnitude_weight: float = 0.25  # weight of the (layer-normalised) magnitude term in "taylor+magnitude"
     taylor_batches: int = 8  # training batches (of 128) whose joint-loss gradients feed Taylor importance
     price: Price = "share"  # how a channel's cost across combinations divides its importance (importance.py)
-    check_shifts: int = 4  # the budget is checked on val plus this many 1-pixel-shifted copies of it
+    check_shifts: int = 4  # the budget is checked on val plus this many 1-pixel-shifted copies of it ...
+    shift_below: int = 5000  # ... while val has fewer images than this (a large val is evidence enough)
+    certify_share: float = 0.5  # share of the check set held out for one certification at the end (0: none)
+    steer_confidence: float | None = None  # the step decisions' confidence (None: ``confidence``)
+    distill: float = 0.5  # weight of the reference networks' outputs in fine-tuning losses (0: labels only)
     regroup: bool = False  # prune (channel, task) pairs: a channel leaves a task's set before it goes (regroup.py)
     per_task_stop: bool = True  # a task whose budget stops pruning freezes what serves it; the rest go on
     seed: int = 0  # seeds fine-tuning, the check set's shifts and the Taylor batches

@@ -24,7 +24,7 @@ a handful of images (the reference accuracies must be measured on the same set, 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -37,18 +37,28 @@ from merging.data.base import MultitaskData, Splits
 from merging.distributed import agree_net, broadcast_object
 from merging.errors import MergingError
 from merging.network import MultitaskNet
-from merging.pruning.budget import Verdict, assess, reference_accuracy
+from merging.pruning.budget import (
+    Reference,
+    Verdict,
+    assess,
+    check_subset,
+    margin,
+    reference_accuracy,
+    resolution_line,
+    split_checks,
+)
 from merging.pruning.config import PruneConfig
 from merging.pruning.importance import ChannelScores, score_channels, weighted_macs
 from merging.pruning.regroup import regroup_step
 from merging.pruning.surgery import remove_dead_groups
-from merging.train import TrainConfig, fit, random_shift
+from merging.train import Teachers, TrainConfig, fit, random_shift
 
 
-def check_set(val: MultitaskData, shifts: int, seed: int) -> MultitaskData:
-    """Validation data plus ``shifts`` randomly 1-pixel-shifted copies (deterministic for a seed)."""
+def check_set(val: MultitaskData, shifts: int, seed: int, shift_below: int = 5000) -> MultitaskData:
+    """Validation data plus ``shifts`` randomly 1-pixel-shifted copies (deterministic for a seed);
+    no copies once val has ``shift_below`` images or more (they add little to independent images)."""
     val = val.in_memory()  # the check set is built in memory (streaming data loads its images here)
-    if shifts <= 0:
+    if shifts <= 0 or len(val) >= shift_below:
         return val
     gen = torch.Generator().manual_seed(10_000 + seed)
     xs = [val.x] + [random_shift(val.x, 1, gen) for _ in range(shifts)]
@@ -74,11 +84,21 @@ def within_budget(acc: Mapping[str, float], ref: Mapping[str, float], budget: fl
 
 def _finetune(
     net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, epochs: int, seed: int, lr: float | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None, teachers: Teachers | None = None,
 ) -> None:
     if epochs > 0:
-        tc = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr or cfg.lr, seed=seed, progress=False)
-        fit(net, data, tc, tasks=tasks)
+        tc = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr or cfg.lr, seed=seed, progress=False,
+                         distill=cfg.distill if teachers is not None else 0.0)
+        fit(net, data, tc, tasks=tasks, teachers=teachers)
+
+
+def teachers_of(net: MultitaskNet, ref: Mapping[str, float], cfg: PruneConfig) -> Teachers | None:
+    """The reference networks to distil from: only for a network that is not its own reference
+    (a merged one) and only when ``cfg.distill`` asks for it."""
+    nets = [n for n in getattr(ref, "nets", []) if n is not net]
+    if cfg.distill <= 0 or not nets or all(set(n.task_names) == set(net.task_names) for n in nets):
+        return None  # a single network distilling from itself learns nothing new
+    return Teachers(nets)
 
 
 def _removable(net: MultitaskNet, layer: int, mask: int) -> bool:
@@ -174,11 +194,12 @@ def _freeze(net: MultitaskNet, frozen: int) -> list[torch.nn.Parameter]:
 
 
 def finetune_unfrozen(
-    net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, epochs: int, seed: int, frozen: int
+    net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, epochs: int, seed: int, frozen: int,
+    teachers: Teachers | None = None,
 ) -> None:
     """Fine-tune on the loss of the tasks still being pruned; frozen parts stay bit-identical."""
     if not frozen:
-        _finetune(net, data, cfg, epochs, seed)
+        _finetune(net, data, cfg, epochs, seed, teachers=teachers)
         return
     live = [t for i, t in enumerate(net.task_names) if not frozen >> i & 1]
     if epochs <= 0 or not live:
@@ -188,7 +209,7 @@ def finetune_unfrozen(
     frozen_blocks = [net.module_of(k) for k in net.graph().groups() if k.mask & frozen]  # add layers hold none
     buffers = [(b, b.clone()) for block in frozen_blocks for b in block.buffers()]
     try:
-        _finetune(net, data, cfg, epochs, seed, tasks=live)
+        _finetune(net, data, cfg, epochs, seed, tasks=live, teachers=teachers)
     finally:
         for p in params:
             p.requires_grad_(True)
@@ -202,46 +223,66 @@ def prune(
     splits: Splits,
     cfg: PruneConfig | None = None,
     reference: Mapping[str, float] | None = None,
+    on_visit: Callable[[str, MultitaskNet], None] | None = None,
 ) -> tuple[MultitaskNet, list[dict[str, Any]]]:
     """Prune ``net`` (in place where possible) within the budget; returns the network and the history.
 
+    ``on_visit(kind, net)`` sees every network the pruner judges (to study the decision rule).
+
     ``reference``: per-task accuracy (percent, on ``check_set(splits.val, cfg.check_shifts, cfg.seed)``)
     to stay within ``cfg.budget`` of, ideally a :class:`~merging.pruning.budget.Reference` (per-image
-    correctness, for the paired test); by default the network's own accuracy before pruning.
+    correctness, for the paired test; its networks, for distillation); by default the network's own
+    accuracy before pruning.
+
+    The check set is split by image (``cfg.certify_share``): every step decision uses one part; the
+    other part is looked at once per network at the end, to certify the result, backing off along
+    the accepted trajectory until a network is certified (so the many step decisions cannot pick the
+    luckiest network of one check set). The history says what the check set can resolve.
     """
     cfg = cfg or PruneConfig()
     if not 0.0 < cfg.step < 1.0 or cfg.min_step <= 0 or cfg.budget < 0 or not 0.5 <= cfg.confidence < 1.0:
         raise MergingError("bad_argument", "prune: need 0 < step < 1, min_step > 0, budget >= 0, 0.5 <= confidence < 1")
+    if not 0.0 <= cfg.certify_share < 1.0:
+        raise MergingError("bad_argument", "prune: need 0 <= certify_share < 1")
     tasks = net.task_names
     train = splits.train.select_tasks(tasks)
-    checks = check_set(splits.val.select_tasks(tasks), cfg.check_shifts, cfg.seed)
-    ref = reference if reference is not None else reference_accuracy([net], checks)
-    missing = [t for t in tasks if t not in ref]
+    full_checks = check_set(splits.val.select_tasks(tasks), cfg.check_shifts, cfg.seed, cfg.shift_below)
+    full_ref = reference if reference is not None else reference_accuracy([net], full_checks)
+    missing = [t for t in tasks if t not in full_ref]
     if missing:
         raise MergingError("bad_argument", f"prune: no reference accuracy for {missing}")
+    checks, ref, certifier = _decision_sets(full_checks, full_ref, cfg)
+    teachers = teachers_of(net, full_ref, cfg)
+    steer = replace(cfg, confidence=cfg.steer_confidence or cfg.confidence)
 
     def record(kind: str, **extra: Any) -> tuple[dict[str, Any], Verdict]:
         # Accept, undo or freeze: rank 0's verdict decides for every rank (identical weights give
         # identical verdicts; this makes sure of it).
-        v = broadcast_object(assess(net, checks, ref, cfg.budget, cfg.confidence))
+        if on_visit is not None:
+            on_visit(kind, net)
+        v = broadcast_object(assess(net, checks, ref, cfg.budget, steer.confidence))
         row = {"kind": kind, "macs_all": combination_cost(net).macs, "weighted_macs": weighted_macs(net),
-               "check_accuracy": v.accuracy, "drop_upper": v.upper, "within_budget": v.ok, **extra}
+               "check_accuracy": v.accuracy, "drop_upper": v.upper, "within_budget": v.ok,
+               "disagreement": v.disagreement, **extra}
         history.append(row)
         return row, v
 
     history: list[dict[str, Any]] = []
-    start, _ = record("start", reference={t: ref[t] for t in tasks})
+    start, _ = record("start", reference={t: full_ref[t] for t in tasks},
+                      resolution=resolution_line(_images(checks), steer.confidence, cfg.budget),
+                      certify_resolution=certifier.describe() if certifier else None)
     for r in range(cfg.recover_rounds if cfg.recover_epochs > 0 else 0):
         if start["within_budget"]:
             break
         # A regrouped network (PAM, MTZ) starts with heads reading zero-initialised weights: retrain
-        # it on the joint loss, decaying the learning rate round by round.
-        _finetune(net, train, cfg, cfg.recover_epochs, cfg.seed + 100 * r, cfg.recover_lr / (1 + r))
+        # it on the joint loss (and its references' outputs), decaying the learning rate round by round.
+        _finetune(net, train, cfg, cfg.recover_epochs, cfg.seed + 100 * r, cfg.recover_lr / (1 + r), teachers=teachers)
         start, _ = record("recover")
     if not start["within_budget"]:
         history.append({"kind": "stop", "reason": START_MISSED})
         return net, history
     best = copy.deepcopy(net)
+    trajectory = [best]  # every accepted network, oldest first: where certification backs off to
     step = cfg.step
     frozen = 0  # tasks whose budget stopped pruning (mask)
     everyone = (1 << len(tasks)) - 1
@@ -253,16 +294,17 @@ def prune(
         # all ranks go on with, and rank 0's step record with it (a no-op in one process).
         net = agree_net(net)
         info = broadcast_object(info)
-        finetune_unfrozen(net, train, cfg, cfg.finetune_epochs, cfg.seed + 1000 + k, frozen)
+        finetune_unfrozen(net, train, cfg, cfg.finetune_epochs, cfg.seed + 1000 + k, frozen, teachers)
         row, verdict = record("step", **info)
         if not verdict.ok and cfg.retry_epochs > 0:
             # One more round of fine-tuning before giving up on the step: a short fine-tune after a cut
             # often leaves a task a fraction of a point short, and rejecting then is mostly noise.
-            finetune_unfrozen(net, train, cfg, cfg.retry_epochs, cfg.seed + 2000 + k, frozen)
+            finetune_unfrozen(net, train, cfg, cfg.retry_epochs, cfg.seed + 2000 + k, frozen, teachers)
             row, verdict = record("retry", **info)
         bar.set_postfix(macs=row["macs_all"], step=f"{step:.3f}")
         if verdict.ok:
             best = copy.deepcopy(net)
+            trajectory.append(best)
             row["accepted"] = True
             continue
         row["accepted"] = False
@@ -286,17 +328,71 @@ def prune(
         step = cfg.step
     else:
         history.append({"kind": "stop", "reason": "max_steps"})
-    best = final_finetune(best, train, checks, ref, cfg, history)
+    best = final_finetune(best, train, checks, ref, steer, history, teachers)
+    certificate: dict[str, Any] | None = None
+    if certifier is not None:
+        found = certifier.certify([best, *reversed(trajectory)], history)
+        if found is None:
+            history.append({"kind": "stop", "reason": START_MISSED})
+            return net, history
+        best, certificate = found
     best.meta = {**best.meta, "pruned": {"config": {k: v for k, v in vars(cfg).items()},
-                                         "reference": {t: ref[t] for t in tasks},
-                                         "steps": sum(1 for h in history if h.get("accepted"))}}
+                                         "reference": {t: full_ref[t] for t in tasks},
+                                         "steps": sum(1 for h in history if h.get("accepted")),
+                                         "certificate": certificate}}
     best.eval()
     return best, history
 
 
+def _images(checks: MultitaskData) -> int:
+    return checks.images or len(checks)
+
+
+class Certifier:
+    """The held-out part of the check set and the one test each candidate gets there."""
+
+    def __init__(self, checks: MultitaskData, ref: Mapping[str, float], cfg: PruneConfig) -> None:
+        self.checks, self.ref, self.cfg = checks, ref, cfg
+
+    def describe(self) -> str:
+        return resolution_line(_images(self.checks), self.cfg.confidence, self.cfg.budget)
+
+    def certify(
+        self, candidates: Sequence[MultitaskNet], history: list[dict[str, Any]]
+    ) -> tuple[MultitaskNet, dict[str, Any]] | None:
+        """The first candidate (the result, then back along the trajectory) within budget on the
+        held-out part, with its certificate; None if not even the start network is."""
+        for back, cand in enumerate(candidates):
+            v = broadcast_object(assess(cand, self.checks, self.ref, self.cfg.budget, self.cfg.confidence))
+            history.append({"kind": "certify", "back": back, "macs_all": combination_cost(cand).macs,
+                            "drop": v.drop, "drop_upper": v.upper, "disagreement": v.disagreement,
+                            "certified": v.ok})
+            if v.ok:
+                cert = {"images": v.images, "confidence": self.cfg.confidence, "budget": self.cfg.budget,
+                        "back": back, "tasks": {t: {"drop": v.drop[t], "upper": v.upper[t],
+                                                    "disagreement": v.disagreement[t],
+                                                    "margin": margin(v.disagreement[t], v.images,
+                                                                     self.cfg.confidence)}
+                                                for t in v.drop}}
+                return cand, cert
+        return None
+
+
+def _decision_sets(
+    checks: MultitaskData, ref: Mapping[str, float], cfg: PruneConfig
+) -> tuple[MultitaskData, Mapping[str, float], Certifier | None]:
+    """(steering check set, its reference, the certifier) from ``cfg.certify_share``."""
+    if cfg.certify_share <= 0:
+        return checks, ref, None
+    steer_idx, held_idx = split_checks(checks, cfg.certify_share, cfg.seed)
+    sub = (lambda idx: ref.subset(idx)) if isinstance(ref, Reference) else (lambda idx: ref)
+    return (check_subset(checks, steer_idx), sub(steer_idx),
+            Certifier(check_subset(checks, held_idx), sub(held_idx), cfg))
+
+
 def final_finetune(
     net: MultitaskNet, train: MultitaskData, checks: MultitaskData, ref: Mapping[str, float], cfg: PruneConfig,
-    history: list[dict[str, Any]],
+    history: list[dict[str, Any]], teachers: Teachers | None = None,
 ) -> MultitaskNet:
     """A longer, lower-rate fine-tune of the accepted network on every task's loss (the structure is
     final, so frozen parts may move now); kept only if it is still within budget and no task's
@@ -305,7 +401,7 @@ def final_finetune(
         return net
     before = assess(net, checks, ref, cfg.budget, cfg.confidence)
     trial = copy.deepcopy(net)
-    _finetune(trial, train, cfg, cfg.final_epochs, cfg.seed + 3000, cfg.final_lr)
+    _finetune(trial, train, cfg, cfg.final_epochs, cfg.seed + 3000, cfg.final_lr, teachers=teachers)
     after = assess(trial, checks, ref, cfg.budget, cfg.confidence)
     keep = broadcast_object(after.ok and sum(after.upper.values()) <= sum(before.upper.values()))
     history.append({"kind": "final", "kept": keep, "drop_upper_before": before.upper, "drop_upper": after.upper,
