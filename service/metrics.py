@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -30,12 +31,28 @@ METHOD_MACS = Gauge("pam_method_macs", "Multiply-accumulates per image of each c
                     ["combination"], multiprocess_mode="liveall")
 
 
+_Children = tuple[Any, Any, Any]
+_bound: dict[tuple[str, int], _Children] = {}
+
+
+def children(combination: str, status: int) -> _Children:
+    """The (requests counter, request histogram, execute histogram) children of one label combination,
+    bound once: ``labels()`` costs a lock, a tuple of str() and a dict lookup per call (profiled)."""
+    ch = _bound.get((combination, status))
+    if ch is None:
+        code = str(status)
+        ch = (REQUESTS.labels(combination, code), REQUEST_SECONDS.labels(combination, code),
+              EXECUTE_SECONDS.labels(combination, code))
+        _bound[(combination, status)] = ch
+    return ch
+
+
 def observe(combination: str, status: int, total_s: float, execute_s: float | None) -> None:
-    code = str(status)
-    REQUESTS.labels(combination, code).inc()
-    REQUEST_SECONDS.labels(combination, code).observe(total_s)
+    requests, request_seconds, execute_seconds = children(combination, status)
+    requests.inc()
+    request_seconds.observe(total_s)
     if execute_s is not None:
-        EXECUTE_SECONDS.labels(combination, code).observe(execute_s)
+        execute_seconds.observe(execute_s)
 
 
 def render() -> tuple[bytes, str]:

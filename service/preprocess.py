@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import io
-import json
 import math
 import struct
 import warnings
@@ -18,11 +17,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pydantic import ValidationError
 
 from mobile_export.manifest import Manifest
+from service import fastjson
 from service.errors import ServiceError
-from service.schemas import TensorRequest
 
 T = TypeVar("T")
 
@@ -122,27 +120,49 @@ async def off_loop(fn: Callable[..., T], *args: Any, size: int) -> T:
 
 
 def parse_json(data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise ServiceError(422, "malformed_json", f"the body is not valid JSON: {str(e)[:200]}") from e
+    return fastjson.loads(data)
+
+
+_TENSOR_KEYS = frozenset(("inputs", "dtype"))
+
+
+def _bad_request(why: str) -> ServiceError:
+    return ServiceError(422, "invalid_tensor_request", f"expected {{'inputs': [...], 'dtype': 'float32'}}: {why}")
 
 
 def tensor_from_json(data: bytes, manifest: Manifest) -> np.ndarray:
-    """A ``TensorRequest`` body -> (N, C, H, W) float32, checked against the manifest's input."""
+    """A ``TensorRequest`` body -> (N, C, H, W) float32, checked against the manifest's input (by hand:
+    a pydantic model over a tensor's values cost more than parsing them)."""
     payload = parse_json(data)
-    try:
-        req = TensorRequest.model_validate(payload)
-    except (ValidationError, RecursionError) as e:
-        msg = "; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors()[:3]) \
-            if isinstance(e, ValidationError) else "nested too deeply"
-        raise ServiceError(422, "invalid_tensor_request",
-                           f"expected {{'inputs': [...], 'dtype': 'float32'}}: {msg}") from e
-    return check_tensor(req.inputs, manifest)
+    if not isinstance(payload, dict):
+        raise _bad_request(f"the body is a JSON {type(payload).__name__}, not an object")
+    extra = set(payload) - _TENSOR_KEYS
+    if extra:
+        raise _bad_request(f"unknown field(s) {', '.join(sorted(extra))[:100]}")
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise _bad_request("inputs must be a non-empty list")
+    if payload.get("dtype", "float32") != "float32":
+        raise _bad_request("dtype must be 'float32'")
+    return check_tensor(inputs, manifest, None, b"true" in data or b"false" in data)
 
 
-def check_tensor(values: Any, manifest: Manifest, shape: list[int] | None = None) -> np.ndarray:
-    """Nested lists (or a flat list with ``shape``) -> (N, C, H, W) float32, or a 422 saying why."""
+def contains_bool(values: Any) -> bool:
+    """Whether nested lists hold a JSON boolean (numpy would read ``true`` among floats as 1.0)."""
+    stack = [values]
+    while stack:
+        v = stack.pop()
+        if type(v) is list:
+            stack.extend(v)
+        elif type(v) is bool:
+            return True
+    return False
+
+
+def check_tensor(values: Any, manifest: Manifest, shape: list[int] | None = None,
+                 may_have_bools: bool = True) -> np.ndarray:
+    """Nested lists (or a flat list with ``shape``) -> (N, C, H, W) float32, or a 4xx saying why.
+    ``may_have_bools=False`` skips the walk for booleans (the body had no ``true``/``false`` token)."""
     want = list(manifest.input.shape)
     try:
         arr = np.asarray(values)
@@ -150,9 +170,12 @@ def check_tensor(values: Any, manifest: Manifest, shape: list[int] | None = None
         raise ServiceError(422, "bad_tensor", f"inputs are not a rectangular array: {str(e)[:200]}") from e
     if arr.dtype == object or arr.dtype.kind not in "iuf":
         raise ServiceError(422, "bad_dtype", f"inputs must be numbers (float32), got {arr.dtype.name} values")
+    if may_have_bools and not isinstance(values, np.ndarray) and contains_bool(values):
+        raise ServiceError(422, "bad_dtype", "inputs must be numbers (float32); JSON booleans are not numbers")
     if shape is not None:
-        if any((not isinstance(s, int)) or s < 0 for s in shape) or math.prod(shape) != arr.size:
-            raise ServiceError(422, "bad_shape", f"shape {shape} does not hold {arr.size} values")
+        if any((not isinstance(s, int)) or isinstance(s, bool) or s < 0 for s in shape) \
+                or math.prod(shape) != arr.size:
+            raise ServiceError(422, "bad_shape", f"shape {str(shape)[:100]} does not hold {arr.size} values")
         arr = arr.reshape(shape)
     if arr.ndim == 3:
         arr = arr[None]
@@ -163,9 +186,11 @@ def check_tensor(values: Any, manifest: Manifest, shape: list[int] | None = None
     if n < 1 or n > manifest.input.max_batch:
         raise ServiceError(422, "bad_batch",
                            f"batch of {n} is outside 1..{manifest.input.max_batch} (the manifest's maximum)")
-    out = arr.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(np.float32)
     if not np.isfinite(out).all():
-        raise ServiceError(422, "bad_tensor", "inputs must be finite float32 values")
+        raise ServiceError(422, "bad_tensor", "inputs must be finite float32 values (no NaN, no Infinity, "
+                                              "nothing beyond +-3.4e38)")
     return np.ascontiguousarray(out)
 
 

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from service import metrics
 from service.core.config import Settings
 from service.errors import ServiceError
 from service.stats import Statistics
+
+if TYPE_CHECKING:
+    from service.bundle_guard import VerifiedManifest
 
 log = logging.getLogger("pam.service")
 
@@ -49,17 +52,34 @@ class LoadedModel:
     manifest: Manifest
     runtime: Any  # mobile_export.runtime.BundleRuntime
     loaded_at: float = field(default_factory=time.time)
+    # measured at load (``calibrate``): seconds of one execute per method, (at 1 row, per extra row)
+    costs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    tasks_of: dict[str, list[str]] = field(default_factory=dict)  # method -> its tasks, output order
+
+    entries: dict[str, Any] = field(default_factory=dict)  # method -> MethodEntry
+    task_info: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # task -> (kind, labels)
+
+    def __post_init__(self) -> None:
+        self.tasks_of = {m.name: list(m.tasks) for m in self.manifest.methods}
+        self.entries = {m.name: m for m in self.manifest.methods}
+        self.task_info = {t.name: (t.kind, list(t.labels)) for t in self.manifest.tasks}
+
+    def cost(self, method: str, rows: int) -> float | None:
+        c = self.costs.get(method)
+        return None if c is None else c[0] + c[1] * max(0, rows - 1)
 
 
 @dataclass
 class Execution:
-    outputs: list[np.ndarray]  # one (N, K) array per task of the method, manifest order
+    outputs: list[np.ndarray]  # one (N, K) array per task of the method that ran, manifest order
     queue_s: float  # from admission to the start of the execute that served this request
     execute_s: float  # that execute (the whole batch when batched)
     batch_rows: int = 0  # rows of that execute (this request's own rows when not batched)
+    method: str = ""  # the method that ran (a cheaper union method when batching joined combinations)
+    tasks: list[str] = field(default_factory=list)  # its tasks, one per output
 
 
-@dataclass
+@dataclass(eq=False)
 class _Waiting:
     """A request waiting for the batcher."""
 
@@ -68,17 +88,62 @@ class _Waiting:
     x: np.ndarray
     fut: asyncio.Future[Execution]
     submitted: float
+    tasks: frozenset[str]  # the tasks this request needs (a union method may answer them)
+    union_ok: bool  # False for strict requests: only their own method may answer
+    timer: asyncio.TimerHandle | None = None
 
     @property
     def rows(self) -> int:
         return int(self.x.shape[0])
 
 
+def calibrate(model: LoadedModel, repeats: int = 3) -> None:
+    """Time every loaded method at 1 row and at 2 rows (best of ``repeats``): the executor choice
+    (``auto``) and the union batching decision read these figures."""
+    import torch
+
+    spec = model.manifest.input
+    x1 = torch.zeros((1, *spec.shape), dtype=torch.float32)
+    x2 = torch.zeros((min(2, spec.max_batch), *spec.shape), dtype=torch.float32)
+    for name in model.runtime.loaded_methods():
+        t = []
+        for x in (x1, x2):
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model.runtime.run(name, x)
+                best = min(best, time.perf_counter() - t0)
+            t.append(best)
+        per_row = max(0.0, t[1] - t[0]) / max(1, int(x2.shape[0]) - 1) if x2.shape[0] > 1 else t[0]
+        model.costs[name] = (t[0], per_row)
+
+
+def public_key(settings: Settings) -> Any | None:
+    """The configured Ed25519 key (``PAM_MANIFEST_PUBLIC_KEY``), or None when manifests are not signed."""
+    if not settings.manifest_public_key:
+        return None
+    from service.bundle_guard import load_public_key
+
+    try:
+        return load_public_key(settings.manifest_public_key)
+    except ValueError as e:
+        raise ExportError("bad_public_key", f"PAM_MANIFEST_PUBLIC_KEY: {e}") from e
+
+
+def check_files(bundle_dir: Path, settings: Settings) -> VerifiedManifest:
+    """The guard's checks (regular files, size caps, the signature when a key is set) and the manifest."""
+    from service.bundle_guard import verify_manifest
+
+    return verify_manifest(bundle_dir, max_manifest_bytes=settings.max_manifest_bytes,
+                           max_program_bytes=settings.max_program_bytes, public_key=public_key(settings))
+
+
 def verify_bundle(bundle_dir: Path, settings: Settings) -> Manifest:
-    """Manifest schema, program magic + sha256, and (optionally) a crash-safe child-process probe."""
+    """Files (guard + signature), manifest schema, program magic + sha256, and (optionally) a crash-safe
+    child-process probe."""
     from mobile_export.runtime import check_program, probe_bundle
 
-    manifest = Manifest.load(bundle_dir)
+    manifest = check_files(bundle_dir, settings).manifest
     check_program(bundle_dir / manifest.program, manifest.program_sha256)
     if settings.probe:
         result = probe_bundle(bundle_dir, timeout_s=settings.probe_timeout_s)
@@ -91,9 +156,23 @@ def load_model(bundle_dir: Path, settings: Settings, *, probe: bool) -> LoadedMo
     """Verify then load a bundle (blocking; call it off the event loop)."""
     from mobile_export.runtime import BundleRuntime
 
-    verify_bundle(bundle_dir, settings.model_copy(update={"probe": probe}))
+    manifest = verify_bundle(bundle_dir, settings.model_copy(update={"probe": probe}))
     runtime = BundleRuntime(bundle_dir, lazy=settings.lazy, max_loaded=settings.max_loaded)
-    return LoadedModel(bundle_dir=bundle_dir, manifest=runtime.manifest, runtime=runtime)
+    if runtime.manifest != manifest:  # replaced between the check and the load: the checked one is authentic
+        raise ExportError("bundle_changed", "the manifest changed while the bundle was loading; not taken")
+    model = LoadedModel(bundle_dir=bundle_dir, manifest=runtime.manifest, runtime=runtime)
+    if not settings.lazy:
+        calibrate(model)
+    return model
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    detail: str
+    model: LoadedModel | None
+    status: int = 200  # the HTTP status of a refusal (422, 403 outside the bundle root, 504 read timeout)
+    code: str = "reloaded"
 
 
 class RuntimePool:
@@ -107,16 +186,19 @@ class RuntimePool:
         self._waiting = 0  # admitted requests not yet finished with the runtime
         self._executor = (
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pam-runtime")
-            if settings.executor == "thread" else None
+            if settings.executor in ("thread", "auto") else None
         )
         self._reload_lock = asyncio.Lock()
         self._threads_set = False
         self.stats = Statistics()
         self.executes = 0  # executes run (a batch counts once)
-        self._batching = settings.batching and self._executor is not None
+        self.union_executes = 0  # executes of a union method that answered several combinations
+        self._batching = settings.batching
         self._queue: collections.deque[_Waiting] = collections.deque()
         self._busy = False
+        self._scheduled = False
         self._window_timer: asyncio.TimerHandle | None = None
+        self._resolved: dict[Any, Any] = {}  # query -> Resolved cache of the hot path (cleared on reload)
 
     # -------------------------------------------------------------------------- lifecycle
     def start_loading(self, bundle_dir: Path) -> threading.Thread:
@@ -160,8 +242,23 @@ class RuntimePool:
         return self.model
 
     # -------------------------------------------------------------------------- inference
-    async def execute(self, model: LoadedModel, method: str, x: np.ndarray) -> Execution:
-        """Run ``method`` on ``x`` through the bounded queue; 503 when full, 504 past the timeout."""
+    def inline(self, model: LoadedModel, method: str) -> bool:
+        """Whether ``method`` executes on the event loop: always with ``executor=inline``, never with
+        ``thread``; with ``auto`` when its measured execute is below ``inline_max_ms`` (the hand-off
+        to a thread costs more than such an execute, and execute holds the GIL either way)."""
+        ex = self.settings.executor
+        if ex == "inline" or self._executor is None:
+            return True
+        if ex == "thread":
+            return False
+        c = model.costs.get(method)
+        return c is not None and c[0] * 1e3 <= self.settings.inline_max_ms
+
+    async def execute(self, model: LoadedModel, method: str, x: np.ndarray, *, tasks: Any = None,
+                      strict: bool = True) -> Execution:
+        """Run ``method`` on ``x`` through the bounded queue; 503 when full, 504 past the timeout.
+        With ``tasks`` (the tasks the caller needs) and ``strict=False``, union batching may answer
+        with a cheaper method that covers them (``Execution.method`` says which)."""
         if self._waiting >= self.settings.queue_bound:
             metrics.QUEUE_REJECTED.inc()
             raise ServiceError(503, "queue_full",
@@ -170,12 +267,13 @@ class RuntimePool:
         self._waiting += 1
         submitted = time.perf_counter()
         try:
-            if self._executor is None:
+            if self._batching:
+                return await self._execute_batched(model, method, x, submitted, tasks, strict)
+            if self.inline(model, method):
                 ex = _run(model, method, x, submitted)
                 self._count(method, ex, 1)
                 return ex
-            if self._batching:
-                return await self._execute_batched(model, method, x, submitted)
+            assert self._executor is not None
             fut = self._executor.submit(_run, model, method, x, submitted)
             try:
                 ex = await asyncio.wait_for(asyncio.wrap_future(fut), self.settings.request_timeout_s)
@@ -200,89 +298,183 @@ class RuntimePool:
         cap = model.manifest.input.max_batch
         return min(cap, self.settings.batch_max) if self.settings.batch_max else cap
 
-    async def _execute_batched(self, model: LoadedModel, method: str, x: np.ndarray, submitted: float) -> Execution:
+    async def _execute_batched(self, model: LoadedModel, method: str, x: np.ndarray, submitted: float,
+                               tasks: Any, strict: bool) -> Execution:
         loop = asyncio.get_running_loop()
-        item = _Waiting(model, method, x, loop.create_future(), submitted)
+        want = (frozenset(tasks) if tasks else frozenset(model.tasks_of[method])) if self.settings.batch_union \
+            else frozenset()
+        item = _Waiting(model, method, x, loop.create_future(), submitted, want, not strict)
+        item.timer = loop.call_later(self.settings.request_timeout_s, self._expire, item)
         self._queue.append(item)
-        self._dispatch()
+        self._schedule(loop)
         try:
-            # cancelling the future on timeout leaves the item in the queue; the dispatcher skips it
-            return await asyncio.wait_for(item.fut, self.settings.request_timeout_s)
-        except TimeoutError as e:
-            raise self._timeout() from e
+            return await item.fut
+        finally:
+            item.timer.cancel()
+
+    def _expire(self, item: _Waiting) -> None:
+        if not item.fut.done():  # still waiting (or its batch still runs): the caller gets 504
+            item.fut.set_exception(self._timeout())
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Dispatch on the next loop turn, so requests parsed in this turn can join the batch."""
+        if not self._scheduled and not self._busy:
+            self._scheduled = True
+            loop.call_soon(self._dispatch)
+
+    def _plan(self, head: _Waiting) -> tuple[str, list[_Waiting]]:
+        """The method to run and the requests it answers: the head's method with every waiting request
+        for it, or, with ``batch_union``, one execute of the cheapest method covering the tasks of
+        several combinations when the measured costs say it beats one execute per method."""
+        model, limit = head.model, self.batch_limit(head.model)
+        same: list[_Waiting] = []
+        rows = 0
+        for w in self._queue:
+            if w.method == head.method and w.model is model and not w.fut.done() and rows + w.rows <= limit:
+                same.append(w)
+                rows += w.rows
+        if not (self.settings.batch_union and head.union_ok and model.costs):
+            return head.method, same
+        cand: list[_Waiting] = []
+        rows = 0
+        for w in self._queue:
+            if w.model is model and w.union_ok and not w.fut.done() and rows + w.rows <= limit:
+                cand.append(w)
+                rows += w.rows
+        per_method: dict[str, int] = {}
+        for w in cand:
+            per_method[w.method] = per_method.get(w.method, 0) + w.rows
+        if len(per_method) < 2:
+            return head.method, same
+        need = frozenset().union(*(w.tasks for w in cand))
+        covering = [m.name for m in model.manifest.methods if need <= set(m.tasks) and m.name in model.costs]
+        if not covering:
+            return head.method, same
+        union = min(covering, key=lambda m: model.cost(m, rows) or float("inf"))
+        separate = sum(model.cost(m, r) or float("inf") for m, r in per_method.items())
+        if (model.cost(union, rows) or float("inf")) < separate:
+            return union, cand
+        return head.method, same
 
     def _dispatch(self) -> None:
         """Start the next execute if the runtime is free (called on the event loop)."""
+        self._scheduled = False
         while self._queue and self._queue[0].fut.done():
             self._queue.popleft()  # timed out while waiting
         if self._busy or not self._queue:
             return
         head = self._queue[0]
-        limit = self.batch_limit(head.model)
-        same = [w for w in self._queue if w.method == head.method and w.model is head.model and not w.fut.done()]
         window = self.settings.batch_window_us / 1e6
-        waited = time.perf_counter() - head.submitted
-        if window > 0 and waited < window and sum(w.rows for w in same) < limit:
-            if self._window_timer is None:
-                self._window_timer = asyncio.get_running_loop().call_later(window - waited, self._window_fired)
-            return
+        if window > 0:
+            waited = time.perf_counter() - head.submitted
+            pending = sum(w.rows for w in self._queue if w.method == head.method and w.model is head.model)
+            if waited < window and pending < self.batch_limit(head.model):
+                if self._window_timer is None:
+                    self._window_timer = asyncio.get_running_loop().call_later(window - waited, self._window_fired)
+                return
         if self._window_timer is not None:
             self._window_timer.cancel()
             self._window_timer = None
-        batch: list[_Waiting] = []
-        rows = 0
-        for w in same:
-            if rows + w.rows <= limit:
-                batch.append(w)
-                rows += w.rows
-        taken = {id(w) for w in batch}
-        self._queue = collections.deque(w for w in self._queue if id(w) not in taken)
+        method, batch = self._plan(head)
+        if len(batch) == len(self._queue):
+            self._queue.clear()
+        else:
+            taken = set(map(id, batch))
+            self._queue = collections.deque(w for w in self._queue if id(w) not in taken)
         self._busy = True
+        xs = [w.x for w in batch]
+        if self.inline(head.model, method):
+            try:
+                result = _run_batch(head.model, method, xs, 0.0)
+            except BaseException as e:
+                self._finished(batch, method, None, e)
+            else:
+                self._finished(batch, method, result, None)
+            return
         assert self._executor is not None
-        cf = self._executor.submit(_run_batch, head.model, head.method, [w.x for w in batch], time.perf_counter())
+        cf = self._executor.submit(_run_batch, head.model, method, xs, 0.0)
         loop = asyncio.get_running_loop()
-        cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finished, batch, f))
+        cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._thread_done, batch, method, f))
 
     def _window_fired(self) -> None:
         self._window_timer = None
         self._dispatch()
 
-    def _finished(self, batch: list[_Waiting], cf: concurrent.futures.Future[tuple[list[np.ndarray], float, float]]
-                  ) -> None:
-        self._busy = False
+    def _thread_done(self, batch: list[_Waiting], method: str, cf: concurrent.futures.Future[Any]) -> None:
         try:
-            outputs, started, execute_s = cf.result()
-        except BaseException as e:  # the runtime's error goes to every request of the batch
+            result = cf.result()
+        except BaseException as e:
+            self._finished(batch, method, None, e)
+        else:
+            self._finished(batch, method, result, None)
+
+    def _finished(self, batch: list[_Waiting], method: str, result: Any, error: BaseException | None) -> None:
+        self._busy = False
+        if error is not None:
             for w in batch:
                 if not w.fut.done():
-                    w.fut.set_exception(e)
+                    w.fut.set_exception(error)
         else:
+            outputs, started, execute_s = result
             rows = sum(w.rows for w in batch)
             self.executes += 1
-            self.stats.execution(batch[0].method, rows, execute_s, len(batch))
+            if any(w.method != method for w in batch):
+                self.union_executes += 1
+            self.stats.execution(method, rows, execute_s, len(batch))
+            tasks = batch[0].model.tasks_of[method] if batch else []
             offset = 0
             for w in batch:
-                part = [o[offset:offset + w.rows] for o in outputs]
+                part = outputs if len(batch) == 1 else [o[offset:offset + w.rows] for o in outputs]
                 offset += w.rows
                 if not w.fut.done():
-                    w.fut.set_result(Execution(part, started - w.submitted, execute_s, rows))
-        self._dispatch()
+                    w.fut.set_result(Execution(part, started - w.submitted, execute_s, rows, method, tasks))
+        if self._queue:
+            self._schedule(asyncio.get_running_loop())
 
     # -------------------------------------------------------------------------- reload
-    async def reload(self, bundle_dir: Path | None) -> tuple[bool, str, LoadedModel | None]:
-        """Probe, load and warm a bundle off the event loop, then swap; a bad bundle changes nothing."""
+    def bundle_root(self) -> Path | None:
+        from service.bundle_guard import bundle_root
+
+        served = self.settings.bundle_dir or (self.model.bundle_dir if self.model else None)
+        return bundle_root(self.settings.bundle_root, served)
+
+    async def reload(self, bundle_dir: Path | str | None) -> ReloadResult:
+        """Check the files (bounded in time, outside the reload lock, so nothing can hang the reloads
+        queued behind), then probe, load and warm the bundle off the event loop, then swap; a bad
+        bundle changes nothing. Refusals never quote a file."""
+        from service.bundle_guard import BundleRefused, resolve_bundle_dir
+
+        keep = "reload refused, still serving the previous model: "
+        try:
+            if bundle_dir is None:
+                target = self.model.bundle_dir if self.model else self.settings.bundle_dir
+                if target is None:
+                    return ReloadResult(False, "no bundle directory to reload", self.model, 422, "reload_refused")
+            else:
+                target = resolve_bundle_dir(bundle_dir, self.bundle_root())
+            await asyncio.wait_for(asyncio.to_thread(check_files, Path(target), self.settings),
+                                   self.settings.reload_read_timeout_s)
+        except BundleRefused as e:
+            log.warning("reload refused (%s): %s", e.code, e.message)
+            return ReloadResult(False, keep + str(e), self.model, e.status, e.code)
+        except ExportError as e:  # e.g. a bad public key setting
+            return ReloadResult(False, keep + str(e), self.model, 422, e.code)
+        except TimeoutError:
+            log.warning("reload refused: the bundle's files were not read within %.3g s",
+                        self.settings.reload_read_timeout_s)
+            return ReloadResult(False, keep + f"the bundle's files were not read within "
+                                f"{self.settings.reload_read_timeout_s:g} s", self.model, 422, "read_timeout")
         async with self._reload_lock:
-            target = bundle_dir or (self.model.bundle_dir if self.model else self.settings.bundle_dir)
-            if target is None:
-                return False, "no bundle directory to reload", self.model
             try:
                 new = await asyncio.to_thread(load_model, Path(target), self.settings, probe=True)
             except (ExportError, OSError, ValueError) as e:  # ValueError: e.g. a NUL byte in the path
-                log.warning("reload of %s refused, still serving the previous model: %s", target, e)
-                return False, f"reload refused, still serving the previous model: {e}", self.model
+                msg = str(e) if isinstance(e, ExportError) else type(e).__name__
+                log.warning("reload of %s refused, still serving the previous model: %s", target, msg)
+                return ReloadResult(False, keep + msg, self.model, getattr(e, "status", 422), "reload_refused")
             self.model, self.state, self.error = new, "ready", None
+            self._resolved.clear()
             log.info("reloaded %s %s from %s", new.manifest.model_name, new.manifest.model_version, target)
-            return True, f"now serving {new.manifest.model_name} {new.manifest.model_version}", new
+            return ReloadResult(True, f"now serving {new.manifest.model_name} {new.manifest.model_version}", new)
 
 
 def _run(model: LoadedModel, method: str, x: np.ndarray, submitted: float) -> Execution:
@@ -291,7 +483,8 @@ def _run(model: LoadedModel, method: str, x: np.ndarray, submitted: float) -> Ex
     started = time.perf_counter()
     outs = model.runtime.run(method, torch.from_numpy(x))
     done = time.perf_counter()
-    return Execution([o.numpy() for o in outs], started - submitted, done - started, int(x.shape[0]))
+    return Execution([o.numpy() for o in outs], started - submitted, done - started, int(x.shape[0]), method,
+                     model.tasks_of[method])
 
 
 def _run_batch(model: LoadedModel, method: str, xs: list[np.ndarray], _dispatched: float

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from service import fastjson
 from service.errors import ServiceError
 
 HEADER = "inference-header-content-length"
@@ -72,7 +73,7 @@ def input_values(tensor: Any, tail: bytes, offset: int) -> tuple[Any, int]:
 
 def encode_response(header: dict[str, Any], binaries: list[bytes]) -> tuple[bytes, dict[str, str]]:
     """The response body and headers: plain JSON, or JSON header + binary tail."""
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw = fastjson.dumps(header)
     if not binaries:
         return raw, {"content-type": "application/json"}
     return raw + b"".join(binaries), {"content-type": "application/octet-stream", HEADER: str(len(raw))}

@@ -209,11 +209,23 @@ def test_metrics_count_a_request_under_its_combination(server: Server) -> None:
     assert "pam_requests_in_flight" in after and 'pam_method_macs{combination="digit"}' in after
 
 
+def wait_for_lines(server: Server, needle: str, timeout_s: float = 3.0) -> list[dict]:
+    import time
+
+    deadline = time.time() + timeout_s
+    while True:
+        lines = [json.loads(line) for line in server.log_lines() if needle in line]
+        if lines or time.time() > deadline:
+            time.sleep(0.1)  # and any duplicate would have arrived too
+            return [json.loads(line) for line in server.log_lines() if needle in line]
+        time.sleep(0.02)
+
+
 def test_one_json_log_line_per_request_with_its_fields(server: Server) -> None:
     x = normalise(digit_images()[:2], server.bundle)
     r = infer_json(server, "digit,parity", x, headers={"x-request-id": "log-test-42"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "log-test-42"
-    lines = [json.loads(line) for line in server.log_lines() if '"log-test-42"' in line]
+    lines = wait_for_lines(server, '"log-test-42"')  # written by the log thread, off the request path
     assert len(lines) == 1
     line = lines[0]
     assert line["request_id"] == "log-test-42" and line["status"] == 200 and line["path"] == "/infer"

@@ -14,7 +14,8 @@ from service.schemas import ErrorResponse
 
 ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": why}
-    for code, why in [(401, "missing or wrong X-Admin-Token"), (403, "reload disabled: no admin token configured"),
+    for code, why in [(401, "missing or wrong X-Admin-Token"),
+                      (403, "reload disabled (no admin token configured), or bundle_dir outside the bundle root"),
                       (413, "body too large"), (422, "malformed body, or the bundle was refused (the old one keeps "
                                                      "serving)")]
 }

@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     threads: int = Field(default=1, ge=1, le=64)  # XNNPACK threads per inference: emulates a device's cores
     workers: int = Field(default=1, ge=1, le=32)  # uvicorn worker processes, each with its own runtime
-    executor: Literal["thread", "inline"] = "thread"  # where execute runs: one runtime thread, or the event loop
+    executor: Literal["auto", "thread", "inline"] = "auto"  # where execute runs: one runtime thread, the event
+    #   loop, or (auto) the loop for methods measured at most inline_max_ms at load and the thread for the rest
+    inline_max_ms: float = Field(default=1.0, ge=0)  # auto: methods this fast run on the event loop
     queue_bound: int = Field(default=64, ge=1)  # requests admitted to wait for the runtime; beyond it: 503
     retry_after_s: int = Field(default=1, ge=0)  # Retry-After of a 503
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)  # larger request bodies get 413
@@ -31,6 +33,12 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     admin_token: str | None = None  # guards POST /admin/reload; unset: the endpoint answers 403
+    # what a reload may read (service/bundle_guard.py)
+    bundle_root: Path | None = None  # reloads only of directories under it (None: the served bundle's parent)
+    manifest_public_key: str | None = None  # Ed25519 (PEM, or base64/hex of 32 bytes): manifest.sig required
+    max_manifest_bytes: int = Field(default=1024 * 1024, ge=1024)  # larger manifests are refused unread
+    max_program_bytes: int = Field(default=2 * 1024**3, ge=1024)  # larger programs are refused unread
+    reload_read_timeout_s: float = Field(default=2.0, gt=0)  # checks + manifest read of a reload; beyond: 4xx
     lazy: bool = False  # load a method on its first request instead of all at start-up
     max_loaded: int | None = Field(default=None, ge=1)  # with lazy: how many methods stay loaded (LRU)
     probe: bool = True  # load the bundle once in a child process before trusting it (crash-safe)
@@ -50,3 +58,5 @@ class Settings(BaseSettings):
     batch_window_us: int = Field(default=0, ge=0, le=1_000_000)  # wait this long for more requests (0: take
     #   only what queued while the runtime was busy)
     batch_max: int | None = Field(default=None, ge=1)  # rows per execute (None: the manifest's max_batch)
+    batch_union: bool = False  # requests for different combinations may share one execute of a method covering
+    #   them all, when the costs measured at load say it is cheaper than one execute per method

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-from pathlib import Path
 
 from fastapi import APIRouter, Header, Request
 
@@ -23,7 +22,10 @@ async def reload(
     settings: SettingsDep,
     x_admin_token: str | None = Header(None, description="the admin token of the settings"),
 ) -> ReloadResponse:
-    """Probe a bundle (default: the served one, re-read) and swap to it; a bad one changes nothing."""
+    """Probe a bundle (default: the served one, re-read) and swap to it; a bad one changes nothing. Only
+    directories under the bundle root (PAM_BUNDLE_ROOT; default: the served bundle's parent) are read,
+    regular files only, the manifest size-capped and (with PAM_MANIFEST_PUBLIC_KEY) signature-checked;
+    refusals never quote a file."""
     if not settings.admin_token:
         raise ServiceError(403, "reload_disabled", "no admin token is configured (PAM_ADMIN_TOKEN)")
     if x_admin_token is None or not hmac.compare_digest(x_admin_token.encode(), settings.admin_token.encode()):
@@ -35,14 +37,16 @@ async def reload(
         raise ServiceError(422, "invalid_request", f"expected {{'bundle_dir': str | null}}: {str(e)[:200]}") from e
     if req.bundle_dir is not None and ("\x00" in req.bundle_dir or len(req.bundle_dir) > 4096):
         raise ServiceError(422, "invalid_request", "bundle_dir must be a path without NUL bytes, at most 4096 chars")
-    ok, detail, model = await pool.reload(Path(req.bundle_dir) if req.bundle_dir else None)
-    if not ok:
-        extra: dict[str, object] = {"reloaded": False}
+    result = await pool.reload(req.bundle_dir)
+    model = result.model
+    if not result.ok:
+        extra: dict[str, object] = {"reloaded": False, "reason": result.code}
         if model is not None:
             extra.update(model=model.manifest.model_name, model_version=model.manifest.model_version,
                          bundle_dir=str(model.bundle_dir))
-        raise ServiceError(422, "reload_refused", detail, extra=extra)
+        code = "reload_refused" if result.status == 422 else result.code
+        raise ServiceError(result.status, code, result.detail, extra=extra)
     assert model is not None
     request.app.state.on_model(model)
     return ReloadResponse(reloaded=True, model=model.manifest.model_name, model_version=model.manifest.model_version,
-                          bundle_dir=str(model.bundle_dir), detail=detail)
+                          bundle_dir=str(model.bundle_dir), detail=result.detail)

@@ -8,22 +8,17 @@ configuration and statistics.
 
 from __future__ import annotations
 
-import time
-import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
 
-from service import inference, preprocess, v2_binary
+from service import preprocess, v2_binary
 from service.api.deps import PoolDep
 from service.api.errors import ERROR_RESPONSES
-from service.combinations import resolve
 from service.errors import ServiceError
 from service.runtime_pool import LoadedModel, RuntimePool
 from service.schemas import (
-    V2InferRequest,
-    V2InferResponse,
     V2Live,
     V2ModelMetadata,
     V2Ready,
@@ -42,7 +37,7 @@ _BODY_DOC = {"requestBody": {"required": True, "content": {
                                                            "bytes) then the binary tensors"}}}}}
 
 
-def _model(pool: RuntimePool, name: str, version: str | None = None) -> LoadedModel:
+def model_named(pool: RuntimePool, name: str, version: str | None = None) -> LoadedModel:
     model = pool.current()
     m = model.manifest
     if name != m.model_name:
@@ -100,7 +95,7 @@ def _config(model: LoadedModel, pool: RuntimePool) -> dict[str, Any]:
         "parameters": {"strict_combinations": {"string_value": str(s.strict_combinations).lower()}},
         "methods": [{"name": e.name, "tasks": e.tasks, "macs": e.macs, "params": e.params} for e in m.methods],
     }
-    if s.batching and s.executor == "thread":
+    if s.batching:
         cfg["dynamic_batching"] = {"max_queue_delay_microseconds": s.batch_window_us,
                                    "preferred_batch_size": [pool.batch_limit(model)]}
     return cfg
@@ -119,132 +114,158 @@ async def all_stats(pool: PoolDep) -> dict[str, Any]:
 
 @router.get("/models/{name}", response_model=V2ModelMetadata, responses=ERROR_RESPONSES)
 async def metadata(name: str, pool: PoolDep) -> V2ModelMetadata:
-    return _metadata(_model(pool, name))
+    return _metadata(model_named(pool, name))
 
 
 @router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata, responses=ERROR_RESPONSES)
 async def metadata_version(name: str, version: str, pool: PoolDep) -> V2ModelMetadata:
-    return _metadata(_model(pool, name, version))
+    return _metadata(model_named(pool, name, version))
 
 
 @router.get("/models/{name}/ready", response_model=V2Ready, responses=ERROR_RESPONSES)
 async def model_ready(name: str, pool: PoolDep) -> V2Ready:
     """200 once the model answers (clients such as tritonclient read the status, not the body)."""
-    _model(pool, name)  # 503 not_ready while loading, 404 for another model
+    model_named(pool, name)  # 503 not_ready while loading, 404 for another model
     return V2Ready(ready=True)
 
 
 @router.get("/models/{name}/versions/{version}/ready", response_model=V2Ready, responses=ERROR_RESPONSES)
 async def model_ready_version(name: str, version: str, pool: PoolDep) -> V2Ready:
-    _model(pool, name, version)
+    model_named(pool, name, version)
     return V2Ready(ready=True)
 
 
 @router.get("/models/{name}/config", responses=ERROR_RESPONSES)
 async def config(name: str, pool: PoolDep) -> dict[str, Any]:
     """Triton's model configuration extension."""
-    return _config(_model(pool, name), pool)
+    return _config(model_named(pool, name), pool)
 
 
 @router.get("/models/{name}/versions/{version}/config", responses=ERROR_RESPONSES)
 async def config_version(name: str, version: str, pool: PoolDep) -> dict[str, Any]:
-    return _config(_model(pool, name, version), pool)
+    return _config(model_named(pool, name, version), pool)
 
 
 @router.get("/models/{name}/stats", responses=ERROR_RESPONSES)
 async def stats(name: str, pool: PoolDep) -> dict[str, Any]:
     """Triton's statistics extension: request counts and durations, executes, executes per batch size."""
-    return _stats(_model(pool, name), pool)
+    return _stats(model_named(pool, name), pool)
 
 
 @router.get("/models/{name}/versions/{version}/stats", responses=ERROR_RESPONSES)
 async def stats_version(name: str, version: str, pool: PoolDep) -> dict[str, Any]:
-    return _stats(_model(pool, name, version), pool)
+    return _stats(model_named(pool, name, version), pool)
 
 
-@router.post("/models/{name}/infer", response_model=V2InferResponse, responses=ERROR_RESPONSES,
-             openapi_extra=_BODY_DOC)
-async def infer(name: str, request: Request, pool: PoolDep) -> Response:
-    return await _infer(request, pool, _model(pool, name))
+_REQUEST_KEYS = frozenset(("id", "parameters", "inputs", "outputs"))
+_INPUT_KEYS = frozenset(("name", "shape", "datatype", "data", "parameters"))
+_OUTPUT_KEYS = frozenset(("name", "parameters"))
 
 
-@router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=ERROR_RESPONSES,
-             openapi_extra=_BODY_DOC)
-async def infer_version(name: str, version: str, request: Request, pool: PoolDep) -> Response:
-    return await _infer(request, pool, _model(pool, name, version))
+@dataclass
+class V2Request:
+    """A checked V2 inference request (parsed by hand: no pydantic model over the tensor values)."""
+
+    id: str | None
+    tasks: list[str] | None  # the requested outputs (None: all tasks)
+    binary: dict[str, bool]  # per output: binary_data when given
+    binary_all: bool
+    strict: bool | None
+    shape: list[int]
+    values: Any  # nested/flat list, or a float32 array from the binary tail
+    may_have_bools: bool
 
 
-def _parse(body: bytes, header_length: str | None) -> tuple[V2InferRequest, Any]:
-    """Body -> (request, input values); blocking, run off the loop for large bodies."""
+def _invalid(why: str) -> ServiceError:
+    return ServiceError(422, "invalid_request", f"not a V2 inference request: {why}")
+
+
+def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    p = obj.get("parameters")
+    if p is None:
+        return {}
+    if not isinstance(p, dict):
+        raise _invalid(f"{where}.parameters must be an object")
+    return p
+
+
+def parse_v2(body: bytes, header_length: str | None, manifest: Any) -> V2Request:
+    """Body -> a checked request; every departure from the protocol (and from this model) is a 4xx with
+    its reason: unknown keys, an input other than ``input``, ``outputs: []``, unknown output names or
+    parameters, shapes that are not (N, C, H, W), booleans or non-numbers among the values."""
     head, tail = v2_binary.split_body(body, header_length)
     payload = preprocess.parse_json(head)
-    try:
-        req = V2InferRequest.model_validate(payload)
-    except (ValueError, RecursionError) as e:
-        raise ServiceError(422, "invalid_request", f"not a V2 inference request: {str(e)[:300]}") from e
-    if len(req.inputs) != 1:
-        raise ServiceError(422, "bad_inputs", f"expected one input tensor {INPUT_NAME!r}, got {len(req.inputs)}")
-    tensor = req.inputs[0]
-    if tensor.datatype != "FP32":
-        raise ServiceError(422, "bad_dtype", f"input datatype must be FP32, got {tensor.datatype}")
-    values, used = v2_binary.input_values(tensor, tail, 0)
+    if not isinstance(payload, dict):
+        raise _invalid(f"the body is a JSON {type(payload).__name__}, not an object")
+    extra = set(payload) - _REQUEST_KEYS
+    if extra:
+        raise _invalid(f"unknown field(s) {', '.join(sorted(map(str, extra)))[:100]}")
+    rid = payload.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise _invalid("id must be a string")
+    params = _params(payload, "request")
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise _invalid("inputs must be a non-empty list")
+    if len(inputs) != 1:
+        raise ServiceError(422, "bad_inputs", f"expected one input tensor {INPUT_NAME!r}, got {len(inputs)}")
+    tensor = inputs[0]
+    if not isinstance(tensor, dict):
+        raise _invalid("inputs[0] must be an object")
+    extra = set(tensor) - _INPUT_KEYS
+    if extra:
+        raise _invalid(f"unknown field(s) of inputs[0]: {', '.join(sorted(map(str, extra)))[:100]}")
+    name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
+    if not isinstance(name, str) or not isinstance(shape, list) or not isinstance(datatype, str):
+        raise _invalid("inputs[0] needs name (string), shape (list of integers) and datatype (string)")
+    if name != INPUT_NAME:
+        raise ServiceError(400, "unknown_input", f"model {manifest.model_name!r} has one input, {INPUT_NAME!r}; "
+                                                 f"got {name[:60]!r}")
+    if datatype != "FP32":
+        raise ServiceError(422, "bad_dtype", f"input datatype must be FP32, got {datatype[:20]}")
+    if len(shape) != 4 or any(type(d) is not int or d < 0 for d in shape):
+        raise ServiceError(422, "bad_shape", f"shape must be [N, {', '.join(map(str, manifest.input.shape))}] "
+                                             f"(integers), got {str(shape)[:80]}")
+    in_params = _params(tensor, "inputs[0]")
+    if set(in_params) - {"binary_data_size"}:
+        raise ServiceError(422, "unsupported_parameter", "the only input parameter is binary_data_size")
+    data = tensor.get("data")
+    if data is not None and not isinstance(data, list):
+        raise _invalid("inputs[0].data must be a list of numbers")
+
+    class _T:  # what v2_binary.input_values reads
+        pass
+
+    t = _T()
+    t.name, t.shape, t.datatype, t.data, t.parameters = name, shape, datatype, data, in_params  # type: ignore[attr-defined]
+    values, used = v2_binary.input_values(t, tail, 0)
     if used != len(tail):
         raise ServiceError(422, "bad_binary_size", f"{len(tail) - used} bytes of binary data belong to no input")
-    return req, values
-
-
-async def _infer(request: Request, pool: RuntimePool, model: LoadedModel) -> Response:
-    t0 = time.perf_counter()
-    manifest = model.manifest
-    settings = request.app.state.settings
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype not in ("application/json", "application/octet-stream", ""):
-        raise ServiceError(415, "unsupported_media_type",
-                           f"content type {ctype!r}; send application/json (binary tensors: octet-stream or none)")
-    if request.headers.get("content-encoding", "identity").lower() != "identity":
-        raise ServiceError(415, "unsupported_encoding", "compressed requests are not accepted; send identity")
-    body = await inference.read_body(request, preprocess.json_body_limit(manifest, settings.max_body_bytes))
-    req, values = await preprocess.off_loop(_parse, body, request.headers.get(v2_binary.HEADER), size=len(body))
-    tensor = req.inputs[0]
-    tasks = [o.name for o in req.outputs] if req.outputs else None
-    strict = v2_binary.flag(req.parameters, "strict")
-    resolved = resolve(manifest, tasks, strict=settings.strict_combinations if strict is None else strict)
-    inference.note_resolved(request, resolved)
-    x = await preprocess.off_loop(preprocess.check_tensor, values, manifest, tensor.shape, size=len(body))
-    t1 = time.perf_counter()
-    ex = await inference.run_method(pool, request, model, resolved.method, x)
-    by_task = dict(zip(resolved.method.tasks, ex.outputs, strict=True))
-    binary_all = bool(v2_binary.flag(req.parameters, "binary_data_output"))
-    wanted = {o.name: o for o in req.outputs} if req.outputs else {}
-    order = list(dict.fromkeys(tasks)) if tasks else resolved.tasks
-    outputs: list[dict[str, Any]] = []
-    binaries: list[bytes] = []
-    for task_name in order:
-        out = wanted.get(task_name)
-        params = out.parameters if out is not None else None
-        if params and "classification" in params:
-            raise ServiceError(422, "unsupported_parameter", "the classification extension is not supported; "
-                                                             "outputs are probabilities per label")
-        per_output = v2_binary.flag(params, "binary_data")
-        probs = preprocess.scores_of(manifest.task(task_name).kind, by_task[task_name]).astype("<f4")
-        entry: dict[str, Any] = {"name": task_name, "shape": list(probs.shape), "datatype": "FP32"}
-        if per_output if per_output is not None else binary_all:
-            raw = probs.tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            binaries.append(raw)
-        else:
-            entry["data"] = probs.reshape(-1).tolist()
-        outputs.append(entry)
-    t2 = time.perf_counter()
-    timings = {"preprocess": round((t1 - t0) * 1e3, 4), "queue": round(ex.queue_s * 1e3, 4),
-               "execute": round(ex.execute_s * 1e3, 4), "total": round((t2 - t0) * 1e3, 4)}
-    request.state.timings_ms = timings
-    request.app.state.window.add(resolved.combination, timings["total"], timings["execute"])
-    header = {"model_name": manifest.model_name, "model_version": manifest.model_version,
-              "id": req.id or uuid.uuid4().hex,
-              "parameters": {"combination": resolved.combination, "method": resolved.method.name,
-                             "superset": resolved.superset, "macs": resolved.method.macs,
-                             "executed_batch": ex.batch_rows, "timings_ms": timings, "content": "probabilities"},
-              "outputs": outputs}
-    raw, headers = v2_binary.encode_response(header, binaries)
-    return Response(raw, headers=headers, media_type=None)
+    outputs = payload.get("outputs")
+    tasks: list[str] | None = None
+    binary: dict[str, bool] = {}
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise _invalid("outputs must be a list")
+        if not outputs:
+            raise ServiceError(400, "empty_combination", "outputs is empty: name at least one output (task), or "
+                                                         "omit outputs for all tasks")
+        tasks = []
+        for i, o in enumerate(outputs):
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise _invalid(f"outputs[{i}] must be an object with a name")
+            if set(o) - _OUTPUT_KEYS:
+                raise _invalid(f"unknown field(s) of outputs[{i}]")
+            op = _params(o, f"outputs[{i}]")
+            if "classification" in op:
+                raise ServiceError(422, "unsupported_parameter", "the classification extension is not supported; "
+                                                                 "outputs are probabilities per label")
+            if set(op) - {"binary_data"}:
+                raise ServiceError(422, "unsupported_parameter", "the only output parameter is binary_data")
+            flag = v2_binary.flag(op, "binary_data")
+            if flag is not None:
+                binary[o["name"]] = flag
+            tasks.append(o["name"])
+    return V2Request(id=rid, tasks=tasks, binary=binary, binary_all=bool(v2_binary.flag(params, "binary_data_output")),
+                     strict=v2_binary.flag(params, "strict"), shape=shape, values=values,
+                     may_have_bools=data is not None and (b"true" in head or b"false" in head))
