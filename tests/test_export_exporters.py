@@ -91,12 +91,19 @@ def test_builtin_exporters_are_found_by_name_with_their_files() -> None:
             name: ClassVar[str] = "executorch"
 
 
-def test_unknown_exporter_fails_before_any_work() -> None:
+def test_unknown_exporter_fails_before_any_work(capsys: pytest.CaptureFixture[str]) -> None:
     out = scratch("unknown-exporter") / "b"
     with pytest.raises(ExportError) as e:
         export_bundle(lenet_net(), out, ExportConfig(exporters=("nope",)), log=lambda *_: None)
     assert e.value.code == "unknown_exporter"
     assert not out.exists() and not list(out.parent.iterdir())
+    from merging.checkpoint import save_model
+    from pam_app.cli import main
+
+    model = save_model(lenet_net(), scratch("unknown-exporter-cli") / "net")
+    assert main(["export", str(model), "--out", str(out), "--exporter", "nope"]) == 2  # a user error, at once
+    printed = capsys.readouterr()
+    assert "unknown_exporter" in printed.err + printed.out and not out.exists()
 
 
 def test_a_registered_exporter_is_run_by_name_and_a_failed_optional_file_is_left_out(dummy_exporters: None) -> None:
