@@ -63,8 +63,11 @@ def export_bundle(
     quiet = quiet_stderr(log_path) if cfg.quiet else contextlib.nullcontext(sys.stderr)
     try:
         with quiet as terminal:
-            state = ExportState(net, model_path, out, cfg, combos, preprocessing, pre_origin, accuracy, log,
-                                log_path, Phases(terminal, cfg.progress), exporters)
+            state = ExportState(
+                net=net, model_path=model_path, out=out, cfg=cfg, combos=combos, preprocessing=preprocessing,
+                preprocessing_source=pre_origin, accuracy=accuracy, log=log, log_path=log_path,
+                phases=Phases(terminal, cfg.progress), exporters=exporters,
+            )
             return run(state)
     except BaseException:
         if log_path.exists() and log_path.stat().st_size:
