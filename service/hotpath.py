@@ -16,6 +16,7 @@ here before FastAPI's stack; the same callables are also mounted as Starlette ro
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -34,6 +35,8 @@ from service.middleware import TRIM_AFTER_BYTES, _trim_heap
 log = logging.getLogger("pam.service")
 _JSON = (b"content-type", b"application/json")
 _RESOLVED_CACHE_MAX = 512
+_RID_PREFIX = os.urandom(10).hex()  # 20 random hex digits per process, then a counter: 32 like a uuid4
+_rid_counter = itertools.count(1)
 
 
 class Ctx:
@@ -56,7 +59,7 @@ def _request_id(headers: dict[bytes, bytes]) -> str:
     rid = headers.get(b"x-request-id")
     if rid:
         return rid.decode("latin-1")[:64]
-    return os.urandom(16).hex()  # a uuid4's entropy without building a UUID (profiled: 3 % of the loop)
+    return f"{_RID_PREFIX}{next(_rid_counter):012x}"  # unique per process; uuid4/urandom cost 3 % (profiled)
 
 
 def v2_target(path: str) -> tuple[str, str | None] | None:

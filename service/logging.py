@@ -57,6 +57,16 @@ class TextFormatter(logging.Formatter):
         return base
 
 
+class _BufferedStream(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes without a flush per line; the listener flushes once per batch."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+
+
 class _RawQueueHandler(logging.handlers.QueueHandler):
     """Enqueue the record as it is: formatting (``QueueHandler.prepare``) happens in the listener."""
 
@@ -65,6 +75,31 @@ class _RawQueueHandler(logging.handlers.QueueHandler):
 
 
 class _Listener(logging.handlers.QueueListener):
+    """Wakes every ``interval_s`` and writes everything queued meanwhile: a listener blocked on the
+    queue was woken (a futex and a GIL hand-off) by every single line (profiled: 8 % of the server)."""
+
+    interval_s = 0.02
+
+    def _monitor(self) -> None:
+        q = self.queue
+        stop = False
+        while not stop:
+            time.sleep(self.interval_s)
+            while True:
+                try:
+                    record = q.get_nowait()
+                except queue.Empty:
+                    break
+                if record is self._sentinel:
+                    stop = True
+                    continue
+                self.handle(record)
+            for h in self.handlers:
+                try:
+                    h.flush()
+                except (OSError, ValueError):  # stdout closed (interpreter exit, a test's capture)
+                    pass
+
     def prepare(self, record: Any) -> logging.LogRecord:
         if type(record) is tuple:  # an access line from log_request: (created, fields)
             created, fields = record
@@ -79,7 +114,7 @@ class _Listener(logging.handlers.QueueListener):
 def configure(log_format: str, level: str) -> None:
     """Route the service's loggers (and uvicorn's) through the queue to stdout in the chosen format."""
     global _listener
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _BufferedStream(sys.stdout)
     handler.setFormatter(JsonFormatter() if log_format == "json" else
                          TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     shutdown_logging()
