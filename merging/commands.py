@@ -155,6 +155,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         parts = ", ".join(f"{set_name(m, net.task_names)}:{w}" for m, w in groups.items())
         print(f"  layer {l} ({net.arch.layers[l].kind}): {parts}")
     print(format_table(["combination", "MACs", "params"], [[k, c.macs, c.params] for k, c in table.items()]))
+    cert = (net.meta.get("pruned") or {}).get("certificate")
+    if cert:
+        print(f"budget certificate: {cert['images']:,} held-out check images, one-sided {cert['confidence']:.0%} "
+              f"paired test, budget {cert['budget']:g} point(s); the smallest drop this check set can certify "
+              "at each task's disagreement is budget - margin:")
+        print(format_table(["task", "point drop", "upper bound", "disagreement %", "margin", "certifiable up to"],
+                           [[t, c["drop"], c["upper"], 100 * c["disagreement"], c["margin"],
+                             cert["budget"] - c["margin"]] for t, c in cert["tasks"].items()]))
+    elif net.meta.get("pruned"):
+        print("pruned without a held-out certification (certify_share 0)")
     return 0
 
 

@@ -70,6 +70,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from merging.checkpoint import load_model, save_model
     from merging.distributed import is_main
     from merging.pruning import PruneConfig, check_set, missed_at_start, prune, reference_accuracy
+    from merging.pruning.budget import resolution_line
     from merging.train import evaluate
     from merging.zoo import load_zoo
 
@@ -86,11 +87,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     reference = None
     if args.zoo:
         zoo = load_zoo(Path(args.zoo), net.task_names)
-        reference = reference_accuracy(zoo, check_set(splits.val, cfg.check_shifts, cfg.seed))
+        reference = reference_accuracy(zoo, check_set(splits.val, cfg.check_shifts, cfg.seed, cfg.shift_below))
         if is_main():
             print("reference (unpruned single-task, val check set): "
                   + ", ".join(f"{t} {a:.2f}%" for t, a in reference.items()))
     before = load_model(args.model)
+    if is_main():
+        print(resolution_line(len(splits.val), cfg.confidence, cfg.budget) + " (half held out to certify)")
     pruned, history = prune(net, splits, cfg, reference=reference)
     if not is_main():  # every rank pruned to the same network; rank 0 writes and reports it
         return 0
@@ -105,6 +108,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
                  else "`pam merge --method separate`")
         print(f"  the PAM merge kept too little for retraining to meet the budget: merge again with {again} "
               f"(`pam bench` and `pam demo` do this themselves)")
+    if missed_at_start(history):
+        worst = next((h for h in reversed(history) if "drop_upper" in h), {}).get("drop_upper", {})
+        raise MergingError("budget_missed", f"{args.model} misses the {cfg.budget:g}-point budget before pruning "
+                           f"(upper bounds of the drop: {', '.join(f'{t} {u:.2f}' for t, u in worst.items())}); "
+                           f"nothing written to {args.out}")
+    cert = pruned.meta.get("pruned", {}).get("certificate")
+    if cert:
+        print(f"certified on {cert['images']:,} held-out images at {cert['confidence']:.0%}: "
+              + ", ".join(f"{t} drop {c['drop']:.2f} (upper {c['upper']:.2f}, +-{c['margin']:.2f})"
+                          for t, c in cert["tasks"].items()))
     print("test accuracy: " + ", ".join(f"{t} {a:.2f}%" for t, a in evaluate(pruned, splits.test).items()))
     pruned.meta["prune_history"] = [{k: v for k, v in h.items() if k != "reference"} for h in history]
     path = save_model(pruned, Path(args.out))

@@ -9,23 +9,29 @@ from merging.arch import ArchConfig
 from merging.checkpoint import atomic_write_json, load_model, save_model
 from merging.cost import combination_cost
 from merging.data.base import Splits
-from merging.distributed import barrier, is_main
+from merging.distributed import barrier, is_main, world_size
 from merging.errors import MergingError
 from merging.network import MultitaskNet
+from merging.parallel import run_jobs
 from merging.report import format_table
 from merging.train import TrainConfig, evaluate, train_single_task
 
 ZOO_INDEX = "zoo.json"
 
 
-def train_zoo(splits: Splits, arch: ArchConfig, cfg: TrainConfig, out: Path, verbose: bool = True) -> dict[str, Path]:
+def train_zoo(
+    splits: Splits, arch: ArchConfig, cfg: TrainConfig, out: Path, verbose: bool = True, workers: int = 1
+) -> dict[str, Path]:
+    """Train and save one network per task; ``workers`` > 1 trains that many side by side in
+    worker processes (not under torchrun, where the ranks share each network instead)."""
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     rows = []
     per_task: dict[str, dict[str, object]] = {}
     index = {"dataset": splits.name, "arch": arch.to_json(), "seed": cfg.seed, "tasks": per_task}
-    for task in splits.tasks:
-        net = train_single_task(task, arch, splits.train, cfg)
+    jobs = [(task, arch, splits.train, cfg) for task in splits.tasks]
+    nets = run_jobs(train_single_task, jobs, workers if world_size() <= 1 else 1)
+    for task, net in zip(splits.tasks, nets, strict=True):
         val = evaluate(net, splits.val)[task.name]
         test = evaluate(net, splits.test)[task.name]
         net.meta.update({"dataset": splits.name, "val_accuracy": val, "test_accuracy": test,

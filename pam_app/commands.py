@@ -30,9 +30,13 @@ def register(sub: Any) -> None:
     q.add_argument("--out-dir", default="results")
     q.set_defaults(func=cmd_budget_study)
 
-    p = sub.add_parser("demo", help="the main job on the bundled digits: train, merge, prune, export, serve")
+    p = sub.add_parser("demo", help="the main job on generated glyphs (or the bundled digits): train, merge, "
+                       "prune, export, serve")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its artifacts")
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--dataset", default="glyphs", choices=("glyphs", "digits"),
+                   help="glyphs: generated, 10,000 check images; digits: the small-data case (359)")
+    p.add_argument("--epochs", type=int, default=None, help="zoo epochs (default: 15 on glyphs, 60 on digits)")
+    p.add_argument("--workers", type=int, default=None, help="processes for independent jobs (default: one per core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--route", default=None,
                    help="merger to start from, '+regroup' to prune with regrouping (default: the benchmark's best)")

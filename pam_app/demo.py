@@ -1,8 +1,9 @@
-"""``pam demo``: the README's main job on the bundled digits.
+"""``pam demo``: the README's main job on the generated glyphs (``--dataset digits``: the small-data case).
 
-Train the single-task zoo, merge it with PAM, prune the PAM network and the no-merging baseline
-with the same pruner and budget, print the cost of every combination side by side, export the
-pruned PAM network as a bundle and serve it (``--no-serve`` stops before serving).
+Train the single-task zoo, build the yardstick (each task's network pruned alone; the all-task
+specialist), merge and prune with the benchmark's route, print the cost of every combination side
+by side, export the shipped network as a bundle and serve it (``--no-serve`` stops before serving).
+Independent jobs (the zoo's networks; the pruning runs) run side by side, one per core.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,83 +24,134 @@ from merging.arch import create_arch
 from merging.checkpoint import save_model
 from merging.cost import combination_cost, cost_table
 from merging.data import load_dataset
-from merging.data.digits import raw_digits
+from merging.data.base import Splits
 from merging.mergers import create_merger
+from merging.network import MultitaskNet
+from merging.pruning import PruneConfig
 from merging.report import format_table
 from merging.tasks import combination_name
 from merging.train import TrainConfig, evaluate
 from merging.zoo import load_zoo, train_zoo
 
 
-def _sample_png(path: Path, digit: int) -> None:
-    """One 8x8 digit from the test data as a PNG, for the curl line."""
+def _sample_png(path: Path, splits: Splits) -> None:
+    """The first test image as a PNG (the inverse of the data set's preprocessing), for the curl line."""
     from PIL import Image
 
-    images, digits = raw_digits()
-    idx = int(np.flatnonzero(digits == digit)[-1])
-    Image.fromarray((images[idx] * 255).round().astype(np.uint8), mode="L").save(path)
+    pre = splits.preprocessing
+    x = splits.test.x[0]
+    mean = np.asarray(pre.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(pre.std, dtype=np.float32)[:, None, None]
+    pixels = x.numpy() * std + mean
+    if pre.invert:
+        pixels = 1.0 - pixels
+    arr = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0))
+    img.save(path)
 
 
 # The route the demo merges and prunes with, and why (from `pam bench`; see docs/pam.md).
 DEMO_ROUTE = "pam+regroup"
 DEMO_ROUTE_WHY = ("closest to the specialist limit on its worst combination on digits in `pam bench` "
-                  "(results/bench-digits.md, seed 0: worst c_route(C)/c_spec(C) 2.47, against 3.68 shared+regroup, "
-                  "3.83 shared, 4.27 pam)")
+                  "(results/bench-digits.md)")
+DEMO_EPOCHS = {"glyphs": 15, "digits": 60}  # zoo epochs per data set (glyphs: 8,000 training images)
+
+
+def _job(kind: str, *args: Any) -> Any:
+    """One independent pruning job of the demo (run in a worker process)."""
+    from merging.pipeline import merge_and_prune
+    from merging.pruning import prune
+    from merging.references import specialist
+
+    if kind == "alone":
+        net, splits, cfg, ref = args
+        return prune(net, splits, cfg, reference=ref)[0]
+    if kind == "spec":
+        nets, splits, cfg, ref, epochs, seed = args
+        return specialist(nets, splits.train, splits, cfg, ref, TrainConfig(epochs=epochs, progress=False),
+                          seed=seed)[0]
+    base, nets, splits, cfg, ref, epochs, seed = args
+    options = {"train": TrainConfig(epochs=epochs, progress=False)} if base == "shared" else {}
+    return merge_and_prune(create_merger(base, **options), nets, splits, cfg, ref, seed=seed, log=print)
+
+
+def _yardstick_and_route(
+    args: argparse.Namespace, splits: Splits, nets: list[MultitaskNet], cfg: PruneConfig, ref: Any, route: str,
+) -> tuple[list[MultitaskNet], MultitaskNet, Any]:
+    """Every pruning run of the demo, side by side: each task alone, the all-task specialist and the
+    route (longest first, so the two cores finish together)."""
+    from merging.bench import split_route
+    from merging.parallel import run_jobs
+
+    base, _ = split_route(route)
+    single = replace(cfg, regroup=False, progress=False)
+    jobs: list[tuple[Any, ...]] = [("route", base, nets, splits, replace(cfg, progress=False), ref, args.epochs,
+                                    args.seed),
+                                   ("spec", nets, splits, single, ref, args.epochs, args.seed)]
+    jobs += [("alone", copy.deepcopy(net), splits, single, ref) for net in nets]
+    out = run_jobs(_job, jobs, args.workers)
+    return out[2:], out[1], out[0]
+
 
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from merging.bench import BENCH_PRUNE, split_route
-    from merging.pipeline import merge_and_prune
-    from merging.pruning import check_set, prune, reference_accuracy
-    from merging.references import specialist
+    from merging.pipeline import never_dearer
+    from merging.pruning import check_set, reference_accuracy
+    from merging.pruning.budget import resolution_line
 
     # These networks are tiny: one intra-op thread is as fast, and far faster on a busy machine.
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    splits = load_dataset("digits")
-    arch = create_arch("lenet", input_size=splits.preprocessing.size)
+    dataset = getattr(args, "dataset", None) or "glyphs"
+    args.epochs = args.epochs or DEMO_EPOCHS.get(dataset, 40)
+    splits = load_dataset(dataset)
+    arch = create_arch("lenet", in_channels=splits.preprocessing.channels, input_size=splits.preprocessing.size)
     route = getattr(args, "route", None) or DEMO_ROUTE
-    base, regroup = split_route(route)
+    _, regroup = split_route(route)
     # The benchmark's schedule (coarser than the library default) keeps the demo within minutes.
     cfg = replace(BENCH_PRUNE, seed=args.seed, regroup=regroup, progress=True)
-    print(f"== 1/5 single-task zoo on {splits.name}: {len(splits.train)} train / {len(splits.val)} val / "
-          f"{len(splits.test)} test images; tasks {', '.join(t.name for t in splits.tasks)}", flush=True)
-    train_zoo(splits, arch, TrainConfig(epochs=args.epochs, seed=args.seed), out / "zoo")
+    print(f"== 1/5 single-task zoo on {splits.name}: {len(splits.train):,} train / {len(splits.val):,} val / "
+          f"{len(splits.test):,} test images; tasks {', '.join(t.name for t in splits.tasks)}; "
+          f"{args.epochs} epochs, {args.workers or 'one per core'} worker(s)", flush=True)
+    train_zoo(splits, arch, TrainConfig(epochs=args.epochs, seed=args.seed), out / "zoo", workers=args.workers)
     nets = load_zoo(out / "zoo")
     names = [n.task_names[0] for n in nets]
-    checks = check_set(splits.val, cfg.check_shifts, args.seed)
+    checks = check_set(splits.val, cfg.check_shifts, args.seed, cfg.shift_below)
     ref = reference_accuracy(nets, checks)
+    images = checks.images or len(checks)
+    held = round(images * cfg.certify_share)
+    print(f"  budget: every task within {cfg.budget:g} point of its own network; step decisions on "
+          f"{images - held:,} validation images, one certification of the result on the other {held:,}")
+    print(f"  steps: {resolution_line(images - held, cfg.confidence, cfg.budget)}")
+    if held:
+        print(f"  certification: {resolution_line(held, cfg.confidence, cfg.budget)}", flush=True)
 
-    print("\n== 2/5 the yardstick: each task's network pruned alone (no merging) and the all-task specialist "
-          "(one trunk trained for all tasks, pruned the same way); budget: every task within 1 point of its own "
-          f"network, one-sided {cfg.confidence:.0%} test on the check set", flush=True)
+    print(f"\n== 2/5 the yardstick (each task's network pruned alone; the all-task specialist: one trunk "
+          f"trained for all tasks, pruned the same way) and 3/5 route {route} "
+          f"({DEMO_ROUTE_WHY if route == DEMO_ROUTE else 'chosen with --route'}), side by side", flush=True)
     t0 = time.perf_counter()
-    alone = []
-    for net in nets:
-        pruned_net, _ = prune(copy.deepcopy(net), splits, replace(cfg, regroup=False, progress=False), reference=ref)
-        alone.append(pruned_net)
+    alone, spec_net, result = _yardstick_and_route(args, splits, nets, cfg, ref, route)
+    for net, pruned_net in zip(nets, alone, strict=True):
         before, after = combination_cost(net).macs, combination_cost(pruned_net).macs
         print(f"  {net.task_names[0]:>8} alone: {before:,} -> {after:,} MACs", flush=True)
     separate = create_merger("separate").merge(alone, splits.train)
-    spec_net, _ = specialist(nets, splits.train, splits, replace(cfg, regroup=False, progress=False), ref,
-                             TrainConfig(epochs=args.epochs, progress=False), seed=args.seed)
-    print(f"  all-task specialist: {combination_cost(spec_net).macs:,} MACs ({time.perf_counter() - t0:.0f}s)",
-          flush=True)
-
-    print(f"\n== 3/5 merge with {base!r} and prune{' with regrouping' if regroup else ''} (route {route}: "
-          f"{DEMO_ROUTE_WHY if route == DEMO_ROUTE else 'chosen with --route'})", flush=True)
-    t0 = time.perf_counter()
-    options = {"train": TrainConfig(epochs=args.epochs, progress=False)} if base == "shared" else {}
-    result = merge_and_prune(create_merger(base, **options), nets, splits, cfg, ref, seed=args.seed, log=print)
+    print(f"  all-task specialist: {combination_cost(spec_net).macs:,} MACs")
+    result = never_dearer(result, separate, log=print)
     merged = result.pruned
     groups = ", ".join(str(len(g)) for g in merged.layout)
-    print(f"  merged: all-task MACs {combination_cost(result.merged).macs:,}; pruned: "
-          f"{combination_cost(merged).macs:,}; groups per layer {groups} ({time.perf_counter() - t0:.0f}s)")
+    print(f"  {route}: merged all-task MACs {combination_cost(result.merged).macs:,}; shipped: "
+          f"{combination_cost(merged).macs:,} ({result.chose}); groups per layer {groups} "
+          f"({time.perf_counter() - t0:.0f}s)")
     if result.missed_budget:
         print("  NOT PRUNED: the merged network misses the budget before pruning")
+    cert = (merged.meta.get("pruned") or {}).get("certificate")
+    if cert:
+        print(f"  certified on {cert['images']:,} held-out images: " + ", ".join(
+            f"{t} {c['drop']:+.2f} (upper {c['upper']:.2f})" for t, c in cert["tasks"].items()))
     merged.meta["preprocessing"] = splits.preprocessing.to_json()
     merged.meta["test_accuracy"] = evaluate(merged, splits.test)
     merged.meta["route"] = route
@@ -106,7 +159,7 @@ def run_demo(args: argparse.Namespace) -> int:
     save_model(separate, out / "separate-pruned")
 
     print("\n== cost of every combination (separate = each task's own pruned network; spec = the specialist "
-          "limit: c_alone(t) for one task, the all-task specialist for all five)", flush=True)
+          "limit: c_alone(t) for one task, the all-task specialist for all tasks)", flush=True)
     sep, got = cost_table(separate), cost_table(merged)
     full = combination_name(names)
     rows = []
@@ -114,12 +167,13 @@ def run_demo(args: argparse.Namespace) -> int:
         spec = sep[combo].macs if "+" not in combo else combination_cost(spec_net).macs if combo == full else None
         rows.append([combo, sep[combo].macs, got[combo].macs, f"{sep[combo].macs / max(1, got[combo].macs):.2f}x",
                      f"{spec:,}" if spec else "-", f"{got[combo].macs / spec:.2f}" if spec else "-"])
-    print(format_table(["combination", "separate MACs", f"{route} MACs", f"separate/{route}", "spec MACs",
-                        f"{route}/spec"], rows))
+    print(format_table(["combination", "separate MACs", "shipped MACs", "separate/shipped", "spec MACs",
+                        "shipped/spec"], rows))
     sep_acc = evaluate(separate, splits.test)
     own = {n.task_names[0]: n.meta["test_accuracy"] for n in nets}  # recorded by train_zoo
-    print(format_table(["task", "own network %", "separate pruned %", f"{route} pruned %"],
-                       [[t, own[t], sep_acc[t], merged.meta["test_accuracy"][t]] for t in own]))
+    print(format_table(["task", "own network %", "separate pruned %", "shipped pruned %", "shipped - own"],
+                       [[t, own[t], sep_acc[t], merged.meta["test_accuracy"][t],
+                         f"{merged.meta['test_accuracy'][t] - own[t]:+.2f}"] for t in own]))
 
     names = sorted(t.name for t in splits.tasks)
     print(f"\n== 4/5 export the pruned multitask network: one ExecuTorch method per combination "
@@ -128,15 +182,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
     bundle = out / "bundle"
     export_bundle(out / "multitask-pruned.json", bundle, ExportConfig(force=True))
-    _sample_png(out / "digit.png", 7)
-    print(f"  bundle: {bundle}/ (model.pte, manifest.json, report.json); sample image {out / 'digit.png'}")
+    _sample_png(out / "sample.png", splits)
+    print(f"  bundle: {bundle}/ (model.pte, manifest.json, report.json); sample image {out / 'sample.png'}")
     print(f"\ndemo done in {time.perf_counter() - t_start:.0f}s")
 
     if args.no_serve:
         return 0
     print("\n== 5/5 serve it (Ctrl-C stops); in another terminal:", flush=True)
     port = args.port
-    print(f"  curl -s -X POST 'http://127.0.0.1:{port}/infer?tasks=digit,parity' -F image=@{out / 'digit.png'}")
+    pair = ",".join(names[:2])
+    print(f"  curl -s -X POST 'http://127.0.0.1:{port}/infer?tasks={pair}' -F image=@{out / 'sample.png'}")
     print(f"  open http://127.0.0.1:{port}/dashboard", flush=True)
     pam_cmd = shutil.which("pam")
     cmd = [pam_cmd] if pam_cmd else [sys.executable, "-m", "pam_app"]

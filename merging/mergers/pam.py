@@ -59,6 +59,7 @@ from torch import Tensor
 
 from merging.data.base import MultitaskData
 from merging.errors import MergingError, invariant
+from merging.graph import GroupKey
 from merging.mergers.base import (
     Merger,
     check_mergeable,
@@ -67,7 +68,6 @@ from merging.mergers.base import (
     single_block,
 )
 from merging.mi import DEFAULT_NOISE, label_entropy, mutual_information_many
-from merging.graph import GroupKey
 from merging.network import MultitaskNet
 from merging.pruning.surgery import remove_dead_groups
 

@@ -93,12 +93,10 @@ def _finetune(
 
 
 def teachers_of(net: MultitaskNet, ref: Mapping[str, float], cfg: PruneConfig) -> Teachers | None:
-    """The reference networks to distil from: only for a network that is not its own reference
-    (a merged one) and only when ``cfg.distill`` asks for it."""
-    nets = [n for n in getattr(ref, "nets", []) if n is not net]
-    if cfg.distill <= 0 or not nets or all(set(n.task_names) == set(net.task_names) for n in nets):
-        return None  # a single network distilling from itself learns nothing new
-    return Teachers(nets)
+    """The reference networks to learn from while fine-tuning (each task's unpruned network, the
+    same for every route), when ``cfg.distill`` asks for it."""
+    nets = list(getattr(ref, "nets", []))
+    return Teachers(nets) if cfg.distill > 0 and nets else None
 
 
 def _removable(net: MultitaskNet, layer: int, mask: int) -> bool:
