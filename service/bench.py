@@ -54,7 +54,7 @@ class BenchConfig:
     payload: str = "png"  # png (raw image/png body) | multipart | json (tensor)
     threads: int = 1
     workers: int = 1
-    executor: str = "thread"
+    executor: str = "auto"
     direct_runs: int = 2000
     server_args: tuple[str, ...] = ()  # extra `pam serve` flags, e.g. ("--http", "h11")
     lazy: bool = False  # serve with lazy method loading (and max_loaded) to compare resident memory
@@ -65,6 +65,7 @@ class BenchConfig:
     batch_window_us: int = 0  # the window of the service+batching variant
     attacks: bool = True  # after the cells: large requests, then RSS against its ready value
     attack_rounds: int = 20  # large photos and near-limit bodies sent (each), then 5 oversized heads
+    mix: tuple[str, ...] | None = None  # combinations asked concurrently (client i: mix[i % k]) in "mix" cells
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -110,7 +111,7 @@ def build_request(path: str, payload: str, png: bytes, x: np.ndarray) -> bytes:
 
 
 async def _client(port: int, request: bytes, n: int, lat: list[float], server_exec: list[float],
-                  errors: list[str]) -> None:
+                  errors: list[str], macs: list[int] | None = None) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         for _ in range(n):
@@ -131,7 +132,10 @@ async def _client(port: int, request: bytes, n: int, lat: list[float], server_ex
             if status != 200:
                 errors.append(f"{status}: {body[:120]!r}")
             else:
-                server_exec.append(float(json.loads(body)["timings_ms"]["execute"]))
+                answer = json.loads(body)
+                server_exec.append(float(answer["timings_ms"]["execute"]))
+                if macs is not None:
+                    macs.append(int(answer["macs"]) * int(answer["batch"]))
     finally:
         writer.close()
 
@@ -148,6 +152,24 @@ async def _drive(port: int, request: bytes, clients: int, total: int) -> dict[st
     return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_samples": errors[:3],
             "rps": len(lat) / wall, "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
             "p99_ms": percentile(ms, 99), "server_execute_p50_ms": percentile(server_exec, 50)}
+
+
+async def _drive_mix(port: int, requests: list[bytes], clients: int, total: int) -> dict[str, Any]:
+    """Client i asks for combination i mod k: concurrent requests for different combinations."""
+    lat: list[float] = []
+    server_exec: list[float] = []
+    errors: list[str] = []
+    macs: list[int] = []
+    per = max(1, total // clients)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(_client(port, requests[i % len(requests)], per, lat, server_exec, errors, macs)
+                           for i in range(clients)))
+    wall = time.perf_counter() - t0
+    ms = [v * 1e3 for v in lat]
+    return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_samples": errors[:3],
+            "rps": len(lat) / wall, "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
+            "p99_ms": percentile(ms, 99), "server_execute_p50_ms": percentile(server_exec, 50),
+            "macs_per_request": float(np.mean(macs)) if macs else None}
 
 
 def direct_baseline(cfg: BenchConfig, manifest: Manifest, methods: list[str], x: np.ndarray) -> dict[str, Any]:
@@ -185,6 +207,8 @@ def server_command(cfg: BenchConfig, port: int, variant: str) -> list[str]:
         cmd.append("--no-batching")
     elif variant == "service+batching":
         cmd += ["--batch-window-us", str(cfg.batch_window_us)]
+    elif variant == "service+union":
+        cmd += ["--batch-window-us", str(cfg.batch_window_us), "--batch-union"]
     else:
         raise ServiceError(2, "bad_variant", f"unknown variant {variant!r}; use reference, service, service+batching")
     cmd += list(cfg.server_args)
@@ -288,6 +312,17 @@ def run_variants(cfg: BenchConfig, manifest: Manifest, methods: list[str], png: 
                     print(f"  {v:>16} {m:>22} x{c:<3}: {cell['rps']:7.0f} req/s  p50 {cell['p50_ms']:.3f}  "
                           f"p95 {cell['p95_ms']:.3f}  p99 {cell['p99_ms']:.3f} ms  errors {cell['errors']}",
                           flush=True)
+        if cfg.mix:
+            reqs = [build_request(f"/infer?tasks={c.replace('+', ',')}", cfg.payload, png, x) for c in cfg.mix]
+            for c in cfg.clients:
+                for v, (port, _) in servers.items():
+                    if v == "reference":
+                        continue
+                    cell = {"variant": v, "combination": "mix:" + ";".join(cfg.mix), "macs": 0,
+                            **asyncio.run(_drive_mix(port, reqs, c, max(cfg.requests, 4 * c)))}
+                    out[v]["cells"].append(cell)
+                    print(f"  {v:>16} {'mix':>22} x{c:<3}: {cell['rps']:7.0f} req/s  p50 {cell['p50_ms']:.3f} ms  "
+                          f"MACs/request {cell['macs_per_request']}  errors {cell['errors']}", flush=True)
         for v, (_port, proc) in servers.items():
             out[v]["rss_end_mb"] = server_rss_mb(proc)
         for v, (port, proc) in servers.items():
@@ -336,6 +371,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pam-bench-") as tmp:
         runs = run_variants(cfg, manifest, methods, png, x, Path(tmp))
     cells = [c for r in runs for c in r["cells"]]
+    mixed = [c for c in cells if c["combination"].startswith("mix:")]
+    cells = [c for c in cells if not c["combination"].startswith("mix:")]
 
     def cell(variant: str, m: str, clients: int) -> dict[str, Any] | None:
         return next((c for c in cells if c["variant"] == variant and c["combination"] == m
@@ -355,6 +392,9 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         for v in ("service", "service+batching"):
             if v in cfg.variants and "reference" in cfg.variants:
                 s[v]["rps_8_over_reference"] = ratio(cell(v, m, 8), cell("reference", m, 8))
+        if "service" in cfg.variants and "service+union" in cfg.variants:
+            s["union_gain"] = {str(c): ratio(cell("service+union", m, c), cell("service", m, c))
+                               for c in cfg.clients}
         if "service" in cfg.variants and "service+batching" in cfg.variants:
             s["batching_gain"] = {str(c): ratio(cell("service+batching", m, c), cell("service", m, c))
                                   for c in cfg.clients}
@@ -364,7 +404,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         "model": manifest.model_name, "model_version": manifest.model_version,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]}},
-        "direct": direct, "http": cells, "summary": summary,
+        "direct": direct, "http": cells, "summary": summary, "mix": mixed,
         "servers": [{k: v for k, v in r.items() if k != "cells"} for r in runs],
         "total_errors": sum(c["errors"] for c in cells),
     }
@@ -399,7 +439,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {cell['variant']} | {cell['combination']} | {cell['macs']} | {cell['clients']} | "
                      f"{cell['rps']:.0f} | {cell['p50_ms']:.3f} | {cell['p95_ms']:.3f} | {cell['p99_ms']:.3f} | "
                      f"{cell['server_execute_p50_ms']:.3f} | {cell['errors']} |")
-    variants = [v for v in ("reference", "service", "service+batching") if v in c["variants"]]
+    variants = [v for v in ("reference", "service", "service+batching", "service+union") if v in c["variants"]]
     lines += ["", "| combination | direct execute p50 ms | direct calls/s | "
               + " | ".join(f"{v}: HTTP overhead p50 ms | {v}: 8 clients ÷ direct" for v in variants)
               + " | service ÷ reference (8 clients) | service+batching ÷ reference (8) | batching gain 1/8/32 |",
@@ -412,6 +452,15 @@ def markdown(r: dict[str, Any]) -> str:
             + f" | {_pct(s.get('service', {}).get('rps_8_over_reference'))} | "
               f"{_pct(s.get('service+batching', {}).get('rps_8_over_reference'))} | "
             + " / ".join("n/a" if g is None else f"{g:.2f}x" for g in gain.values()) + " |")
+    if r.get("mix"):
+        lines += ["", "Concurrent requests for different combinations (client i asks combination i mod k): "
+                  "MACs spent per request (of the method that ran, x rows) against requests per second.", "",
+                  "| variant | combinations | clients | req/s | p50 ms | MACs per request | errors |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for cell in r["mix"]:
+            mpr = cell.get("macs_per_request")
+            lines.append(f"| {cell['variant']} | {cell['combination'][4:]} | {cell['clients']} | {cell['rps']:.0f} | "
+                         f"{cell['p50_ms']:.3f} | {'n/a' if mpr is None else f'{mpr:,.0f}'} | {cell['errors']} |")
     lines += ["", "| server | RSS ready MB | after the cells MB | after large requests MB | statuses of the large "
                   "requests | alive |", "| --- | ---: | ---: | ---: | --- | --- |"]
     for sv in r.get("servers", []):

@@ -19,7 +19,9 @@ _FLAGS = {"host": "host", "port": "port", "threads": "threads", "workers": "work
           "log_format": "log_format", "http": "http", "loop": "loop", "admin_token": "admin_token",
           "max_loaded": "max_loaded", "max_image_pixels": "max_image_pixels", "max_header_bytes": "max_header_bytes",
           "header_timeout": "header_timeout_s", "body_timeout": "body_timeout_s", "max_connections": "max_connections",
-          "keep_alive": "keep_alive_s", "batch_window_us": "batch_window_us", "batch_max": "batch_max"}
+          "keep_alive": "keep_alive_s", "batch_window_us": "batch_window_us", "batch_max": "batch_max",
+          "inline_max_ms": "inline_max_ms", "bundle_root": "bundle_root",
+          "manifest_public_key": "manifest_public_key"}
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
@@ -28,8 +30,10 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=None, help="port (default 8000; 0: any free port)")
     g.add_argument("--threads", type=int, default=None, help="XNNPACK threads per inference (device cores)")
     g.add_argument("--workers", type=int, default=None, help="worker processes, one runtime each")
-    g.add_argument("--executor", choices=["thread", "inline"], default=None,
-                   help="run execute on one runtime thread (default) or on the event loop")
+    g.add_argument("--executor", choices=["auto", "thread", "inline"], default=None,
+                   help="auto (default): methods measured under --inline-max-ms on the event loop, the rest on one "
+                        "runtime thread; thread; inline")
+    g.add_argument("--inline-max-ms", type=float, default=None, help="auto executor: inline below this execute time")
     g.add_argument("--queue-bound", type=int, default=None, help="requests allowed to wait; beyond: 503")
     g.add_argument("--max-body-bytes", type=int, default=None, help="larger bodies get 413")
     g.add_argument("--timeout", type=float, default=None, help="per-request timeout in seconds (504)")
@@ -55,6 +59,13 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-window-us", type=int, default=None,
                    help="wait up to this long for more requests to join a batch (default 0: no wait)")
     g.add_argument("--batch-max", type=int, default=None, help="rows per batched execute (default: max_batch)")
+    g.add_argument("--batch-union", dest="batch_union", action="store_true", default=None,
+                   help="let requests for different combinations share one execute of a method covering them all "
+                        "when the costs measured at load say it is cheaper")
+    g.add_argument("--bundle-root", default=None,
+                   help="reloads only of directories under it (default: the served bundle's parent)")
+    g.add_argument("--manifest-public-key", default=None,
+                   help="Ed25519 public key (PEM, or base64/hex of 32 bytes): bundles need a valid manifest.sig")
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -63,7 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from service.core.config import Settings
 
     overrides = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None}
-    for flag in ("lazy", "probe", "strict_combinations", "batching"):
+    for flag in ("lazy", "probe", "strict_combinations", "batching", "batch_union"):
         if getattr(args, flag, None) is not None:
             overrides[flag] = getattr(args, flag)
     try:
@@ -143,8 +154,32 @@ def run_bench(args: argparse.Namespace) -> int:
         server_args=tuple(args.server_args.split()) if args.server_args else (),
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
         batch_window_us=args.batch_window_us, attacks=not args.no_attacks,
+        mix=tuple(args.mix.split(";")) if args.mix else None,
     )
     run_benchmark(cfg)
+    return 0
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    from service.bundle_guard import generate_keypair, sign_bundle
+
+    if args.new_key:
+        private, public = generate_keypair()
+        key_path = Path(args.new_key)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(private)
+        print(f"pam sign-bundle: new Ed25519 key in {key_path}; serve with PAM_MANIFEST_PUBLIC_KEY={public}",
+              file=sys.stderr)
+    elif args.key:
+        private = Path(args.key).read_text()
+    else:
+        raise ServiceError(2, "no_key", "give --key PRIVATE_KEY.pem (or --new-key PATH to create one)")
+    try:
+        out = sign_bundle(args.bundle_dir, private)
+    except (ValueError, OSError) as e:
+        raise ServiceError(2, "sign_failed", str(e)) from e
+    print(f"pam sign-bundle: wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -154,6 +189,13 @@ def register(sub: Any) -> None:
     p.add_argument("bundle_dir", metavar="BUNDLE_DIR", help="directory with manifest.json and model.pte")
     _add_settings_flags(p)
     p.set_defaults(func=run_serve)
+
+    g = sub.add_parser("sign-bundle", help="sign a bundle's manifest (Ed25519) for PAM_MANIFEST_PUBLIC_KEY",
+                       description="Write BUNDLE_DIR/manifest.sig, the Ed25519 signature of its manifest.json.")
+    g.add_argument("bundle_dir", metavar="BUNDLE_DIR")
+    g.add_argument("--key", default=None, help="PEM private key (PKCS8, unencrypted)")
+    g.add_argument("--new-key", default=None, metavar="PATH", help="create a new key at PATH (mode 600) and use it")
+    g.set_defaults(func=run_sign)
 
     b = sub.add_parser("bench-serve", help="benchmark the HTTP service against the runtime called directly",
                        description="Start `pam serve` on loopback and measure RPS and latency per combination.")
@@ -166,15 +208,18 @@ def register(sub: Any) -> None:
                    help="body: raw PNG, multipart PNG, or JSON tensor")
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--workers", type=int, default=1)
-    b.add_argument("--executor", choices=["thread", "inline"], default="thread")
+    b.add_argument("--executor", choices=["auto", "thread", "inline"], default="auto")
     b.add_argument("--server-args", default=None, help="extra `pam serve` flags, e.g. '--http h11 --loop asyncio'")
     b.add_argument("--lazy", action="store_true", help="serve with lazy method loading")
     b.add_argument("--max-loaded", type=int, default=None, help="with --lazy: methods kept loaded")
     b.add_argument("--direct-runs", type=int, default=2000, help="runtime calls per combination, direct baseline")
     b.add_argument("--variants", default="reference,service,service+batching",
-                   help="servers to measure one after the other: reference (bare ASGI), service (no batching), "
-                        "service+batching")
+                   help="servers to measure side by side: reference (bare ASGI), service (no batching), "
+                        "service+batching, service+union (batching across combinations)")
     b.add_argument("--batch-window-us", type=int, default=0, help="batching window of the service+batching variant")
+    b.add_argument("--mix", default=None,
+                   help="';'-separated combinations asked concurrently (client i: the i-th mod k), e.g. "
+                        "'digit;parity;loop': MACs per request against req/s on the service variants")
     b.add_argument("--no-attacks", action="store_true", help="skip the large requests and the RSS check after them")
     b.add_argument("--out", default="results/serve-bench", help="output stem: writes STEM.json and STEM.md")
     b.set_defaults(func=run_bench)
