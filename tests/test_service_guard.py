@@ -64,8 +64,8 @@ def test_reload_outside_the_bundle_root_is_refused_without_reading_it(served, tm
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "manifest.json").write_text(SECRET)
-    for target in (str(bundle / ".." / ".." / "elsewhere"), str(outside), "/etc", str(bundle / "../../../../etc/passwd"),
-                   "/proc/self/environ", "../elsewhere", str(root)):
+    for target in (str(bundle / ".." / ".." / "elsewhere"), str(outside), "/etc",
+                   str(bundle / "../../../../etc/passwd"), "/proc/self/environ", "../elsewhere", str(root)):
         r, took = reload(app, target)
         assert_refused_quietly(r, took, SECRET, "root:x:0")
         assert r.status_code == 403 and r.json()["error"] == "outside_bundle_root", (target, r.text)
@@ -291,3 +291,21 @@ def test_the_openapi_schema_declares_what_the_server_refuses(app) -> None:  # ty
     import re
 
     assert re.match(tasks, "digit,parity") and not re.match(tasks, "digit,age")
+
+
+@pytest.mark.slow
+def test_schemathesis_with_every_check_against_the_live_server(tmp_path: Path) -> None:
+    """The CLI with every check, positive and negative data, against `pam serve`: the schema and the
+    server agree (valid data accepted, invalid data refused with a 4xx, responses as documented)."""
+    import subprocess
+    import sys
+
+    from tests.service_support import ROOT, serve
+
+    with serve(digits_bundle(), tmp_path / "server.log", "--no-probe") as s:
+        cli = Path(sys.executable).parent / "schemathesis"
+        proc = subprocess.run([str(cli), "run", s.url + "/openapi.json", "--checks", "all", "--mode", "all",
+                               "--max-examples", "30", "--generation-deterministic", "--no-color"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert s.proc.poll() is None
+    assert proc.returncode == 0, proc.stdout[-4000:]
