@@ -34,13 +34,15 @@ from merging.data.base import Splits
 from merging.errors import MergingError
 from merging.mergers import create_merger, list_mergers
 from merging.network import MultitaskNet
-from merging.pipeline import merge_and_prune
+from merging.parallel import run_jobs
+from merging.pipeline import MergePruneResult, merge_and_prune, never_dearer
 from merging.pruning import PruneConfig, assess, check_set, missed_at_start, reference_accuracy
 from merging.references import ROUTES, WIDTH_GRID, TpSchedule, alone, specialist
 from merging.tasks import all_combinations, combination_name
 from merging.train import TrainConfig, correctness, evaluate, train_single_task
 
 BASELINE = "separate"
+ZOO_EPOCHS = {"glyphs": 15}  # zoo epochs of data sets that set their own (glyphs: its 85-97% accuracy band)
 REFERENCE_TRAIN_SIZE = 1078  # digits' training split, for which the epoch counts are set
 REFERENCE = "pam"
 SPEC = "spec"  # pseudo-merger rows: the specialist limit c_spec(C) (c_alone(t) for a single task)
@@ -73,6 +75,7 @@ class BenchConfig:
     spec_sizes: tuple[int, ...] = (2, -1)  # combination sizes with a specialist network (-1: all tasks)
     out_dir: Path = Path("results")  # where bench-<dataset>.{json,md,png} go
     progress: bool = True
+    workers: int | None = None  # processes for a seed's independent jobs (None: one per core)
 
     @property
     def stem(self) -> str:
@@ -142,25 +145,22 @@ class _SeedRun:
         pre = splits.preprocessing
         self.arch = create_arch(cfg.arch, in_channels=pre.channels, input_size=tuple(pre.size),
                                 width_mult=cfg.width_mult)
-        # Epoch counts are set for the ~1,100-image digits splits; larger training sets get proportionally
-        # fewer epochs (about the same number of gradient steps), so composite fits the time budget.
+        # Epoch counts are set for the ~1,100-image digits splits; on larger training sets a fine-tuning
+        # "epoch" is that many samples (the same number of gradient steps), and the zoo trains
+        # proportionally fewer epochs, unless its data set names its own (ZOO_EPOCHS).
         scale = min(1.0, REFERENCE_TRAIN_SIZE / len(splits.train))
-        self.epochs = max(1, round(cfg.zoo_epochs * scale))
-        p = cfg.prune
-        self.pcfg = replace(p, seed=seed, finetune_epochs=max(1, round(p.finetune_epochs * scale)),
-                            retry_epochs=max(1, round(p.retry_epochs * scale)) if p.retry_epochs else 0,
-                            final_epochs=max(1, round(p.final_epochs * scale)) if p.final_epochs else 0,
-                            recover_epochs=max(1, round(p.recover_epochs * scale)))
-        tp = cfg.tp_schedule
-        self.tp = replace(tp, finetune_epochs=max(1, round(tp.finetune_epochs * scale)),
-                          retry_epochs=max(1, round(tp.retry_epochs * scale)) if tp.retry_epochs else 0)
+        self.epochs = ZOO_EPOCHS.get(splits.name, max(1, round(cfg.zoo_epochs * scale)))
+        samples = REFERENCE_TRAIN_SIZE if len(splits.train) > REFERENCE_TRAIN_SIZE else None
+        self.pcfg = replace(cfg.prune, seed=seed, epoch_samples=samples)
+        self.tp = cfg.tp_schedule
         self.train_cfg = TrainConfig(epochs=self.epochs, seed=seed, progress=False)
         self.rows: list[dict[str, Any]] = []
         self.checks = check_set(splits.val, self.pcfg.check_shifts, seed)
 
     def run(self, mergers: Sequence[str]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
-        self.nets = [train_single_task(t, self.arch, self.splits.train, self.train_cfg) for t in self.splits.tasks]
+        self.nets = run_jobs(train_single_task, [(t, self.arch, self.splits.train, self.train_cfg)
+                                                 for t in self.splits.tasks], self.cfg.workers)
         self.ref = reference_accuracy(self.nets, self.checks)
         self.ref_test: dict[str, float] = {}
         for net in self.nets:
@@ -169,29 +169,39 @@ class _SeedRun:
         t0 = time.perf_counter()
         best = self.references()
         self.timing["alone"] = time.perf_counter() - t0
+        # No merging, as strong as it gets: each task's smallest network within budget (c_alone).
+        self.separate = create_merger(BASELINE).merge(best, self.splits.train, seed=self.seed)
+        self.separate.meta["routes"] = {n.task_names[0]: n.meta.get("route", "project") for n in best}
         t0 = time.perf_counter()
-        self.specialists()
-        self.timing["spec"] = time.perf_counter() - t0
-        for name in mergers:
-            t0 = time.perf_counter()
-            if name == BASELINE:
-                # No merging, as strong as it gets: each task's smallest network within budget (c_alone).
-                net = create_merger(BASELINE).merge(best, self.splits.train, seed=self.seed)
-                net.meta["routes"] = {n.task_names[0]: n.meta.get("route", "project") for n in best}
-                self.record(name, net, merged=net)
+        # The specialists and every merger's route are independent: side by side on the cores.
+        combos = spec_combinations(self.splits.train.task_names, self.cfg.spec_sizes)
+        routes = [m for m in mergers if m != BASELINE]
+        jobs = [("route", self, name) for name in routes] + [("spec", self, combo) for combo in combos]
+        done = run_jobs(_seed_job, jobs, self.cfg.workers)
+        self.timing["spec+routes"] = time.perf_counter() - t0
+        for (kind, _, what), (out, seconds) in zip(jobs, done, strict=True):
+            self.timing[f"{kind} {what if isinstance(what, str) else combination_name(what)}"] = seconds
+            if kind == "spec":
+                self.record_specialist(what, *out)
             else:
-                self.merge_and_prune(name)
-            self.timing[name] = time.perf_counter() - t0
+                self.record_route(str(what), out)
+        if BASELINE in mergers:
+            self.record(BASELINE, self.separate, merged=self.separate)
         for r in self.rows:
             r.setdefault("seconds_seed", {k: round(v, 1) for k, v in self.timing.items()})
         return self.rows
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["log"] = print  # a worker process logs to its own stdout
+        return state
+
     def references(self) -> list[MultitaskNet]:
-        """c_alone for every task (three routes); returns each task's winning network."""
+        """c_alone for every task (three routes, the tasks side by side); returns each task's winning network."""
         best: list[MultitaskNet] = []
-        for net in self.nets:
-            res = alone(net, self.splits, self.pcfg, self.ref, self.train_cfg, self.cfg.routes, self.tp,
-                        self.cfg.width_grid)
+        jobs = [(net, self.splits, self.pcfg, self.ref, self.train_cfg, self.cfg.routes, self.tp, self.cfg.width_grid)
+                for net in self.nets]
+        for res in run_jobs(alone, jobs, self.cfg.workers):
             res.net.meta["route"] = res.best
             best.append(res.net)
             t = res.task
@@ -204,31 +214,38 @@ class _SeedRun:
                               "macs": res.c_alone, "c_alone": res.c_alone})
         return best
 
-    def specialists(self) -> None:
+    def specialist(self, combo: Sequence[str]) -> tuple[MultitaskNet, list[dict[str, Any]]]:
         by_task = {n.task_names[0]: n for n in self.nets}
-        for combo in spec_combinations(self.splits.train.task_names, self.cfg.spec_sizes):
-            pruned, history = specialist([by_task[t] for t in combo], self.splits.train, self.splits, self.pcfg,
-                                         self.ref, self.train_cfg, seed=self.seed)
-            if missed_at_start(history):
-                self.log(f"  seed {self.seed} spec {combination_name(combo)}: the jointly trained trunk misses the "
-                         "budget before pruning; no specialist figure")
-                continue
-            self.record(SPEC, pruned, only=(combination_name(combo),))
+        return specialist([by_task[t] for t in combo], self.splits.train, self.splits, self.pcfg, self.ref,
+                          self.train_cfg, seed=self.seed)
 
-    def merge_and_prune(self, name: str) -> None:
+    def record_specialist(self, combo: Sequence[str], pruned: MultitaskNet, history: list[dict[str, Any]]) -> None:
+        if missed_at_start(history):
+            self.log(f"  seed {self.seed} spec {combination_name(combo)}: the jointly trained trunk misses the "
+                     "budget before pruning; no specialist figure")
+            return
+        self.record(SPEC, pruned, only=(combination_name(combo),))
+
+    def merge_and_prune(self, name: str) -> MergePruneResult | str:
+        """The route's result, or why it failed (one broken merger must not sink the others)."""
         base, regroup = split_route(name)
         try:
             merger = create_merger(base, **_merger_options(self.cfg, base, self.epochs))
             pcfg = replace(self.pcfg, regroup=regroup)
-            result = merge_and_prune(merger, self.nets, self.splits, pcfg, self.ref, seed=self.seed, log=self.log)
+            return merge_and_prune(merger, self.nets, self.splits, pcfg, self.ref, seed=self.seed, log=self.log)
         except (MergingError, RuntimeError, ValueError) as e:
-            # One broken merger must not sink the others' measurements; the report lists it.
-            self.log(f"  seed {self.seed} {name:>10}: FAILED: {type(e).__name__}: {e}")
-            self.rows.append({"dataset": self.splits.name, "merger": name, "seed": self.seed,
-                              "error": f"{type(e).__name__}: {e}"})
+            return f"{type(e).__name__}: {e}"
+
+    def record_route(self, name: str, result: MergePruneResult | str) -> None:
+        if isinstance(result, str):
+            self.log(f"  seed {self.seed} {name:>10}: FAILED: {result}")
+            self.rows.append({"dataset": self.splits.name, "merger": name, "seed": self.seed, "error": result})
             return
+        own = cost_table(result.pruned)  # the route's own pruned network, before the never-dearer rule
+        result = never_dearer(result, self.separate, log=self.log)
         extra = {"pruned": not result.missed_budget, "merge_attempts": len(result.attempts),
-                 "final_merger": result.attempts[-1]["merger"]}
+                 "final_merger": result.attempts[-1]["merger"], "shipped": result.chose,
+                 "own_macs": {c: k.macs for c, k in own.items()}}
         self.record(name, result.pruned, merged=result.merged, extra=extra)
 
     def record(
@@ -268,6 +285,13 @@ class _SeedRun:
             self.log(f"  seed {self.seed} {name:>10}: all-task MACs {table[full].macs:,}  within budget: {verdict.ok}")
         self.rows.extend(out)
         return out
+
+
+def _seed_job(kind: str, run: _SeedRun, what: Any) -> tuple[Any, float]:
+    """One independent job of a seed (in a worker process): a route or a specialist; (result, seconds)."""
+    t0 = time.perf_counter()
+    out = run.specialist(what) if kind == "spec" else run.merge_and_prune(what)
+    return out, time.perf_counter() - t0
 
 
 def run_seed(

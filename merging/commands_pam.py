@@ -10,7 +10,7 @@ from merging.commands import add_dataset_args, add_scale_args, dataset_from_args
 from merging.errors import MergingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (MergingError,)
-BENCH_DATASETS = ("digits", "digits-partitions", "composite")
+BENCH_DATASETS = ("digits", "digits-partitions", "composite", "glyphs")
 
 
 def _print_costs(net: Any, baseline: Any = None) -> None:
@@ -84,6 +84,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       criterion=args.criterion, price="none" if args.cost_blind else "share")
     if args.max_steps is not None:
         cfg = replace(cfg, max_steps=args.max_steps)
+    if args.recover_epochs is not None:
+        cfg = replace(cfg, recover_epochs=args.recover_epochs)
     reference = None
     if args.zoo:
         zoo = load_zoo(Path(args.zoo), net.task_names)
@@ -109,7 +111,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"  the PAM merge kept too little for retraining to meet the budget: merge again with {again} "
               f"(`pam bench` and `pam demo` do this themselves)")
     if missed_at_start(history):
-        worst = next((h for h in reversed(history) if "drop_upper" in h), {}).get("drop_upper", {})
+        last: dict[str, Any] = next((h for h in reversed(history) if "drop_upper" in h), {})
+        worst: dict[str, float] = last.get("drop_upper", {})
         raise MergingError("budget_missed", f"{args.model} misses the {cfg.budget:g}-point budget before pruning "
                            f"(upper bounds of the drop: {', '.join(f'{t} {u:.2f}' for t, u in worst.items())}); "
                            f"nothing written to {args.out}")
@@ -192,6 +195,8 @@ def register(sub: Any) -> None:
     p.add_argument("--step", type=float, default=0.15, help="share of combination-weighted MACs cut per step")
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--recover-epochs", type=int, default=None,
+                   help="retraining of a start network that misses the budget, per round (default 20; 0: none)")
     p.add_argument("--criterion", choices=("taylor", "magnitude", "taylor+magnitude"), default="taylor+magnitude")
     p.add_argument("--cost-blind", action="store_true", help="ignore each channel's cost across combinations")
     p.add_argument("--seed", type=int, default=0)

@@ -27,8 +27,9 @@ from merging.cost import combination_cost
 from merging.data.base import MultitaskData, Splits
 from merging.mergers import create_merger
 from merging.network import MultitaskNet
-from merging.pruning import PruneConfig, assess, check_set, missed_at_start, prune
+from merging.pruning import PruneConfig, missed_at_start, prune
 from merging.pruning.importance import accumulate_gradients
+from merging.pruning.rule import BudgetRule
 from merging.train import TrainConfig, fit, seed_everything
 
 ROUTES = ("project", "torch-pruning", "width-grid")
@@ -64,10 +65,8 @@ def _widths(net: MultitaskNet) -> list[int]:
     return [sum(g.values()) for g in net.layout]
 
 
-def _judge(splits: Splits, reference: Mapping[str, float], cfg: PruneConfig, tasks: Sequence[str]
-           ) -> Callable[[MultitaskNet], bool]:
-    checks = check_set(splits.val.select_tasks(tuple(tasks)), cfg.check_shifts, cfg.seed)
-    return lambda net: assess(net, checks, reference, cfg.budget, cfg.confidence).ok
+def _rule(splits: Splits, reference: Mapping[str, float], cfg: PruneConfig, tasks: Sequence[str]) -> BudgetRule:
+    return BudgetRule(splits.val.select_tasks(tuple(tasks)), reference, cfg)
 
 
 def prune_with_torch_pruning(
@@ -78,7 +77,8 @@ def prune_with_torch_pruning(
     schedule = schedule or TpSchedule()
     tasks = net.task_names
     train = splits.train.select_tasks(tasks)
-    ok = _judge(splits, reference, cfg, tasks)
+    rule = _rule(splits, reference, cfg, tasks)
+    ok = rule.steer
     net = copy.deepcopy(net)
     if not ok(net):
         return None
@@ -89,7 +89,9 @@ def prune_with_torch_pruning(
         pruning_ratio=schedule.pruning_ratio, iterative_steps=schedule.iterative_steps, ignored_layers=heads,
     )
     best = copy.deepcopy(net)
-    tc = TrainConfig(epochs=schedule.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, progress=False)
+    trajectory = [best]
+    tc = TrainConfig(epochs=schedule.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, progress=False,
+                     epoch_samples=cfg.epoch_samples)
     for k in range(schedule.iterative_steps):
         accumulate_gradients(net, train, replace(cfg, seed=cfg.seed + k))
         pruner.step()
@@ -101,8 +103,12 @@ def prune_with_torch_pruning(
         if not ok(net):
             break
         best = copy.deepcopy(net)
-    best.meta = {**best.meta, "route": "torch-pruning"}
-    return best
+        trajectory.append(best)
+    certified = rule.certify(trajectory[::-1])  # the same rule as the pruner's: back off until certified
+    if certified is None:
+        return None
+    certified.meta = {**certified.meta, "route": "torch-pruning"}
+    return certified
 
 
 def narrowest_from_scratch(
@@ -112,7 +118,7 @@ def narrowest_from_scratch(
     """Route (c): the narrowest multiplier of ``grid`` (ascending) whose network, trained from scratch
     with ``train_cfg``, meets the budget (or ``judge``); (None, None) if none does."""
     tasks = net.task_names
-    ok = judge or _judge(splits, reference, cfg, tasks)
+    ok = judge or _rule(splits, reference, cfg, tasks).judge()
     base = [s.width for s in net.arch.layers]
     for mult in sorted(grid):
         arch = net.arch.with_widths([max(1, round(w * mult)) for w in base])

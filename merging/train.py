@@ -32,6 +32,7 @@ class TrainConfig:
     progress: bool = True  # show a tqdm bar
     device: str | None = None  # auto | cpu | cuda[:N] | mps; None: the run's device (merging.device, default CPU)
     amp: Amp = "off"  # autocast dtype on the device: off | bf16 | fp16 (CUDA only); off: the run's setting
+    epoch_samples: int | None = None  # at most this many (shuffled) samples per epoch; None: the whole split
     distill: float = 0.0  # weight of the teachers' soft targets in each task's loss (0: labels only)
     temperature: float = 2.0  # softening of teacher and student logits in the distillation term
 
@@ -151,7 +152,7 @@ def fit(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None,
                             foreach=None if fused else True)
     scaler = precision.scaler(device)
-    steps_per_epoch = max(1, batch_count(len(data), cfg.batch_size, world))
+    steps_per_epoch = max(1, batch_count(min(len(data), cfg.epoch_samples or len(data)), cfg.batch_size, world))
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.15
     )
@@ -160,7 +161,8 @@ def fit(
     progress = _Progress(desc, cfg.epochs, cfg.progress and distributed.is_main())
     for epoch in range(cfg.epochs):
         total, seen, hits = 0.0, 0, 0.0
-        for xb, yb in data.batches(cfg.batch_size, shuffle=True, generator=gen, rank=rank, world=world):
+        batches = data.batches(cfg.batch_size, shuffle=True, generator=gen, rank=rank, world=world)
+        for _, (xb, yb) in zip(range(steps_per_epoch), batches, strict=False):
             xb = random_shift(xb, cfg.shift, gen)
             if device.type != "cpu":
                 xb = xb.to(device, non_blocking=True)

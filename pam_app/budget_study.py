@@ -51,8 +51,8 @@ class StudyConfig:
     good_margin: float = 0.25  # a rejection is false when the true drop is at most budget - this
     routes: tuple[str, ...] = ("separate", "pam")  # pruning runs whose visited networks are studied
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(
-        step=0.15, min_step=0.04, max_steps=16, finetune_epochs=2, retry_epochs=2, final_epochs=4,
-        taylor_batches=4, progress=False))
+        step=0.15, min_step=0.04, max_steps=16, finetune_epochs=3, retry_epochs=3, final_epochs=6,
+        taylor_batches=4, epoch_samples=1078, progress=False))  # the benchmark's schedule
     out_dir: Path = Path("results")
 
 
@@ -97,8 +97,9 @@ def simulate(visits: Sequence[Visit], cfg: StudyConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def run_study(cfg: StudyConfig, log: Any = print) -> dict[str, Any]:
+def run_study(cfg: StudyConfig, log: Any = None) -> dict[str, Any]:
     torch.set_num_threads(1)
+    log = log or (lambda msg: print(msg, flush=True))
     t0 = time.perf_counter()
     splits = glyphs(cfg.size, seed=cfg.seed)
     stream = splits.info["stream"]

@@ -25,6 +25,7 @@ class PruneConfig:
     recover_lr: float = 3e-3  # its learning rate (a regrouped network may need real retraining)
     lr: float = 1e-3  # fine-tuning learning rate (one-cycle per fine-tune)
     batch_size: int = 64  # fine-tuning batch size
+    epoch_samples: int | None = None  # a fine-tuning "epoch" sees at most this many samples (None: the whole split)
     criterion: Criterion = "taylor+magnitude"  # channel importance
     magnitude_weight: float = 0.25  # weight of the (layer-normalised) magnitude term in "taylor+magnitude"
     taylor_batches: int = 8  # training batches (of 128) whose joint-loss gradients feed Taylor importance

@@ -37,34 +37,13 @@ from merging.data.base import MultitaskData, Splits
 from merging.distributed import agree_net, broadcast_object
 from merging.errors import MergingError
 from merging.network import MultitaskNet
-from merging.pruning.budget import (
-    Reference,
-    Verdict,
-    assess,
-    check_subset,
-    margin,
-    reference_accuracy,
-    resolution_line,
-    split_checks,
-)
+from merging.pruning.budget import Verdict, assess, reference_accuracy, resolution_line
 from merging.pruning.config import PruneConfig
 from merging.pruning.importance import ChannelScores, score_channels, weighted_macs
 from merging.pruning.regroup import regroup_step
+from merging.pruning.rule import check_set, decision_sets, images_of
 from merging.pruning.surgery import remove_dead_groups
-from merging.train import Teachers, TrainConfig, fit, random_shift
-
-
-def check_set(val: MultitaskData, shifts: int, seed: int, shift_below: int = 5000) -> MultitaskData:
-    """Validation data plus ``shifts`` randomly 1-pixel-shifted copies (deterministic for a seed);
-    no copies once val has ``shift_below`` images or more (they add little to independent images)."""
-    val = val.in_memory()  # the check set is built in memory (streaming data loads its images here)
-    if shifts <= 0 or len(val) >= shift_below:
-        return val
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    xs = [val.x] + [random_shift(val.x, 1, gen) for _ in range(shifts)]
-    ys = {k: torch.cat([v] * (shifts + 1)) for k, v in val.y.items()}
-    return MultitaskData(val.tasks, torch.cat(xs), ys, images=len(val))
-
+from merging.train import Teachers, TrainConfig, fit
 
 START_MISSED = "start network misses the budget; not pruned"
 
@@ -88,7 +67,7 @@ def _finetune(
 ) -> None:
     if epochs > 0:
         tc = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr or cfg.lr, seed=seed, progress=False,
-                         distill=cfg.distill if teachers is not None else 0.0)
+                         distill=cfg.distill if teachers is not None else 0.0, epoch_samples=cfg.epoch_samples)
         fit(net, data, tc, tasks=tasks, teachers=teachers)
 
 
@@ -249,7 +228,7 @@ def prune(
     missing = [t for t in tasks if t not in full_ref]
     if missing:
         raise MergingError("bad_argument", f"prune: no reference accuracy for {missing}")
-    checks, ref, certifier = _decision_sets(full_checks, full_ref, cfg)
+    checks, ref, certifier = decision_sets(full_checks, full_ref, cfg)
     teachers = teachers_of(net, full_ref, cfg)
     steer = replace(cfg, confidence=cfg.steer_confidence or cfg.confidence)
 
@@ -267,7 +246,7 @@ def prune(
 
     history: list[dict[str, Any]] = []
     start, _ = record("start", reference={t: full_ref[t] for t in tasks},
-                      resolution=resolution_line(_images(checks), steer.confidence, cfg.budget),
+                      resolution=resolution_line(images_of(checks), steer.confidence, cfg.budget),
                       certify_resolution=certifier.describe() if certifier else None)
     for r in range(cfg.recover_rounds if cfg.recover_epochs > 0 else 0):
         if start["within_budget"]:
@@ -340,52 +319,6 @@ def prune(
                                          "certificate": certificate}}
     best.eval()
     return best, history
-
-
-def _images(checks: MultitaskData) -> int:
-    return checks.images or len(checks)
-
-
-class Certifier:
-    """The held-out part of the check set and the one test each candidate gets there."""
-
-    def __init__(self, checks: MultitaskData, ref: Mapping[str, float], cfg: PruneConfig) -> None:
-        self.checks, self.ref, self.cfg = checks, ref, cfg
-
-    def describe(self) -> str:
-        return resolution_line(_images(self.checks), self.cfg.confidence, self.cfg.budget)
-
-    def certify(
-        self, candidates: Sequence[MultitaskNet], history: list[dict[str, Any]]
-    ) -> tuple[MultitaskNet, dict[str, Any]] | None:
-        """The first candidate (the result, then back along the trajectory) within budget on the
-        held-out part, with its certificate; None if not even the start network is."""
-        for back, cand in enumerate(candidates):
-            v = broadcast_object(assess(cand, self.checks, self.ref, self.cfg.budget, self.cfg.confidence))
-            history.append({"kind": "certify", "back": back, "macs_all": combination_cost(cand).macs,
-                            "drop": v.drop, "drop_upper": v.upper, "disagreement": v.disagreement,
-                            "certified": v.ok})
-            if v.ok:
-                cert = {"images": v.images, "confidence": self.cfg.confidence, "budget": self.cfg.budget,
-                        "back": back, "tasks": {t: {"drop": v.drop[t], "upper": v.upper[t],
-                                                    "disagreement": v.disagreement[t],
-                                                    "margin": margin(v.disagreement[t], v.images,
-                                                                     self.cfg.confidence)}
-                                                for t in v.drop}}
-                return cand, cert
-        return None
-
-
-def _decision_sets(
-    checks: MultitaskData, ref: Mapping[str, float], cfg: PruneConfig
-) -> tuple[MultitaskData, Mapping[str, float], Certifier | None]:
-    """(steering check set, its reference, the certifier) from ``cfg.certify_share``."""
-    if cfg.certify_share <= 0:
-        return checks, ref, None
-    steer_idx, held_idx = split_checks(checks, cfg.certify_share, cfg.seed)
-    sub = (lambda idx: ref.subset(idx)) if isinstance(ref, Reference) else (lambda idx: ref)
-    return (check_subset(checks, steer_idx), sub(steer_idx),
-            Certifier(check_subset(checks, held_idx), sub(held_idx), cfg))
 
 
 def final_finetune(
