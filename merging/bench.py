@@ -76,6 +76,7 @@ class BenchConfig:
     out_dir: Path = Path("results")  # where bench-<dataset>.{json,md,png} go
     progress: bool = True
     workers: int | None = None  # processes for a seed's independent jobs (None: one per core)
+    dataset_args: dict[str, Any] = field(default_factory=dict)  # load_dataset options (the user's folder/CelebA)
 
     @property
     def stem(self) -> str:
@@ -384,7 +385,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     first = [BASELINE, "shared", REFERENCE, "mtz"]  # report columns: baselines and PAM first, then the rest
     mergers.sort(key=lambda m: (split_route(m)[1], first.index(split_route(m)[0]) if split_route(m)[0] in first
                                 else len(first), m))
-    splits = load_dataset(cfg.dataset, split_seed=cfg.split_seed)
+    splits = load_dataset(cfg.dataset, split_seed=cfg.split_seed, **cfg.dataset_args)
     if cfg.tasks:
         for part in ("train", "val", "test"):
             setattr(splits, part, getattr(splits, part).select_tasks(cfg.tasks))

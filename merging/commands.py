@@ -15,8 +15,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (MergingError,)
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="digits",
-                   help="digits | digits-partitions | composite | scenes | scenes-64 | folder | celeba")
-    g.add_argument("--tasks", default=None, help="comma-separated subset of the data set's tasks")
+                   help="digits | digits-partitions | composite | glyphs | scenes | scenes-64 | folder | celeba")
+    add_data_options(g)
+
+
+def add_data_options(g: Any, tasks: bool = True) -> None:
+    """The options that name and shape a data set, beside ``--dataset`` (which ``pam bench`` sets its own way)."""
+    if tasks:
+        g.add_argument("--tasks", default=None, help="comma-separated subset of the data set's tasks")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
     g.add_argument("--data-root", default=None, help="folder: image folder; celeba: image folder")
     g.add_argument("--labels-csv", default=None, help="folder: labels CSV (default DATA_ROOT/labels.csv)")
@@ -37,6 +43,16 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
 def dataset_from_args(args: argparse.Namespace) -> Any:
     from merging.data import load_dataset
 
+    kw, tasks = dataset_kwargs(args)
+    splits = load_dataset(args.dataset, **kw)
+    if tasks and args.dataset not in ("digits", "folder"):
+        for part in ("train", "val", "test"):
+            setattr(splits, part, getattr(splits, part).select_tasks(tasks))
+    return splits
+
+
+def dataset_kwargs(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[str, ...] | None]:
+    """``load_dataset`` keyword arguments for ``args.dataset`` from the data options, and the task subset."""
     kw: dict[str, Any] = {"split_seed": args.split_seed}
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None
     size = None
@@ -71,11 +87,7 @@ def dataset_from_args(args: argparse.Namespace) -> Any:
         if not args.attr_file or not args.task_groups:
             raise MergingError("bad_argument", "--dataset celeba needs --attr-file and --task-groups")
         kw.update(attr_file=args.attr_file, image_dir=args.data_root, task_groups=args.task_groups)
-    splits = load_dataset(args.dataset, **kw)
-    if tasks and args.dataset not in ("digits", "folder"):
-        for part in ("train", "val", "test"):
-            setattr(splits, part, getattr(splits, part).select_tasks(tasks))
-    return splits
+    return kw, tasks
 
 
 def add_scale_args(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from merging.commands import add_dataset_args, add_scale_args, dataset_from_args, start_scale
+from merging.commands import (
+    add_data_options,
+    add_dataset_args,
+    add_scale_args,
+    dataset_from_args,
+    dataset_kwargs,
+    start_scale,
+)
 from merging.errors import MergingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (MergingError,)
@@ -146,6 +153,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     mergers = tuple(m.strip() for m in args.mergers.split(",") if m.strip()) if args.mergers else ()
     for ds in datasets:
         cfg = quick_config(ds) if args.quick else BenchConfig(dataset=ds)
+        if ds in ("folder", "celeba"):  # the user's own data, decoded into memory (jobs run in worker processes)
+            kw, _ = dataset_kwargs(argparse.Namespace(**{**vars(args), "dataset": ds}))
+            kw.pop("split_seed", None)
+            cfg = replace(cfg, dataset_args={**kw, "stream": False})
+        cfg = replace(cfg, split_seed=args.split_seed)
         out = args.out or ("results/quick" if args.quick else "results")  # quick runs never overwrite the full run
         cfg = replace(cfg, mergers=mergers, out_dir=Path(out), arch=args.arch or cfg.arch)
         if args.seeds is not None:
@@ -162,6 +174,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg = replace(cfg, routes=tuple(args.alone_routes.split(",")))
         if args.spec_sizes:
             cfg = replace(cfg, spec_sizes=tuple(int(k) for k in args.spec_sizes.split(",")))
+        if args.workers is not None:
+            cfg = replace(cfg, workers=args.workers)
         if args.library_pruner:
             cfg = replace(cfg, prune=PruneConfig(progress=False))
         run_bench(cfg)
@@ -226,5 +240,8 @@ def register(sub: Any) -> None:
                    "merge them into one report (in --out, default the first one's directory)")
     p.add_argument("--out", default=None, help="directory for bench-<dataset>.{json,md,png} "
                    "(default results/, or results/quick/ with --quick)")
+    p.add_argument("--workers", type=int, default=None, help="processes for a seed's independent jobs "
+                   "(default: one per core)")
+    add_data_options(p.add_argument_group("data (--dataset folder | celeba: your own images)"), tasks=False)
     add_scale_args(p)
     p.set_defaults(func=cmd_bench)
