@@ -57,6 +57,13 @@ BENCH_PRUNE = PruneConfig(step=0.15, min_step=0.04, max_steps=24, finetune_epoch
 BENCH_TP = TpSchedule(iterative_steps=16, pruning_ratio=0.95, finetune_epochs=3, retry_epochs=3)
 
 
+def schedule_for(cfg: PruneConfig, splits: Splits, seed: int) -> PruneConfig:
+    """``cfg`` for this data set: its epoch counts are set for digits' ~1,100 training images, so on a
+    larger training split a fine-tuning "epoch" is that many samples (the same gradient steps)."""
+    samples = REFERENCE_TRAIN_SIZE if len(splits.train) > REFERENCE_TRAIN_SIZE else None
+    return replace(cfg, seed=seed, epoch_samples=samples)
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     dataset: str = "digits"  # digits | digits-partitions | composite (or any registered data set)
@@ -151,8 +158,7 @@ class _SeedRun:
         # proportionally fewer epochs, unless its data set names its own (ZOO_EPOCHS).
         scale = min(1.0, REFERENCE_TRAIN_SIZE / len(splits.train))
         self.epochs = ZOO_EPOCHS.get(splits.name, max(1, round(cfg.zoo_epochs * scale)))
-        samples = REFERENCE_TRAIN_SIZE if len(splits.train) > REFERENCE_TRAIN_SIZE else None
-        self.pcfg = replace(cfg.prune, seed=seed, epoch_samples=samples)
+        self.pcfg = schedule_for(cfg.prune, splits, seed)
         self.tp = cfg.tp_schedule
         self.train_cfg = TrainConfig(epochs=self.epochs, seed=seed, progress=False)
         self.rows: list[dict[str, Any]] = []
@@ -707,5 +713,3 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return list(json.loads(path.read_text()))
 
 
-def summary_nets(nets: Sequence[MultitaskNet]) -> str:  # pragma: no cover - debugging helper
-    return ", ".join(f"{n.task_names}:{n.layout}" for n in nets)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from merging.arch import list_archs
 from merging.errors import MergingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (MergingError,)
@@ -122,7 +123,7 @@ def start_scale(args: argparse.Namespace) -> int | None:
 
 
 def add_arch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="lenet", help="architecture family: lenet | vgg")
+    p.add_argument("--arch", default="lenet", help="architecture family: " + " | ".join(list_archs()))
     p.add_argument("--width-mult", type=float, default=1.0, help="scale every layer's width")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from merging.graph import GroupKey, HeadKey, Node
+from merging.graph import Node
 from merging.network import MultitaskNet
 from merging.tasks import all_combinations, combination_name, mask_of
 
@@ -23,16 +23,6 @@ class Cost:
 
 def node_params(net: MultitaskNet, node: Node) -> int:
     return sum(p.numel() for p in net.module_of(node.key).parameters())
-
-
-def block_cost(net: MultitaskNet, layer: int, mask: int) -> Cost:
-    node = net.graph()[GroupKey(layer, mask)]
-    return Cost(node.macs, node_params(net, node))
-
-
-def head_cost(net: MultitaskNet, task: str) -> Cost:
-    node = net.graph()[HeadKey(net.task_names.index(task), task)]
-    return Cost(node.macs, node_params(net, node))
 
 
 def combination_cost(net: MultitaskNet, combination: Iterable[str] | str | None = None) -> Cost:

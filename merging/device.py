@@ -133,6 +133,3 @@ def use_device(spec: str | torch.device | None, amp: Amp = "off") -> Iterator[to
         _current, _precision = saved
 
 
-def to_cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of ``module``'s state, whatever device it lives on (for saving)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}

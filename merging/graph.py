@@ -139,9 +139,6 @@ class GroupGraph:
         """The nodes combination ``combination_mask`` runs: those whose task set meets it."""
         return [n for n in self.nodes.values() if n.serves & combination_mask]
 
-    def macs(self, combination_mask: int) -> int:
-        return sum(n.macs for n in self.run_by(combination_mask))
-
     def unit(self, key: GroupKey) -> tuple[GroupKey, ...]:
         """The groups whose channels are the same channels as ``key``'s, through depthwise convs and
         additions, in execution order: they are pruned, regrouped and removed together."""

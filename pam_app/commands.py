@@ -20,7 +20,28 @@ def cmd_budget_study(args: argparse.Namespace) -> int:
     return main_study(args)
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from pam_app.compress import cmd_compress as run
+
+    return run(args)
+
+
 def register(sub: Any) -> None:
+    from merging.commands import add_dataset_args
+
+    c = sub.add_parser("compress", help="merge + prune a zoo by any route the benchmark measures "
+                       "(<merger>[+regroup], with the merge ladder and the never-dearer rule)")
+    c.add_argument("--zoo", required=True, help="zoo directory (from `pam train`)")
+    c.add_argument("--route", default="pam+regroup",
+                   help="separate | shared | mtz | pam, each optionally +regroup (default pam+regroup)")
+    c.add_argument("--out", required=True, help="output stem (writes STEM.json + STEM.pt)")
+    c.add_argument("--budget", type=float, default=1.0, help="max accuracy drop per task, in points")
+    c.add_argument("--epochs", type=int, default=15, help="training epochs of a shared trunk (route shared)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--workers", type=int, default=None, help="processes for the independent pruning runs")
+    add_dataset_args(c)
+    c.set_defaults(func=cmd_compress)
+
     q = sub.add_parser("budget-study", help="measure the budget rule's false accept/reject rates on glyphs "
                        "against a 50k-image truth split -> results/budget-rule.{json,md}")
     q.add_argument("--seed", type=int, default=0)

@@ -9,14 +9,12 @@ Independent jobs (the zoo's networks; the pruning runs) run side by side, one pe
 from __future__ import annotations
 
 import argparse
-import copy
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -25,9 +23,6 @@ from merging.checkpoint import save_model
 from merging.cost import combination_cost, cost_table
 from merging.data import load_dataset
 from merging.data.base import Splits
-from merging.mergers import create_merger
-from merging.network import MultitaskNet
-from merging.pruning import PruneConfig
 from merging.report import format_table
 from merging.tasks import combination_name
 from merging.train import TrainConfig, evaluate
@@ -57,47 +52,10 @@ DEMO_ROUTE_WHY = ("closest to the specialist limit on its worst combination on d
 DEMO_EPOCHS = {"glyphs": 15, "digits": 60}  # zoo epochs per data set (glyphs: 8,000 training images)
 
 
-def _job(kind: str, *args: Any) -> Any:
-    """One independent pruning job of the demo (run in a worker process)."""
-    from merging.pipeline import merge_and_prune
-    from merging.pruning import prune
-    from merging.references import specialist
-
-    if kind == "alone":
-        net, splits, cfg, ref = args
-        return prune(net, splits, cfg, reference=ref)[0]
-    if kind == "spec":
-        nets, splits, cfg, ref, epochs, seed = args
-        return specialist(nets, splits.train, splits, cfg, ref, TrainConfig(epochs=epochs, progress=False),
-                          seed=seed)[0]
-    base, nets, splits, cfg, ref, epochs, seed = args
-    options = {"train": TrainConfig(epochs=epochs, progress=False)} if base == "shared" else {}
-    return merge_and_prune(create_merger(base, **options), nets, splits, cfg, ref, seed=seed, log=print)
-
-
-def _yardstick_and_route(
-    args: argparse.Namespace, splits: Splits, nets: list[MultitaskNet], cfg: PruneConfig, ref: Any, route: str,
-) -> tuple[list[MultitaskNet], MultitaskNet, Any]:
-    """Every pruning run of the demo, side by side: each task alone, the all-task specialist and the
-    route (longest first, so the two cores finish together)."""
-    from merging.bench import split_route
-    from merging.parallel import run_jobs
-
-    base, _ = split_route(route)
-    single = replace(cfg, regroup=False, progress=False)
-    jobs: list[tuple[Any, ...]] = [("route", base, nets, splits, replace(cfg, progress=False), ref, args.epochs,
-                                    args.seed),
-                                   ("spec", nets, splits, single, ref, args.epochs, args.seed)]
-    jobs += [("alone", copy.deepcopy(net), splits, single, ref) for net in nets]
-    out = run_jobs(_job, jobs, args.workers)
-    return out[2:], out[1], out[0]
-
-
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from merging.bench import BENCH_PRUNE, split_route
-    from merging.pipeline import never_dearer
+    from merging.bench import BENCH_PRUNE, schedule_for, split_route
     from merging.pruning import check_set, reference_accuracy
     from merging.pruning.budget import resolution_line
 
@@ -113,7 +71,7 @@ def run_demo(args: argparse.Namespace) -> int:
     route = getattr(args, "route", None) or DEMO_ROUTE
     _, regroup = split_route(route)
     # The benchmark's schedule (coarser than the library default) keeps the demo within minutes.
-    cfg = replace(BENCH_PRUNE, seed=args.seed, regroup=regroup, progress=True)
+    cfg = replace(schedule_for(BENCH_PRUNE, splits, args.seed), regroup=regroup, progress=True)
     print(f"== 1/5 single-task zoo on {splits.name}: {len(splits.train):,} train / {len(splits.val):,} val / "
           f"{len(splits.test):,} test images; tasks {', '.join(t.name for t in splits.tasks)}; "
           f"{args.epochs} epochs, {args.workers or 'one per core'} worker(s)", flush=True)
@@ -134,13 +92,17 @@ def run_demo(args: argparse.Namespace) -> int:
           f"trained for all tasks, pruned the same way) and 3/5 route {route} "
           f"({DEMO_ROUTE_WHY if route == DEMO_ROUTE else 'chosen with --route'}), side by side", flush=True)
     t0 = time.perf_counter()
-    alone, spec_net, result = _yardstick_and_route(args, splits, nets, cfg, ref, route)
+    from merging.parallel import run_jobs
+    from pam_app.compress import job, route_jobs, ship
+
+    done = run_jobs(job, route_jobs(route, nets, splits, cfg, ref, args.epochs, args.seed, with_specialist=True),
+                    args.workers)
+    result, spec_net, alone = done[0], done[1], done[2:]
     for net, pruned_net in zip(nets, alone, strict=True):
         before, after = combination_cost(net).macs, combination_cost(pruned_net).macs
         print(f"  {net.task_names[0]:>8} alone: {before:,} -> {after:,} MACs", flush=True)
-    separate = create_merger("separate").merge(alone, splits.train)
     print(f"  all-task specialist: {combination_cost(spec_net).macs:,} MACs")
-    result = never_dearer(result, separate, log=print)
+    result, separate = ship(result, alone, splits)
     merged = result.pruned
     groups = ", ".join(str(len(g)) for g in merged.layout)
     print(f"  {route}: merged all-task MACs {combination_cost(result.merged).macs:,}; shipped: "

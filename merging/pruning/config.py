@@ -40,6 +40,3 @@ class PruneConfig:
     seed: int = 0  # seeds fine-tuning, the check set's shifts and the Taylor batches
     progress: bool = True  # tqdm bar over prune steps
 
-    @property
-    def cost_aware(self) -> bool:
-        return self.price != "none"
