@@ -34,7 +34,9 @@ def add_data_options(g: Any, tasks: bool = True) -> None:
     g.add_argument("--image-size", default=None, help="folder/celeba: HxW to resize to, e.g. 32x32; scenes: 16-128")
     g.add_argument("--channels", type=int, default=None, help="folder/celeba: 1 (grayscale) or 3 (RGB)")
     g.add_argument("--eager", action="store_true",
-                   help="folder/celeba: decode every image into memory first (default: stream them from disk)")
+                   help="folder/celeba: decode every image into memory first (default: when they fit in 2 GB)")
+    g.add_argument("--stream", action="store_true",
+                   help="folder/celeba: always stream images from disk (default: only when they do not fit in 2 GB)")
     g.add_argument("--loader-workers", type=int, default=None, help="folder/celeba: DataLoader workers (default 2)")
     g.add_argument("--cache-mb", type=float, default=None,
                    help="folder/celeba: decoded-image cache in MB, split between the process and its workers "
@@ -73,7 +75,7 @@ def dataset_kwargs(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[str,
         from merging.data.stream import LoaderConfig
 
         base = LoaderConfig()
-        kw["stream"] = not getattr(args, "eager", False)
+        kw["stream"] = True if getattr(args, "stream", False) else False if getattr(args, "eager", False) else None
         kw["loader"] = LoaderConfig(
             workers=base.workers if getattr(args, "loader_workers", None) is None else args.loader_workers,
             cache_mb=base.cache_mb if getattr(args, "cache_mb", None) is None else args.cache_mb,

@@ -20,6 +20,12 @@ def cmd_budget_study(args: argparse.Namespace) -> int:
     return main_study(args)
 
 
+def cmd_distill_study(args: argparse.Namespace) -> int:
+    from pam_app.distill_study import main_distill
+
+    return main_distill(args)
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from pam_app.compress import cmd_compress as run
 
@@ -50,6 +56,14 @@ def register(sub: Any) -> None:
     q.add_argument("--routes", default="separate,pam", help="pruning runs whose visited networks are studied")
     q.add_argument("--out-dir", default="results")
     q.set_defaults(func=cmd_budget_study)
+
+    d = sub.add_parser("distill-study", help="a merged network retrained with and without its references as "
+                       "teachers: disagreement and certified margin -> results/distill.{json,md}")
+    d.add_argument("--datasets", default="digits,glyphs")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--distill", type=float, default=0.5, help="weight of the teachers' term")
+    d.add_argument("--out-dir", default="results")
+    d.set_defaults(func=cmd_distill_study)
 
     p = sub.add_parser("demo", help="the main job on generated glyphs (or the bundled digits): train, merge, "
                        "prune, export, serve")

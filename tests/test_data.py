@@ -119,3 +119,14 @@ def test_unknown_dataset_and_task() -> None:
     with pytest.raises(MergingError) as e:
         load_dataset("digits", tasks=("digit", "age"))
     assert e.value.code == "unknown_task"
+
+
+def test_folder_decodes_into_memory_when_it_fits_and_streams_when_it_does_not(tmp_path: Path) -> None:
+    from merging.data.stream import LoaderConfig, StreamingData
+
+    _write_folder(tmp_path)
+    fits = load_dataset("folder", root=tmp_path, size=(8, 8), channels=3)
+    assert not fits.info["streaming"] and not isinstance(fits.train, StreamingData)
+    tight = load_dataset("folder", root=tmp_path, size=(8, 8), channels=3, loader=LoaderConfig(memory_mb=1e-4))
+    assert tight.info["streaming"] and isinstance(tight.train, StreamingData)
+    torch.testing.assert_close(tight.val.in_memory().x, fits.val.x, rtol=1e-4, atol=1e-4)

@@ -29,7 +29,8 @@ def _folder(root: Path, n: int = 40) -> Path:
 def test_streaming_gives_the_eager_data_in_the_same_order(tmp_path: Path, workers: int) -> None:
     _folder(tmp_path)
     eager = load_dataset("folder", root=tmp_path, size=(8, 8), channels=3, stream=False)
-    lazy = load_dataset("folder", root=tmp_path, size=(8, 8), channels=3, loader=LoaderConfig(workers=workers))
+    lazy = load_dataset("folder", root=tmp_path, size=(8, 8), channels=3, stream=True,
+                        loader=LoaderConfig(workers=workers))
     assert isinstance(lazy.train, StreamingData) and lazy.info["streaming"] and not eager.info["streaming"]
     np.testing.assert_allclose(lazy.preprocessing.mean, eager.preprocessing.mean, rtol=1e-5)
     np.testing.assert_allclose(lazy.preprocessing.std, eager.preprocessing.std, rtol=1e-4)

@@ -46,6 +46,14 @@ def _split(name: str, tasks: tuple[TaskSpec, ...], x: torch.Tensor | ImageFiles,
                   info={**info, "streaming": isinstance(x, ImageFiles)})
 
 
+def _streams(stream: bool | None, n: int, size: tuple[int, int], channels: int, loader: LoaderConfig | None) -> bool:
+    """Whether to stream: as asked, or (``None``) only when the decoded images would not fit."""
+    if stream is not None:
+        return stream
+    decoded_mb = n * channels * size[0] * size[1] * 4 / 2**20
+    return decoded_mb > (loader or LoaderConfig()).memory_mb
+
+
 @register_dataset("folder")
 def folder(
     root: str | Path,
@@ -55,14 +63,15 @@ def folder(
     size: tuple[int, int] = (32, 32),
     channels: int = 1,
     split_seed: int = 0,
-    stream: bool = True,
+    stream: bool | None = None,
     loader: LoaderConfig | None = None,
 ) -> Splits:
     """Images under ``root`` and a CSV (``root/labels.csv`` by default) with an image column and
     one column per task; each task's classes are the distinct values of its column, sorted.
 
     ``stream``: read images on demand (``merging.data.stream``; memory bounded by ``loader``'s
-    cache); ``False``: decode them all into memory first (the former path, kept for comparison)."""
+    cache); ``False``: decode them all into memory first; ``None``: decode them into memory when
+    they fit in ``loader.memory_mb`` (training then runs at the speed of its arithmetic)."""
     root = Path(root)
     csv_path = Path(labels_csv) if labels_csv else root / "labels.csv"
     if not csv_path.is_file():
@@ -92,7 +101,7 @@ def folder(
         y[t] = torch.tensor([classes.index(v) for v in values], dtype=torch.long)
     names = [r[image_column] for r in rows]
     info: dict[str, object] = {"root": str(root), "labels": str(csv_path)}
-    if stream:
+    if _streams(stream, len(names), size, channels, loader):
         _check_listed(root, names)
         files = ImageFiles(root, names, size, channels, loader=loader)
         mean, std = channel_stats(files)
@@ -150,11 +159,11 @@ def celeba(
     channels: int = 3,
     limit: int | None = None,
     split_seed: int = 0,
-    stream: bool = True,
+    stream: bool | None = None,
     loader: LoaderConfig | None = None,
 ) -> Splits:
     """CelebA-format attributes; each task is a named group of binary attributes (images streamed
-    from disk unless ``stream=False``, as for :func:`folder`)."""
+    from disk or decoded into memory as for :func:`folder`)."""
     groups = parse_task_groups(task_groups) if isinstance(task_groups, str) else task_groups
     attrs, files, values = parse_celeba_attrs(Path(attr_file))
     if limit:
@@ -170,7 +179,7 @@ def celeba(
         y[name] = torch.from_numpy((values[:, cols] == 1).astype(np.float32))
     pre = Preprocessing(size=size, channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
     x: torch.Tensor | ImageFiles
-    if stream:
+    if _streams(stream, len(files), size, channels, loader):
         _check_listed(Path(image_dir), files)
         x = ImageFiles(Path(image_dir), files, size, channels, loader=loader)
     else:

@@ -36,6 +36,7 @@ class LoaderConfig:
     workers: int = 2  # DataLoader worker processes (0: read in the calling process)
     cache_mb: float = 32.0  # decoded-image cache in all, split evenly between the main process and each worker (LRU)
     prefetch: int = 2  # batches each worker reads ahead
+    memory_mb: float = 2048.0  # with stream=None, images are decoded into memory when they take at most this
 
 
 def read_image01(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
