@@ -26,6 +26,15 @@ def cmd_distill_study(args: argparse.Namespace) -> int:
     return main_distill(args)
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pam_app.train_bench import run
+
+    run(n=args.images, size=args.size, repeats=args.repeats, out_dir=Path(args.out_dir))
+    return 0
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from pam_app.compress import cmd_compress as run
 
@@ -64,6 +73,14 @@ def register(sub: Any) -> None:
     d.add_argument("--distill", type=float, default=0.5, help="weight of the teachers' term")
     d.add_argument("--out-dir", default="results")
     d.set_defaults(func=cmd_distill_study)
+
+    b = sub.add_parser("bench-train", help="a pam train epoch on a folder of RGB images vs bare training loops "
+                       "-> results/train-bench.{json,md}")
+    b.add_argument("--images", type=int, default=6000)
+    b.add_argument("--size", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--out-dir", default="results")
+    b.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser("demo", help="the main job on generated glyphs (or the bundled digits): train, merge, "
                        "prune, export, serve")
