@@ -293,7 +293,7 @@ class HotPath:
         order = list(dict.fromkeys(req.tasks)) if req.tasks else resolved.tasks
         for task_name in order:
             kind, _labels = model.task_info[task_name]
-            probs = preprocess.scores_of(kind, by_task[task_name]).astype("<f4")
+            probs = finite_scores(kind, by_task[task_name], task_name).astype("<f4")
             entry: dict[str, Any] = {"name": task_name, "shape": list(probs.shape), "datatype": "FP32"}
             binary = req.binary.get(task_name)
             if binary if binary is not None else req.binary_all:
@@ -319,6 +319,15 @@ class HotPath:
         return 200, raw, hdrs
 
 
+def finite_scores(kind: str, logits: np.ndarray, task_name: str) -> np.ndarray:
+    """The task's probabilities, or a 422 when the network's output is not finite (never null scores)."""
+    probs = preprocess.scores_of(kind, logits)
+    if not np.isfinite(probs).all():
+        raise ServiceError(422, "non_finite_output", f"the network's output for task {task_name!r} is not finite "
+                                                     f"on this input (Inf/NaN); send preprocessed inputs")
+    return probs
+
+
 def predictions(model: Any, tasks: list[str], ran: list[str], outputs: list[np.ndarray]) -> list[dict[str, Any]]:
     """Per image, the requested ``tasks`` only (the extra outputs of a superset method are dropped)."""
     by_task = dict(zip(ran, outputs, strict=True))
@@ -326,7 +335,7 @@ def predictions(model: Any, tasks: list[str], ran: list[str], outputs: list[np.n
     per_item: list[dict[str, Any]] = [{} for _ in range(n)]
     for task_name in tasks:
         kind, labels = model.task_info[task_name]
-        probs = preprocess.scores_of(kind, by_task[task_name])
+        probs = finite_scores(kind, by_task[task_name], task_name)
         rows = probs.tolist()
         if kind == "classes":
             best = probs.argmax(axis=1).tolist()

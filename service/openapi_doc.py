@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-FLOAT32_MAX = 3.4028234663852886e38
+from service import v2_binary
+from service.preprocess import MAX_INPUT_ABS
 
 
 def _number() -> dict[str, Any]:
-    return {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
+    return {"type": "number", "minimum": -MAX_INPUT_ABS, "maximum": MAX_INPUT_ABS}
 
 
 def _nested(shape: list[int]) -> dict[str, Any]:
@@ -37,7 +38,8 @@ def tensor_request_schema(manifest: Any | None) -> dict[str, Any]:
                            {"type": "array", "items": batch, "minItems": 1, "maxItems": nmax}]}
     return {"title": "TensorRequest", "type": "object", "additionalProperties": False, "required": ["inputs"],
             "description": "one image (C, H, W) or a batch (N, C, H, W), N <= max_batch, already preprocessed "
-                           "(the network's input); finite float32 values",
+                           "(the network's input); finite numbers within "
+                           f"+-{MAX_INPUT_ABS:g}",
             "properties": {"inputs": value, "dtype": {"type": "string", "enum": ["float32"], "default": "float32"}}}
 
 
@@ -99,6 +101,21 @@ def _responses(ok_ref: str, errors: dict[int | str, dict[str, Any]]) -> dict[str
     return out
 
 
+def _v2_responses(errors: dict[int | str, dict[str, Any]]) -> dict[str, Any]:
+    """As ``_responses``, plus the binary tensor data answer: when an output asks for ``binary_data`` (or
+    the request for ``binary_data_output``), the body is the JSON header then the raw FP32 outputs, sent
+    as ``application/octet-stream`` with ``Inference-Header-Content-Length`` = the JSON's length."""
+    out = _responses("#/components/schemas/V2InferResponse", errors)
+    ok = out["200"]
+    ok["description"] = ("Successful Response: JSON, or with binary outputs the JSON header followed by the raw "
+                         "little-endian FP32 outputs (application/octet-stream)")
+    ok["content"]["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+    ok["headers"] = {v2_binary.HEADER: {
+        "description": "length of the JSON header at the start of an application/octet-stream body",
+        "required": False, "schema": {"type": "integer", "minimum": 0}}}
+    return out
+
+
 def add_hot_routes(schema: dict[str, Any], manifest: Any | None, errors: dict[int | str, dict[str, Any]]) -> None:
     """Add ``POST /infer`` and the V2 infer operations, with their components, to ``schema``."""
     from service.schemas import ErrorResponse, InferResponse, V2InferResponse
@@ -137,7 +154,7 @@ def add_hot_routes(schema: dict[str, Any], manifest: Any | None, errors: dict[in
                                 "the rest the raw little-endian FP32 input (parameters.binary_data_size bytes)",
         "requestBody": {"required": True, "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}}}},
-        "responses": _responses("#/components/schemas/V2InferResponse", errors)}
+        "responses": _v2_responses(errors)}
     name_enum = {"enum": [manifest.model_name]} if manifest else {}
     version_enum = {"enum": [manifest.model_version]} if manifest else {}
     name_p = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", **name_enum}}

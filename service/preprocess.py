@@ -124,6 +124,10 @@ def parse_json(data: bytes) -> Any:
 
 
 _TENSOR_KEYS = frozenset(("inputs", "dtype"))
+# Tensor values are the network's preprocessed input (pixels normalised to a few units). Bounded so that
+# a finite input cannot overflow the network into Inf/NaN scores (float32 max in every value did: the
+# response then held null scores); the OpenAPI schema states the same bound (service/openapi_doc.py).
+MAX_INPUT_ABS = 1e6
 
 
 def _bad_request(why: str) -> ServiceError:
@@ -186,12 +190,11 @@ def check_tensor(values: Any, manifest: Manifest, shape: list[int] | None = None
     if n < 1 or n > manifest.input.max_batch:
         raise ServiceError(422, "bad_batch",
                            f"batch of {n} is outside 1..{manifest.input.max_batch} (the manifest's maximum)")
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = arr.astype(np.float32)
-    if not np.isfinite(out).all():
-        raise ServiceError(422, "bad_tensor", "inputs must be finite float32 values (no NaN, no Infinity, "
-                                              "nothing beyond +-3.4e38)")
-    return np.ascontiguousarray(out)
+    # on the values as sent (float64 from JSON), so the bound is exactly the schema's; NaN fails both tests
+    if arr.size and not (arr.max() <= MAX_INPUT_ABS and arr.min() >= -MAX_INPUT_ABS):
+        raise ServiceError(422, "bad_tensor", f"inputs must be finite numbers within +-{MAX_INPUT_ABS:g} (the "
+                                              f"network's preprocessed input; no NaN, no Infinity)")
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def scores_of(kind: str, logits: np.ndarray) -> np.ndarray:

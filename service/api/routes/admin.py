@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request, Security
+from fastapi.security import APIKeyHeader
 
 from service import preprocess
 from service.api.deps import PoolDep, SettingsDep
@@ -13,14 +14,20 @@ from service.errors import ServiceError
 from service.schemas import ReloadRequest, ReloadResponse
 
 router = APIRouter(prefix="/admin", tags=["admin"])
+# documented as the operation's security scheme (OpenAPI components.securitySchemes), checked here by hand
+# so a missing token is a 401 with the service's error body
+ADMIN_TOKEN = APIKeyHeader(name="X-Admin-Token", scheme_name="AdminToken", auto_error=False,
+                           description="the admin token of the settings (PAM_ADMIN_TOKEN)")
 
 
-@router.post("/reload", response_model=ReloadResponse, responses=ADMIN_RESPONSES)
+@router.post("/reload", response_model=ReloadResponse, responses=ADMIN_RESPONSES, openapi_extra={
+    # the body is read by hand (an empty body reloads the served bundle): documented here
+    "requestBody": {"required": False, "content": {"application/json": {"schema": ReloadRequest.model_json_schema()}}}})
 async def reload(
     request: Request,
     pool: PoolDep,
     settings: SettingsDep,
-    x_admin_token: str | None = Header(None, description="the admin token of the settings"),
+    x_admin_token: str | None = Security(ADMIN_TOKEN),
 ) -> ReloadResponse:
     """Probe a bundle (default: the served one, re-read) and swap to it; a bad one changes nothing. Only
     directories under the bundle root (PAM_BUNDLE_ROOT; default: the served bundle's parent) are read,

@@ -181,10 +181,10 @@ def _invalid(why: str) -> ServiceError:
 
 
 def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
-    p = obj.get("parameters")
-    if p is None:
+    if "parameters" not in obj:
         return {}
-    if not isinstance(p, dict):
+    p = obj["parameters"]
+    if not isinstance(p, dict):  # null too: the schema says object
         raise _invalid(f"{where}.parameters must be an object")
     return p
 
@@ -201,7 +201,7 @@ def parse_v2(body: bytes, header_length: str | None, manifest: Any) -> V2Request
     if extra:
         raise _invalid(f"unknown field(s) {', '.join(sorted(map(str, extra)))[:100]}")
     rid = payload.get("id")
-    if rid is not None and not isinstance(rid, str):
+    if "id" in payload and not isinstance(rid, str):
         raise _invalid("id must be a string")
     params = _params(payload, "request")
     inputs = payload.get("inputs")
@@ -230,7 +230,7 @@ def parse_v2(body: bytes, header_length: str | None, manifest: Any) -> V2Request
     if set(in_params) - {"binary_data_size"}:
         raise ServiceError(422, "unsupported_parameter", "the only input parameter is binary_data_size")
     data = tensor.get("data")
-    if data is not None and not isinstance(data, list):
+    if "data" in tensor and not isinstance(data, list):
         raise _invalid("inputs[0].data must be a list of numbers")
 
     class _T:  # what v2_binary.input_values reads
@@ -244,7 +244,7 @@ def parse_v2(body: bytes, header_length: str | None, manifest: Any) -> V2Request
     outputs = payload.get("outputs")
     tasks: list[str] | None = None
     binary: dict[str, bool] = {}
-    if outputs is not None:
+    if "outputs" in payload:
         if not isinstance(outputs, list):
             raise _invalid("outputs must be a list")
         if not outputs:
