@@ -245,14 +245,14 @@ def _batch_hits(net: MultitaskNet, outs: Mapping[str, Tensor], y: Mapping[str, T
 
 class _Progress:
     """A tqdm bar on a terminal; otherwise one line per epoch (at most ~10 lines per run) on
-    stderr, so logs show epoch, loss, training accuracy and time left too."""
+    stderr (about five per run), so logs show epoch, loss, training accuracy and time left too."""
 
     def __init__(self, desc: str, epochs: int, enabled: bool) -> None:
         self.desc, self.epochs, self.enabled = desc, epochs, enabled and epochs > 0
         self.start = time.perf_counter()
         self.tty = self.enabled and sys.stderr.isatty()
         self.bar = tqdm(total=epochs, desc=desc, leave=False) if self.tty else None
-        self.every = max(1, epochs // 10)
+        self.every = max(1, epochs // 5)
 
     def epoch(self, k: int, loss: float, acc: float) -> None:
         if not self.enabled:

@@ -31,7 +31,7 @@ from merging.checkpoint import atomic_write_json
 from merging.data.glyphs import glyphs, make_split
 from merging.mergers import create_merger
 from merging.network import MultitaskNet
-from merging.pruning import PruneConfig, check_set, prune, reference_accuracy
+from merging.pruning import PruneConfig, check_set, missed_at_start, prune, reference_accuracy
 from merging.pruning.budget import z_value
 from merging.report import format_table
 from merging.train import TrainConfig, correctness, train_single_task
@@ -126,8 +126,9 @@ def run_study(cfg: StudyConfig, log: Any = None) -> dict[str, Any]:
         starts = ([copy.deepcopy(n) for n in nets] if route == "separate"
                   else [create_merger(route).merge(nets, splits.train, seed=cfg.seed)])
         for start in starts:
-            result, _ = prune(start, splits, pcfg, reference=ref, on_visit=keep)
-            shipped += _score(result, ref_pool, ref_truth, pool, truth, route, "shipped")
+            result, history = prune(start, splits, pcfg, reference=ref, on_visit=keep)
+            if not missed_at_start(history):  # a start that missed the budget ships nothing
+                shipped += _score(result, ref_pool, ref_truth, pool, truth, route, "shipped")
         for kind, net in seen:
             visits += _score(net, ref_pool, ref_truth, pool, truth, route, kind)
         log(f"{route}: {len(seen)} networks visited ({time.perf_counter() - t0:.0f}s)")

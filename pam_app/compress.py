@@ -81,7 +81,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     images = checks.images or len(checks)
     held = round(images * cfg.certify_share)
     print("step decisions: " + resolution_line(images - held, cfg.confidence, cfg.budget))
-    print("certification: " + resolution_line(held, cfg.confidence, cfg.budget), flush=True)
+    if held:
+        print("certification: " + resolution_line(held, cfg.confidence, cfg.budget), flush=True)
     out = run_jobs(job, route_jobs(args.route, nets, splits, cfg, ref, args.epochs, args.seed), args.workers)
     result, separate = ship(out[0], out[1:], splits)
     print(f"route {args.route}: {result.chose}; merges tried: "

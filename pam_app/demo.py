@@ -82,8 +82,9 @@ def run_demo(args: argparse.Namespace) -> int:
     ref = reference_accuracy(nets, checks)
     images = checks.images or len(checks)
     held = round(images * cfg.certify_share)
-    print(f"  budget: every task within {cfg.budget:g} point of its own network; step decisions on "
-          f"{images - held:,} validation images, one certification of the result on the other {held:,}")
+    where = (f"step decisions on {images - held:,} validation images, one certification of the result on the "
+             f"other {held:,}" if held else f"decided on {images:,} validation images (results/budget-rule.md)")
+    print(f"  budget: every task within {cfg.budget:g} point of its own network; {where}")
     print(f"  steps: {resolution_line(images - held, cfg.confidence, cfg.budget)}")
     if held:
         print(f"  certification: {resolution_line(held, cfg.confidence, cfg.budget)}", flush=True)
