@@ -35,7 +35,8 @@ class PruneConfig:
     certify_share: float = 0.0  # share of the check set held out for one certification at the end (0: none;
     # results/budget-rule.md: one 10,000-image set at 90% meets both error targets, 5,000 + 5,000 does not)
     steer_confidence: float | None = None  # the step decisions' confidence (None: ``confidence``)
-    distill: float = 0.5  # weight of the reference networks' outputs in fine-tuning losses (0: labels only)
+    distill: float = 0.0  # weight of the reference networks' outputs in fine-tuning losses (0: labels only;
+    # results/distill.md: on a PAM merge they did not lower the drop bounds, on digits they raised them)
     regroup: bool = False  # prune (channel, task) pairs: a channel leaves a task's set before it goes (regroup.py)
     per_task_stop: bool = True  # a task whose budget stops pruning freezes what serves it; the rest go on
     seed: int = 0  # seeds fine-tuning, the check set's shifts and the Taylor batches
