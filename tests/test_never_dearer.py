@@ -1,0 +1,42 @@
+"""The never-dearer rule: a pruned merge that costs more than the separately pruned networks on a
+combination of two or more tasks is not shipped; one that is no dearer is."""
+
+from __future__ import annotations
+
+from merging.arch import create_arch
+from merging.cost import cost_table
+from merging.mergers import create_merger
+from merging.network import MultitaskNet
+from merging.pipeline import MergePruneResult, dearer_than, never_dearer
+from merging.tasks import TaskSpec
+
+TASKS = tuple(TaskSpec(n, "classes", ("a", "b")) for n in ("x", "y", "z"))
+
+
+def _separate(width_mult: float) -> MultitaskNet:
+    arch = create_arch("lenet", width_mult=width_mult)
+    return create_merger("separate").merge([MultitaskNet.single_task(t, arch) for t in TASKS], None)
+
+
+def _result(net: MultitaskNet) -> MergePruneResult:
+    return MergePruneResult(net, net, [], cost_table(net), [{"merger": "pam", "options": {}, "missed_budget": False}],
+                            chose="pam")
+
+
+def test_a_dearer_merge_is_replaced_by_the_separate_networks_and_says_why() -> None:
+    wide, narrow = _separate(1.0), _separate(0.5)
+    dearer = dearer_than(wide, narrow)
+    table_w, table_n = cost_table(wide), cost_table(narrow)
+    assert {c for c, _, _ in dearer} == {c for c in table_w if "+" in c}  # singles are not judged
+    assert all(m == table_w[c].macs and b == table_n[c].macs for c, m, b in dearer)
+    shipped = never_dearer(_result(wide), narrow)
+    assert cost_table(shipped.pruned) == table_n
+    assert shipped.chose.startswith("separate (pam pruned costs more") and "4 combination(s)" in shipped.chose
+    assert shipped.attempts[-1]["dearer_than_separate"]
+
+
+def test_a_merge_no_dearer_is_shipped() -> None:
+    narrow, wide = _separate(0.5), _separate(1.0)
+    shipped = never_dearer(_result(narrow), wide)
+    assert shipped.pruned is narrow and shipped.chose == "pam"
+    assert shipped.attempts[-1]["dearer_than_separate"] == []
