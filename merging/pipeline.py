@@ -95,8 +95,14 @@ def never_dearer(
 ) -> MergePruneResult:
     """``result``, or the separately pruned networks (``baseline``) where the pruned merge costs
     more than they do on any combination of two or more tasks (see the module docstring)."""
-    if result.missed_budget or not result.attempts or result.attempts[-1]["merger"] == "separate":
+    if not result.attempts or result.attempts[-1]["merger"] == "separate":
         return result
+    if result.missed_budget:  # every rung missed the budget: never ship an out-of-budget network
+        if log is not None:
+            log(f"  {result.attempts[-1]['merger']} missed the budget at every rung; shipping the separately "
+                "pruned networks")
+        return MergePruneResult(result.merged, copy.deepcopy(baseline), result.history, result.merged_costs,
+                                result.attempts, chose="separate (every merge missed the budget)")
     dearer = dearer_than(result.pruned, baseline)
     result.attempts[-1]["dearer_than_separate"] = [c for c, _, _ in dearer]
     if not dearer:

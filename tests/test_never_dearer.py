@@ -40,3 +40,11 @@ def test_a_merge_no_dearer_is_shipped() -> None:
     shipped = never_dearer(_result(narrow), wide)
     assert shipped.pruned is narrow and shipped.chose == "pam"
     assert shipped.attempts[-1]["dearer_than_separate"] == []
+
+
+def test_a_route_that_missed_the_budget_ships_the_separate_networks() -> None:
+    narrow, wide = _separate(0.5), _separate(1.0)
+    missed = _result(wide)
+    missed.history.append({"kind": "stop", "reason": "start network misses the budget; not pruned"})
+    shipped = never_dearer(missed, narrow)
+    assert cost_table(shipped.pruned) == cost_table(narrow) and "missed the budget" in shipped.chose
