@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover
     def dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
 
-    _fast_loads = json.loads
+    _fast_loads = json.loads  # type: ignore[assignment]
     _FAST_ERRORS = (ValueError, RecursionError)
     ENCODER = "json"
     NUMPY = False

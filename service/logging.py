@@ -87,10 +87,10 @@ class _Listener(logging.handlers.QueueListener):
             time.sleep(self.interval_s)
             while True:
                 try:
-                    record = q.get_nowait()
+                    record = q.get_nowait()  # type: ignore[attr-defined]
                 except queue.Empty:
                     break
-                if record is self._sentinel:
+                if record is self._sentinel:  # type: ignore[attr-defined]
                     stop = True
                     continue
                 self.handle(record)

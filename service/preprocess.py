@@ -119,6 +119,17 @@ async def off_loop(fn: Callable[..., T], *args: Any, size: int) -> T:
     return await asyncio.get_running_loop().run_in_executor(_decode_pool, fn, *args)
 
 
+def parse_object(data: bytes, allowed: frozenset[str] | set[str], error: Callable[[str], Exception]) -> dict[str, Any]:
+    """A JSON object with no field outside ``allowed``; anything else raises ``error(reason)``."""
+    payload = parse_json(data)
+    if not isinstance(payload, dict):
+        raise error(f"the body is a JSON {type(payload).__name__}, not an object")
+    extra = set(payload) - set(allowed)
+    if extra:
+        raise error(f"unknown field(s) {', '.join(sorted(map(str, extra)))[:100]}")
+    return payload
+
+
 def parse_json(data: bytes) -> Any:
     return fastjson.loads(data)
 
@@ -137,12 +148,7 @@ def _bad_request(why: str) -> ServiceError:
 def tensor_from_json(data: bytes, manifest: Manifest) -> np.ndarray:
     """A ``TensorRequest`` body -> (N, C, H, W) float32, checked against the manifest's input (by hand:
     a pydantic model over a tensor's values cost more than parsing them)."""
-    payload = parse_json(data)
-    if not isinstance(payload, dict):
-        raise _bad_request(f"the body is a JSON {type(payload).__name__}, not an object")
-    extra = set(payload) - _TENSOR_KEYS
-    if extra:
-        raise _bad_request(f"unknown field(s) {', '.join(sorted(extra))[:100]}")
+    payload = parse_object(data, _TENSOR_KEYS, _bad_request)
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise _bad_request("inputs must be a non-empty list")

@@ -194,12 +194,7 @@ def parse_v2(body: bytes, header_length: str | None, manifest: Any) -> V2Request
     its reason: unknown keys, an input other than ``input``, ``outputs: []``, unknown output names or
     parameters, shapes that are not (N, C, H, W), booleans or non-numbers among the values."""
     head, tail = v2_binary.split_body(body, header_length)
-    payload = preprocess.parse_json(head)
-    if not isinstance(payload, dict):
-        raise _invalid(f"the body is a JSON {type(payload).__name__}, not an object")
-    extra = set(payload) - _REQUEST_KEYS
-    if extra:
-        raise _invalid(f"unknown field(s) {', '.join(sorted(map(str, extra)))[:100]}")
+    payload = preprocess.parse_object(head, _REQUEST_KEYS, _invalid)
     rid = payload.get("id")
     if "id" in payload and not isinstance(rid, str):
         raise _invalid("id must be a string")
