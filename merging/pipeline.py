@@ -95,7 +95,7 @@ def never_dearer(
 ) -> MergePruneResult:
     """``result``, or the separately pruned networks (``baseline``) where the pruned merge costs
     more than they do on any combination of two or more tasks (see the module docstring)."""
-    if not result.attempts or result.attempts[-1]["merger"] == "separate":
+    if not result.attempts:
         return result
     if result.missed_budget:  # every rung missed the budget: never ship an out-of-budget network
         if log is not None:
@@ -108,7 +108,7 @@ def never_dearer(
     if not dearer:
         return result
     worst = max(dearer, key=lambda d: d[1] / max(1, d[2]))
-    name = result.attempts[-1]["merger"]
+    name = result.attempts[-1]["merger"]  # the ladder's own last rung, ``separate`` too, is compared
     why = (f"{name} pruned costs more than the separately pruned networks on {len(dearer)} combination(s) of "
            f"two or more tasks (worst {worst[0]}: {worst[1]:,} vs {worst[2]:,} MACs)")
     if log is not None:

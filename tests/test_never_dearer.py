@@ -48,3 +48,11 @@ def test_a_route_that_missed_the_budget_ships_the_separate_networks() -> None:
     missed.history.append({"kind": "stop", "reason": "start network misses the budget; not pruned"})
     shipped = never_dearer(missed, narrow)
     assert cost_table(shipped.pruned) == cost_table(narrow) and "missed the budget" in shipped.chose
+
+
+def test_the_ladders_own_separate_rung_is_compared_too() -> None:
+    narrow, wide = _separate(0.5), _separate(1.0)
+    result = _result(wide)
+    result.attempts[-1]["merger"] = "separate"  # the ladder fell back to keeping the unpruned networks apart
+    shipped = never_dearer(result, narrow)
+    assert cost_table(shipped.pruned) == cost_table(narrow)
