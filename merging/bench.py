@@ -479,14 +479,16 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
     seeds = sorted({r["seed"] for r in rows if r["seed"] != "median"})
     pc = cfg.prune
     width = f" (width x{cfg.width_mult:g})" if cfg.width_mult != 1.0 else ""
+    zoo = ZOO_EPOCHS.get(cfg.dataset, f"{cfg.zoo_epochs} (fewer on a training split above {REFERENCE_TRAIN_SIZE:,})")
     lines = [
         f"# Benchmark: {cfg.dataset}",
         "",
-        f"Mergers {', '.join(mergers)}; seeds {seeds}; zoo {cfg.arch}{width} trained {cfg.zoo_epochs} epochs per seed; "
+        f"Mergers {', '.join(mergers)}; seeds {seeds}; zoo {cfg.arch}{width} trained {zoo} epochs per seed; "
         f"same pruner for every merger, reference and specialist (budget {pc.budget} point(s) per task, one-sided "
-        f"{pc.confidence:.0%} paired test on val + {pc.check_shifts} shifted copies; criterion {pc.criterion}, "
-        f"price {pc.price}, step {pc.step} (min {pc.min_step}), fine-tune {pc.finetune_epochs}+{pc.retry_epochs} "
-        f"epochs, final {pc.final_epochs}). Wall time {elapsed / 60:.1f} min.",
+        f"{pc.confidence:.0%} paired test on val, plus {pc.check_shifts} shifted copies while val has fewer than "
+        f"{pc.shift_below:,} images; criterion {pc.criterion}, price {pc.price}, step {pc.step} (min {pc.min_step}), "
+        f"fine-tune {pc.finetune_epochs}+{pc.retry_epochs} epochs, final {pc.final_epochs}, an epoch at most "
+        f"{REFERENCE_TRAIN_SIZE:,} samples). Wall time {elapsed / 60:.1f} min.",
         "",
         "Medians over seeds of per-seed values, [min-max] in brackets. MACs per combination after pruning. "
         "*spec* = c_spec(C): a hard-shared trunk trained for exactly C and pruned by the same pruner "

@@ -87,10 +87,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result, separate = ship(out[0], out[1:], splits)
     print(f"route {args.route}: {result.chose}; merges tried: "
           + ", ".join(f"{a['merger']} {a['options'].get('min_keep', '')}".strip() for a in result.attempts))
-    if result.missed_budget:
-        print("the route missed the budget at every rung; shipping the separately pruned networks")
-        result = MergePruneResult(result.merged, separate, result.history, result.merged_costs, result.attempts,
-                                  chose="separate (every merge missed the budget)")
     shipped = result.pruned
     shipped.meta["route"] = args.route
     shipped.meta["test_accuracy"] = evaluate(shipped, splits.test)
