@@ -27,6 +27,7 @@ import base64
 import binascii
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,17 +186,25 @@ def verify_signature(bundle_dir: Path, raw_manifest: bytes, public_key: Any) -> 
                                              f"{MANIFEST_FILE} under the configured public key") from None
 
 
+def _stat_as(path: Path, is_kind: Callable[[int], bool], missing: tuple[str, str],
+             wrong_kind: tuple[str, str]) -> os.stat_result:
+    """``os.stat(path)`` if it exists and is of the kind asked; otherwise the refusal (code, reason) given."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise BundleRefused(*missing) from None
+    if not is_kind(st.st_mode):
+        raise BundleRefused(*wrong_kind)
+    return st
+
+
 def verify_manifest(bundle_dir: Path, *, max_manifest_bytes: int, max_program_bytes: int,
                     public_key: Any | None = None) -> VerifiedManifest:
     """Read, validate (and with a key, authenticate) the manifest of ``bundle_dir``, and check that its
     program is a regular file inside the bundle of at most ``max_program_bytes``."""
     bundle_dir = Path(os.path.realpath(bundle_dir))
-    try:
-        st = os.stat(bundle_dir)
-    except OSError:
-        raise BundleRefused("missing_manifest", f"no bundle directory at {bundle_dir}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise BundleRefused("not_a_bundle", "the bundle is not a directory")
+    _stat_as(bundle_dir, stat.S_ISDIR, ("missing_manifest", f"no bundle directory at {bundle_dir}"),
+             ("not_a_bundle", "the bundle is not a directory"))
     if not os.path.lexists(bundle_dir / MANIFEST_FILE):
         raise BundleRefused("missing_manifest", f"no manifest at {bundle_dir / MANIFEST_FILE}")
     raw = read_regular(bundle_dir / MANIFEST_FILE, max_manifest_bytes, MANIFEST_FILE, bundle_dir)
@@ -212,12 +221,8 @@ def verify_manifest(bundle_dir: Path, *, max_manifest_bytes: int, max_program_by
     real = Path(os.path.realpath(program))
     if not _inside(real, bundle_dir):
         raise BundleRefused("outside_bundle", "the manifest's program must be a file inside the bundle directory")
-    try:
-        pst = os.stat(real)
-    except OSError:
-        raise BundleRefused("missing_program", f"no program file at {program}") from None
-    if not stat.S_ISREG(pst.st_mode):
-        raise BundleRefused("not_a_regular_file", "the program is not a regular file")
+    pst = _stat_as(real, stat.S_ISREG, ("missing_program", f"no program file at {program}"),
+                   ("not_a_regular_file", "the program is not a regular file"))
     if pst.st_size > max_program_bytes:
         raise BundleRefused("file_too_large", f"the program is {pst.st_size} bytes; at most {max_program_bytes}")
     return VerifiedManifest(manifest, raw, public_key is not None)
