@@ -239,6 +239,10 @@ def test_every_method_of_a_mobilenetv2_bundle_matches_eager_through_the_executor
     from mobile_export.runtime import BundleRuntime
 
     nets = single_nets("mobilenetv2", 2)
+    # Correlated tasks (one trunk, two heads), so PAM finds channels that serve both: two independent random
+    # networks share nothing, and the merge had no shared group (this test failed before this change).
+    nets[1].load_state_dict({k: v for k, v in nets[0].state_dict().items() if not k.startswith("heads.")},
+                            strict=False)
     merged = create_merger("pam").merge(nets, labelled_by_the_nets(nets))  # shared and per-task groups
     assert any(bin(m).count("1") == 2 for groups in merged.layout for m in groups)
     export_bundle(merged, tmp_path / "bundle", ExportConfig(force=True), log=lambda *_: None)
