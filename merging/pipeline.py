@@ -29,6 +29,13 @@ from merging.mergers.base import Merger
 from merging.network import MultitaskNet
 from merging.pruning import PruneConfig, missed_at_start, prune
 
+REGROUP = "+regroup"  # route suffix: the same merger, pruned with regrouping (PruneConfig.regroup)
+
+
+def split_route(name: str) -> tuple[str, bool]:
+    """A route's merger and whether it prunes with regrouping: ``"pam+regroup"`` -> ("pam", True)."""
+    return (name[: -len(REGROUP)], True) if name.endswith(REGROUP) else (name, False)
+
 
 @dataclass
 class MergePruneResult:

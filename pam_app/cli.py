@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 COMMAND_MODULES = (
-    "merging.commands",
-    "merging.commands_pam",
-    "merging.commands_import",
+    "pam_app.commands_merging",
+    "pam_app.commands_pam",
+    "pam_app.commands_import",
     "mobile_export.commands",
     "service.commands",
     "pam_app.commands",

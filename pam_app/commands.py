@@ -42,7 +42,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from merging.commands import add_dataset_args
+    from pam_app.commands_merging import add_dataset_args
 
     c = sub.add_parser("compress", help="merge + prune a zoo by any route the benchmark measures "
                        "(<merger>[+regroup], with the merge ladder and the never-dearer rule)")

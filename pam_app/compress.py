@@ -15,11 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from merging.bench import split_route
 from merging.data.base import Splits
 from merging.mergers import create_merger
 from merging.network import MultitaskNet
-from merging.pipeline import MergePruneResult, merge_and_prune, never_dearer
+from merging.pipeline import MergePruneResult, merge_and_prune, never_dearer, split_route
 from merging.pruning import PruneConfig, prune
 from merging.references import specialist
 from merging.train import TrainConfig
@@ -61,9 +60,7 @@ def ship(result: MergePruneResult, alone: list[MultitaskNet], splits: Splits) ->
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from merging.bench import BENCH_PRUNE, schedule_for
     from merging.checkpoint import save_model
-    from merging.commands import dataset_from_args
     from merging.cost import cost_table
     from merging.parallel import run_jobs
     from merging.pruning import check_set, reference_accuracy
@@ -71,6 +68,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from merging.report import format_table
     from merging.train import evaluate
     from merging.zoo import load_zoo
+    from pam_app.bench.schedule import BENCH_PRUNE, schedule_for
+    from pam_app.commands_merging import dataset_from_args
 
     nets = load_zoo(Path(args.zoo))
     args.tasks = ",".join(n.task_names[0] for n in nets)

@@ -55,9 +55,10 @@ DEMO_EPOCHS = {"glyphs": 15, "digits": 60}  # zoo epochs per data set (glyphs: 8
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from merging.bench import BENCH_PRUNE, schedule_for, split_route
+    from merging.pipeline import split_route
     from merging.pruning import check_set, reference_accuracy
     from merging.pruning.budget import resolution_line
+    from pam_app.bench.schedule import BENCH_PRUNE, schedule_for
 
     # These networks are tiny: one intra-op thread is as fast, and far faster on a busy machine.
     torch.set_num_threads(1)

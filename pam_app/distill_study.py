@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from merging.arch import create_arch
-from merging.bench import BENCH_PRUNE, ZOO_EPOCHS, schedule_for
 from merging.checkpoint import atomic_write_json
 from merging.data import load_dataset
 from merging.mergers import create_merger
@@ -26,6 +25,7 @@ from merging.pruning import assess, check_set, reference_accuracy
 from merging.pruning.pruner import _finetune, teachers_of
 from merging.report import format_table
 from merging.train import TrainConfig, train_single_task
+from pam_app.bench.schedule import BENCH_PRUNE, ZOO_EPOCHS, schedule_for
 
 
 def study_dataset(name: str, seed: int, distill: float) -> dict[str, Any]:

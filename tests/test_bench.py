@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from merging.bench import ALONE, SPEC, BenchConfig, quick_config, run_bench, wilson, write_results
 from merging.errors import MergingError
 from merging.pruning import PruneConfig
 from merging.references import TpSchedule
 from merging.tasks import all_combinations
+from pam_app.bench.report import write_results
+from pam_app.bench.rows import wilson
+from pam_app.bench.schedule import ALONE, SPEC, BenchConfig, quick_config
+from pam_app.bench.seed import run_bench
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,7 @@ def test_unknown_merger_is_a_typed_error(tmp_path: Path) -> None:
 
 
 def test_combine_merges_runs_of_distinct_seeds(bench, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from merging.bench import combine
+    from pam_app.bench.report import combine
 
     rows, out = bench
     other = tmp_path / "other"

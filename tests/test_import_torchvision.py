@@ -149,7 +149,7 @@ def test_real_torchvision_network_imports_with_the_same_outputs(name) -> None:
 
 # ----------------------------------------------------------------------------- a zoo entry for every merger
 def _run_cli(argv: list[str]) -> None:
-    from merging.commands_import import register
+    from pam_app.commands_import import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

@@ -12,7 +12,7 @@ from PIL import Image
 from merging.data import load_dataset
 from merging.data.stream import LoaderConfig, StreamingData
 from merging.errors import MergingError
-from merging.scale_bench import loader_pass_in_child, write_image_folder
+from pam_app.bench.scale import loader_pass_in_child, write_image_folder
 
 
 def _folder(root: Path, n: int = 40) -> Path:

@@ -184,7 +184,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_scale(args: argparse.Namespace) -> int:
-    from merging.scale_bench import main as scale_main
+    from pam_app.bench.scale import main as scale_main
 
     scale_main(["--out", args.out, "--epochs", str(args.epochs), "--images", str(args.images)])
     return 0

@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from merging.commands import (
+from merging.arch import list_archs
+from merging.errors import MergingError
+from pam_app.commands_merging import (
     add_data_options,
     add_dataset_args,
     add_scale_args,
@@ -14,7 +16,6 @@ from merging.commands import (
     dataset_kwargs,
     start_scale,
 )
-from merging.errors import MergingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (MergingError,)
 BENCH_DATASETS = ("digits", "digits-partitions", "composite", "glyphs")
@@ -139,8 +140,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from merging.bench import BenchConfig, combine, quick_config, run_bench
     from merging.pruning import PruneConfig
+    from pam_app.bench.report import combine
+    from pam_app.bench.schedule import BenchConfig, quick_config
+    from pam_app.bench.seed import run_bench
 
     launched = start_scale(args)
     if launched is not None:
@@ -223,8 +226,7 @@ def register(sub: Any) -> None:
     p.add_argument("--dataset", default="all", help=f"{' | '.join(BENCH_DATASETS)} | all | comma-separated")
     p.add_argument("--quick", action="store_true", help="CI mode: 2 seeds, short training")
     p.add_argument("--mergers", default=None, help="comma-separated mergers (default: every registered merger)")
-    p.add_argument("--arch", default=None, help="zoo architecture family (default lenet); on resnet and "
-                   "mobilenetv2 MTZ and regrouping are left out (they walk chains; docs/graph.md)")
+    p.add_argument("--arch", default=None, help="zoo architecture family (default lenet): " + " | ".join(list_archs()))
     p.add_argument("--width-mult", type=float, default=None, help="the family's width multiplier (default 1)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the data set's tasks (default all)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, quick 2)")

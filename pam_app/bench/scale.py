@@ -116,22 +116,43 @@ def loader_pass(root: Path, size: int, stream: bool, workers: int, cache_mb: flo
     PIL.Image.init()
     with PeakRss() as rss:
         t0 = time.perf_counter()
-        splits = load_dataset("folder", root=root, size=(size, size), channels=3, stream=stream,
-                              loader=LoaderConfig(workers=workers, cache_mb=cache_mb))
+        splits = load_dataset(
+            "folder",
+            root=root,
+            size=(size, size),
+            channels=3,
+            stream=stream,
+            loader=LoaderConfig(workers=workers, cache_mb=cache_mb),
+        )
         images = 0
         for part in (splits.train, splits.val, splits.test):
             for xb, _ in part.batches(256, shuffle=True, generator=torch.Generator().manual_seed(0)):
                 images += len(xb)
         seconds = time.perf_counter() - t0
-    return {"stream": stream, "workers": workers if stream else 0, "cache_mb": cache_mb if stream else None,
-            "images": images, "seconds": round(seconds, 2), "rss_growth_mb": round((rss.peak - rss.base) / 2**20, 1),
-            "rss_base_mb": round(rss.base / 2**20, 1)}
+    return {
+        "stream": stream,
+        "workers": workers if stream else 0,
+        "cache_mb": cache_mb if stream else None,
+        "images": images,
+        "seconds": round(seconds, 2),
+        "rss_growth_mb": round((rss.peak - rss.base) / 2**20, 1),
+        "rss_base_mb": round(rss.base / 2**20, 1),
+    }
 
 
 def loader_pass_in_child(root: Path, size: int, stream: bool, workers: int, cache_mb: float) -> dict[str, Any]:
     """:func:`loader_pass` in a fresh interpreter (so one measurement's heap never hides another's)."""
-    cmd = [sys.executable, "-m", "merging.scale_bench", "loader-pass", str(root), str(size),
-           "1" if stream else "0", str(workers), str(cache_mb)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pam_app.bench.scale",
+        "loader-pass",
+        str(root),
+        str(size),
+        "1" if stream else "0",
+        str(workers),
+        str(cache_mb),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"loader pass failed: {done.stderr[-2000:]}")
@@ -164,18 +185,30 @@ def epoch_times(dataset: str, epochs: int, batch_size: int) -> dict[str, Any]:
         fit(net, splits.train, TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3, seed=e, progress=False))
         times.append(time.perf_counter() - t0)
     acc = evaluate(net, splits.val)
-    return {"world": distributed.world_size(), "threads": torch.get_num_threads(), "train_images": len(splits.train),
-            "epoch_seconds": [round(t, 3) for t in times], "val_accuracy": acc}
+    return {
+        "world": distributed.world_size(),
+        "threads": torch.get_num_threads(),
+        "train_images": len(splits.train),
+        "epoch_seconds": [round(t, 3) for t in times],
+        "val_accuracy": acc,
+    }
 
 
 def time_epochs(nproc: int, threads: int, cfg: ScaleBenchConfig) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    args = ["-m", "merging.scale_bench", "epochs", cfg.dataset, str(cfg.epochs), str(cfg.batch_size)]
+    args = ["-m", "pam_app.bench.scale", "epochs", cfg.dataset, str(cfg.epochs), str(cfg.batch_size)]
     if nproc == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "--max-restarts=0", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "--max-restarts=0",
+            *args,
+        ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"epoch timing at {nproc} process(es) failed: {done.stderr[-2000:]}")
@@ -186,8 +219,11 @@ def time_epochs(nproc: int, threads: int, cfg: ScaleBenchConfig) -> dict[str, An
 # ---------------------------------------------------------------------------- the report
 def run_scale_bench(cfg: ScaleBenchConfig) -> dict[str, Any]:
     load_before = os.getloadavg()
-    report: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-                              "cpu_count": os.cpu_count(), "load_before": [round(v, 2) for v in load_before]}
+    report: dict[str, Any] = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "cpu_count": os.cpu_count(),
+        "load_before": [round(v, 2) for v in load_before],
+    }
     runs: dict[str, dict[str, Any]] = {}
     for n, threads in cfg.runs:
         print(f"timing fine-tuning epochs at {n} process(es) x {threads} thread(s) ...", flush=True)
@@ -203,9 +239,11 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> dict[str, Any]:
     # Efficiency of n ranks against one process: t(1) / (n x t(n)), for each one-process baseline.
     singles = {k: steady(r) for k, r in runs.items() if r["world"] == 1}
     report["scaling"] = {
-        k: {"epoch_seconds": round(steady(r), 3),
+        k: {
+            "epoch_seconds": round(steady(r), 3),
             **{f"speedup_vs_{b}": round(t1 / steady(r), 3) for b, t1 in singles.items()},
-            **{f"efficiency_vs_{b}": round(t1 / (r["world"] * steady(r)), 3) for b, t1 in singles.items()}}
+            **{f"efficiency_vs_{b}": round(t1 / (r["world"] * steady(r)), 3) for b, t1 in singles.items()},
+        }
         for k, r in runs.items()
     }
     print(f"writing {cfg.images} images under {cfg.folder} (once) ...", flush=True)
@@ -239,8 +277,10 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for k, e in r["epochs"].items():
-        lines.append(f"| {k} | {', '.join(f'{t:.2f}' for t in e['epoch_seconds'])} | "
-                     f"{r['scaling'][k]['epoch_seconds']:.2f} | {e['load_after']} |")
+        lines.append(
+            f"| {k} | {', '.join(f'{t:.2f}' for t in e['epoch_seconds'])} | "
+            f"{r['scaling'][k]['epoch_seconds']:.2f} | {e['load_after']} |"
+        )
     lines += ["", "| ranks vs one process | speed-up | efficiency t(1) / (n x t(n)) |", "|---|---|---|"]
     for k, sc in r["scaling"].items():
         for key in sc:
@@ -257,10 +297,16 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for p in r["loader"]:
-        lines.append(f"| {'streaming' if p['stream'] else 'eager'} | {p['workers']} | {p['cache_mb'] or '-'} | "
-                     f"{p['images']:,} | {p['seconds']:.1f} | {p['rss_growth_mb']:.0f} | {p['load_after']} |")
-    lines += ["", "RSS growth: peak over the loading process's RSS before loading (libraries already imported), "
-              "plus its workers' unique memory (USS), sampled every 20 ms; each pass in a fresh process.", ""]
+        lines.append(
+            f"| {'streaming' if p['stream'] else 'eager'} | {p['workers']} | {p['cache_mb'] or '-'} | "
+            f"{p['images']:,} | {p['seconds']:.1f} | {p['rss_growth_mb']:.0f} | {p['load_after']} |"
+        )
+    lines += [
+        "",
+        "RSS growth: peak over the loading process's RSS before loading (libraries already imported), "
+        "plus its workers' unique memory (USS), sampled every 20 ms; each pass in a fresh process.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -279,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         distributed.barrier()
         distributed.shutdown()
         return
-    p = argparse.ArgumentParser(prog="python -m merging.scale_bench")
+    p = argparse.ArgumentParser(prog="python -m pam_app.bench.scale")
     p.add_argument("--out", default="results")
     p.add_argument("--epochs", type=int, default=ScaleBenchConfig.epochs)
     p.add_argument("--images", type=int, default=ScaleBenchConfig.images)

@@ -1,0 +1,1 @@
+"""``pam bench``: the project's claim, measured (see docs/pam.md)."""

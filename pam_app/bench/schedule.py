@@ -1,0 +1,120 @@
+"""The benchmark's configuration: its pruning schedule, the routes it runs, and the data-set scaling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from merging.data.base import Splits
+from merging.pruning import PruneConfig
+from merging.references import ROUTES, WIDTH_GRID, TpSchedule
+from merging.tasks import all_combinations
+from merging.train import TrainConfig
+
+BASELINE = "separate"
+ZOO_EPOCHS = {"glyphs": 15}  # zoo epochs of data sets that set their own (glyphs: its 85-97% accuracy band)
+REFERENCE_TRAIN_SIZE = 1078  # digits' training split, for which the epoch counts are set
+REFERENCE = "pam"
+SPEC = "spec"  # pseudo-merger rows: the specialist limit c_spec(C) (c_alone(t) for a single task)
+ALONE = "alone"  # rows of the three c_alone routes per task
+
+
+# The same pruner for every route, every reference and every specialist: the library's schedule made
+# coarser (15% steps down to 4%, 3+3 epochs, 6 final) so that 3 data sets x several seeds x 6 routes
+# fit on 2 cores; the budget test is the library's (1 point, one-sided 90%).
+BENCH_PRUNE = PruneConfig(
+    step=0.15,
+    min_step=0.04,
+    max_steps=24,
+    finetune_epochs=3,
+    retry_epochs=3,
+    final_epochs=6,
+    taylor_batches=4,
+    progress=False,
+)
+BENCH_TP = TpSchedule(iterative_steps=16, pruning_ratio=0.95, finetune_epochs=3, retry_epochs=3)
+
+
+def schedule_for(cfg: PruneConfig, splits: Splits, seed: int) -> PruneConfig:
+    """``cfg`` for this data set: its epoch counts are set for digits' ~1,100 training images, so on a
+    larger training split a fine-tuning "epoch" is that many samples (the same gradient steps)."""
+    samples = REFERENCE_TRAIN_SIZE if len(splits.train) > REFERENCE_TRAIN_SIZE else None
+    return replace(cfg, seed=seed, epoch_samples=samples)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    dataset: str = "digits"  # digits | digits-partitions | composite (or any registered data set)
+    tasks: tuple[str, ...] = ()  # subset of the data set's tasks (empty: all)
+    mergers: tuple[str, ...] = ()  # empty: every registered merger
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # each seed trains its own zoo, merges and prunes
+    arch: str = "lenet"  # architecture family of the zoo
+    width_mult: float = 1.0  # the family's width multiplier
+    zoo_epochs: int = 40  # training epochs of each single-task network (and of the shared trunk)
+    split_seed: int = 0  # train/val/test split of the data set
+    prune: PruneConfig = field(default_factory=lambda: BENCH_PRUNE)
+    merger_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-merger keyword options
+    routes: tuple[str, ...] = ROUTES  # c_alone routes: project | torch-pruning | width-grid
+    tp_schedule: TpSchedule = field(default_factory=lambda: BENCH_TP)  # route (b)'s schedule
+    width_grid: tuple[float, ...] = WIDTH_GRID  # route (c)'s width multipliers
+    spec_sizes: tuple[int, ...] = (2, -1)  # combination sizes with a specialist network (-1: all tasks)
+    out_dir: Path = Path("results")  # where bench-<dataset>.{json,md,png} go
+    progress: bool = True
+    workers: int | None = None  # processes for a seed's independent jobs (None: one per core)
+    dataset_args: dict[str, Any] = field(default_factory=dict)  # load_dataset options (the user's folder/CelebA)
+
+    @property
+    def stem(self) -> str:
+        """Result file stem: ``bench-<dataset>`` for the LeNet zoo, else with the family and width."""
+        if self.arch == "lenet" and self.width_mult == 1.0:
+            return f"bench-{self.dataset}"
+        return f"bench-{self.dataset}-{self.arch}" + ("" if self.width_mult == 1.0 else f"-w{self.width_mult:g}")
+
+
+def quick_config(dataset: str, **overrides: Any) -> BenchConfig:
+    """The CI mode: 2 seeds, shorter training, coarser pruning steps, a lighter MTZ search, the
+    all-task specialist only."""
+    pc = replace(
+        BENCH_PRUNE,
+        finetune_epochs=1,
+        retry_epochs=1,
+        final_epochs=3,
+        max_steps=6,
+        step=0.3,
+        min_step=0.1,
+        recover_epochs=10,
+        recover_rounds=2,
+        taylor_batches=2,
+    )
+    # MTZ's per-layer budget search (retraining after every trial) was half of --quick's time.
+    mtz = {"retrain_steps": 20, "search_steps": 1}
+    tp_quick = TpSchedule(iterative_steps=4, pruning_ratio=0.8, finetune_epochs=1, retry_epochs=1)
+    return replace(
+        BenchConfig(
+            dataset=dataset,
+            seeds=(0, 1),
+            zoo_epochs=15,
+            prune=pc,
+            merger_options={"mtz": mtz},
+            tp_schedule=tp_quick,
+            width_grid=(0.25, 0.5, 1.0),
+            spec_sizes=(-1,),
+        ),
+        **overrides,
+    )
+
+
+def _merger_options(cfg: BenchConfig, name: str, epochs: int) -> dict[str, Any]:
+    opts = dict(cfg.merger_options.get(name, {}))
+    if name == "shared" and "train" not in opts:  # the trunk gets the zoo's training length
+        opts["train"] = TrainConfig(epochs=epochs, progress=False)
+    return opts
+
+
+def spec_combinations(tasks: Sequence[str], sizes: Sequence[int]) -> list[tuple[str, ...]]:
+    """The combinations of two or more tasks that get a specialist network (singles use c_alone)."""
+    n = len(tasks)
+    want = {n if k == -1 else k for k in sizes}
+    return [c for c in all_combinations(tasks) if len(c) >= 2 and len(c) in want]
