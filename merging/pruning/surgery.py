@@ -47,28 +47,27 @@ def narrow_channels(
     (a channel serving nothing is removed), except in groups serving a ``frozen`` task. In place;
     returns the number of pairs applied."""
     table = table_of(net)
-    dropped: dict[tuple[int, int], int] = {}  # (space, row) -> tasks removed from that channel
+    rows = {key: table.group_rows(*key) for key in removals}  # c indexes the channels as given
+    done = 0
     for (l, mask), pairs in removals.items():
         s = table.space_of[l]
-        rows = table.group_rows(l, mask)
         for c, t in pairs:
-            r, bit = rows[c], 1 << t
-            if table.spaces[s].masks[r] & bit:
-                table.spaces[s].masks[r] &= ~bit
-                dropped[(s, r)] = dropped.get((s, r), 0) | bit
-    # Cut after every set has narrowed, so the result does not depend on the order of the pairs.
-    for (s, r), bits in dropped.items():
-        for l, conv in table.readers(s):
-            for i, m in enumerate(table.spaces[table.space_of[l]].masks):
-                if m & bits:
-                    conv.weight[i, r] = 0
-        if s == table.top:
-            for t, name in enumerate(net.task_names):
-                if bits >> t & 1:
-                    table.heads[name][0][:, r] = 0
+            r, bit = rows[(l, mask)][c], 1 << t
+            if not table.spaces[s].masks[r] & bit:
+                continue
+            table.spaces[s].masks[r] &= ~bit
+            done += 1
+            # Readers that serve t now (one narrowed by an earlier pair keeps the column; so does the
+            # channel's own row in a reader inside its unit: it is this channel, no longer serving t).
+            for layer, conv in table.readers(s):
+                for i, m in enumerate(table.spaces[table.space_of[layer]].masks):
+                    if m & bit:
+                        conv.weight[i, r] = 0
+            if s == table.top:
+                table.heads[net.task_names[t]][0][:, r] = 0
     narrow_to_served(net, table, frozen)
     rebuild(net, table)
-    return sum(bin(b).count("1") for b in dropped.values())
+    return done
 
 
 Links = dict[int, torch.Tensor]  # dense layer -> (its channels, channels it reads) bool: reads through
