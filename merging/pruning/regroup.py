@@ -156,15 +156,21 @@ def regroup_step(
     # Units the heads read (their channels are the last layer's): a head keeps at least one input.
     feeds_heads = {(u[0].layer, u[0].mask) for u in graph.units() if any(k.layer == last for k in u)}
     last_input = {t: sum(w for m, w in net.layout[last].items() if m >> t & 1) for t in range(len(net.tasks))}
+    # A space keeps at least one live channel: its readers need something to read (on the small
+    # widths of a MobileNetV2 block the cheapest pairs can empty a whole expansion).
+    live = {l: sum(net.layout[l].values()) for l in {u[0].layer for u in graph.units()}}
+    left: dict[tuple[int, int, int], int] = {}  # (layer, mask, channel) -> its set after the pairs chosen
     chosen: dict[tuple[int, int], list[tuple[int, int]]] = {}
     removed = 0.0
     for _, s, l, mask, c, t in entries:
         if removed >= target:
             break
-        if (l, mask) in feeds_heads:
-            if last_input[t] <= 1:
-                continue
-            last_input[t] -= 1
+        rest = left.get((l, mask, c), mask) & ~(1 << t)
+        if ((l, mask) in feeds_heads and last_input[t] <= 1) or (not rest and live[l] <= 1):
+            continue
+        last_input[t] -= (l, mask) in feeds_heads
+        live[l] -= not rest
+        left[(l, mask, c)] = rest
         chosen.setdefault((l, mask), []).append((c, t))
         removed += s
     pairs = drop_tasks(net, chosen, frozen)

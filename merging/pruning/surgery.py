@@ -144,6 +144,7 @@ def _anchor_blank_rows(table: ChannelTable, start: list[list[int]], links: Links
                     continue  # nothing alive below: rebuild reports it
                 _expand(table, start, below, anchor, m)
                 sup = [anchor]
+                changed = True  # the sets it starts from grew: serve again
             if not bool(link[i, sup].all()):
                 link[i, sup] = True
                 changed = True
