@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 
 from merging.arch import MOBILENET_V2_SETTINGS, ArchConfig, create_arch
+from merging.blocks import GroupBlock
 from merging.errors import MergingError, invariant
 from merging.graph import GroupKey
-from merging.network import GroupBlock, MultitaskNet
+from merging.network import MultitaskNet
 from merging.tasks import TaskSpec
 
 __all__ = ["TORCHVISION_ARCHS", "import_torchvision", "load_weights_file", "torchvision_state_dict"]
