@@ -67,6 +67,8 @@ from merging.mergers.base import (
     register_merger,
     single_block,
 )
+from merging.mergers.pam_info import PrefixInfo
+from merging.mergers.pam_sets import Channel, cap_paths, cut_sets, expand_sets, reproduces
 from merging.mi import DEFAULT_NOISE, label_entropy, mutual_information_many
 from merging.network import MultitaskNet
 from merging.pruning.surgery import remove_dead_groups
@@ -88,14 +90,6 @@ class PamConfig:
     own_task: bool = True  # a kept channel of t's network always serves t (keeps t exact)
     drop_irrelevant: bool = True  # False: a channel relevant to nothing stays in its own task's group
     consistency: Consistency = "cut"  # how sets are made to obey the wiring rule (see the module docstring)
-
-
-@dataclass
-class Channel:
-    net: int  # index of the source network (= task index)
-    index: int  # channel index in the source network's layer
-    relevant: int = 0  # mask of tasks the MI test finds it relevant to
-    final: int = 0  # mask of its group in the merged network (0: dropped)
 
 
 @register_merger
@@ -158,9 +152,9 @@ class PamMerger(Merger):
                 layers[l] = chans
             self._relevant_sets(torch.cat(feats, 1), labels, chans)
         if cfg.consistency == "expand":
-            _expand_sets(layers, structure.reads, len(nets))
+            expand_sets(layers, structure.reads, len(nets))
         else:
-            _cut_sets(layers, structure.reads)
+            cut_sets(layers, structure.reads)
         return layers
 
     def _relevant_sets(self, feats: Tensor, labels: list[Tensor], chans: list[Channel]) -> None:
@@ -178,7 +172,7 @@ class PamMerger(Merger):
             order = sorted(range(len(chans)), key=rank)
             own = [c for c in order if chans[c].net == t]
             reuse = [c for c in order if rank(c)[0] == 0]
-            probe = _PrefixInfo(feats, lab, cfg.noise)
+            probe = PrefixInfo(feats, lab, cfg.noise)
             # The target is what t's *own* network knows at this layer: against the pooled layer of all
             # networks, t's own channels never reached it and the prefix absorbed foreign channels.
             own_by_info = sorted(own, key=lambda c: (-float(single[c, t]), c))
@@ -198,7 +192,7 @@ class PamMerger(Merger):
             for c in picked or []:
                 chans[c].relevant |= 1 << t
                 chosen[c] = True
-        _cap_paths(chans, single, len(labels), cfg.own_task)
+        cap_paths(chans, single, len(labels), cfg.own_task)
         full = (1 << len(labels)) - 1
         for ch in chans:
             if cfg.split == "two-level" and bin(ch.relevant).count("1") >= 2:
@@ -232,7 +226,7 @@ class PamMerger(Merger):
             members.append(dict(sorted(groups.items())))
         layout = [{m: len(g) for m, g in groups.items()} for groups in members]
         reads = _Structure.of(nets[0]).reads
-        exact = [names[t] for t in range(len(nets)) if _reproduces(layers, reads, t)]
+        exact = [names[t] for t in range(len(nets)) if reproduces(layers, reads, t)]
         meta = {
             "merger": self.name,
             "pam": {
@@ -248,85 +242,6 @@ class PamMerger(Merger):
         merged.meta["pam"]["dead_groups"] = len(remove_dead_groups(merged))
         merged.eval()
         return merged
-
-
-def _cap_paths(chans: list[Channel], single: Tensor, n_tasks: int, own_task: bool) -> None:
-    """No task's path wider than its own network at this layer: where own channels (which serve
-    their task under ``own_task``) and foreign picks add up to more, the foreign channels that know
-    least about the task stop serving it."""
-    for t in range(n_tasks):
-        width = sum(1 for ch in chans if ch.net == t)
-        on = [c for c, ch in enumerate(chans) if ch.relevant >> t & 1 or (own_task and ch.net == t and ch.relevant)]
-        extra = len(on) - width
-        if extra <= 0:
-            continue
-        foreign = sorted((c for c in on if chans[c].net != t), key=lambda c: (float(single[c, t]), c))
-        for c in foreign[:extra]:
-            chans[c].relevant &= ~(1 << t)
-
-
-def _expand_sets(layers: list[list[Channel]], reads: Sequence[tuple[int, int]], n_nets: int) -> None:
-    """A channel's set also covers every kept channel that reads it in its own network (exact).
-
-    Widening only, to a fixpoint: in a residual stage a unit both feeds and is fed by the convs
-    between its additions, so one top-down pass is not enough (for a chain it is, and the second
-    pass changes nothing).
-    """
-    for chans in layers:
-        for ch in chans:
-            ch.final = ch.relevant
-    changed = True
-    while changed:
-        changed = False
-        for layer, source in reversed(reads):
-            above = [0] * n_nets  # union of the sets of each network's kept channels that read ``source``
-            for ch in layers[layer]:
-                above[ch.net] |= ch.final
-            for p in layers[source]:
-                if above[p.net] & ~p.final:
-                    p.final |= above[p.net]
-                    changed = True
-
-
-def _cut_sets(layers: list[list[Channel]], reads: Sequence[tuple[int, int]]) -> None:
-    """Keep each channel's relevance set; a channel reads only the parents the wiring rule allows.
-
-    Weights from a parent whose set is not a superset are cut (the paper's way). Where a group
-    would have no superset group at all to read, the parents of its channels that already serve
-    part of its set (or, failing that, all kept parents of the same networks) take on the group's
-    set too, so every group has an input. Widening only, to a fixpoint (see :func:`_expand_sets`).
-    """
-    for chans in layers:
-        for ch in chans:
-            ch.final = ch.relevant
-    changed = True
-    while changed:
-        changed = False
-        for layer, source in reversed(reads):
-            groups = sorted({ch.final for ch in layers[layer] if ch.final}, key=lambda m: (-bin(m).count("1"), m))
-            for mask in groups:
-                below = layers[source]
-                if any(p.final & mask == mask for p in below):
-                    continue
-                nets = {ch.net for ch in layers[layer] if ch.final == mask}
-                parents = [p for p in below if p.net in nets and p.final & mask]
-                parents = parents or [p for p in below if p.net in nets and p.final]
-                parents = parents or [p for p in below if p.net in nets]
-                for p in parents:
-                    p.final |= mask
-                changed = True
-
-
-def _reproduces(layers: list[list[Channel]], reads: Sequence[tuple[int, int]], t: int) -> bool:
-    """Whether head t sees exactly its source network: every channel of net t kept, readable, uncut."""
-    if any(not ch.final for chans in layers for ch in chans if ch.net == t):
-        return False
-    for layer, source in reads:
-        own = [ch for ch in layers[layer] if ch.net == t]
-        parents = [p for p in layers[source] if p.net == t]
-        if any(p.final & ch.final != ch.final for ch in own for p in parents):
-            return False
-    return all(ch.final >> t & 1 for ch in layers[-1] if ch.net == t)
 
 
 @dataclass(frozen=True)
@@ -345,48 +260,6 @@ class _Structure:
         reads = tuple((n.key.layer, i.layer) for n in graph if isinstance(n.key, GroupKey) and not n.coupled
                       for i in n.inputs)
         return _Structure(units, reads)
-
-
-def _grid(n: int) -> list[int]:
-    sizes, k = [], 1
-    while k < n:
-        sizes.append(k)
-        k *= 2
-    return [*sizes, n]
-
-
-class _PrefixInfo:
-    """Joint information of prefixes of channel rankings about one task's labels (cached)."""
-
-    def __init__(self, feats: Tensor, labels: Tensor, noise: float) -> None:
-        self.feats, self.labels, self.noise = feats, labels, noise
-        self.cache: dict[tuple[int, ...], float] = {}
-
-    def info(self, chans: Sequence[int]) -> float:
-        key = tuple(chans)
-        if key not in self.cache:
-            self.cache[key] = mutual_information_many(self.feats[:, list(key)], [self.labels], self.noise)[0]
-        return self.cache[key]
-
-    def best(self, order: Sequence[int]) -> float:
-        """Best information over prefixes of sizes 1, 2, 4, ..., all (the kernel estimate of a huge
-        set is diluted by uninformative channels, so the whole set is not always the best)."""
-        return max(self.info(order[:k]) for k in _grid(len(order)))
-
-    def smallest_prefix(self, order: Sequence[int], target: float) -> list[int] | None:
-        """Shortest prefix reaching ``target`` (grid, then bisection: information is near-monotone)."""
-        sizes = _grid(len(order))
-        hi = next((k for k in sizes if self.info(order[:k]) >= target), None)
-        if hi is None:
-            return None
-        lo = max([k for k in sizes if k < hi], default=0)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self.info(order[:mid]) >= target:
-                hi = mid
-            else:
-                lo = mid
-        return list(order[:hi])
 
 
 @torch.no_grad()
