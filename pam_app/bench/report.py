@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,59 @@ def _cell(r: Mapping[str, Any] | None, key: str, fmt: str = ".2f") -> str:
     return _fmt_range(r[key], r[f"{key}_range"], fmt)
 
 
+@dataclass
+class _View:
+    """What every section of the report reads: medians by (merger, combination), and the run's axes."""
+
+    cfg: BenchConfig
+    rows: list[dict[str, Any]]
+    mergers: Sequence[str]
+    med: dict[tuple[str, str], dict[str, Any]]
+    combos: list[str]
+    tasks: list[str]
+    seeds: list[Any]
+    alone_rows: list[dict[str, Any]]
+
+    @property
+    def others(self) -> list[str]:
+        return [m for m in self.mergers if m != REFERENCE]
+
+
 def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str], elapsed: float) -> str:
     med = {(r["merger"], r["combination"]): r for r in rows if r["seed"] == "median"}
     combos = [c for (m, c) in med if m == REFERENCE]
-    tasks = sorted(c for c in combos if "+" not in c)
-    seeds = sorted({r["seed"] for r in rows if r["seed"] != "median"})
+    v = _View(
+        cfg,
+        rows,
+        mergers,
+        med,
+        combos,
+        sorted(c for c in combos if "+" not in c),
+        sorted({r["seed"] for r in rows if r["seed"] != "median"}),
+        [r for r in rows if r["merger"] == ALONE],
+    )
+    lines = _intro(v, elapsed) + _cost_table(v) + _alone_table(v) + _accuracy_table(v) + _budget_notes(v)
+    lines += _targets(v) + _routes_table(v)
+    worst_acc = min(
+        (med[(REFERENCE, t)]["accuracy"][t] - med[(REFERENCE, t)]["reference_accuracy"][t], t) for t in v.tasks
+    )
+    lines.append(
+        f"- worst PAM median test-accuracy change vs single-task: {worst_acc[0]:+.2f} points ({worst_acc[1]}) "
+        "(target >= -1.0)"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _intro(v: _View, elapsed: float) -> list[str]:
+    """The title, what ran and how it was judged."""
+    cfg = v.cfg
+    mergers = v.mergers
+    seeds = v.seeds
+    lines: list[str] = []
     pc = cfg.prune
     width = f" (width x{cfg.width_mult:g})" if cfg.width_mult != 1.0 else ""
     zoo = ZOO_EPOCHS.get(cfg.dataset, f"{cfg.zoo_epochs} (fewer on a training split above {REFERENCE_TRAIN_SIZE:,})")
-    lines = [
+    lines += [
         f"# Benchmark: {cfg.dataset}",
         "",
         f"Mergers {', '.join(mergers)}; seeds {seeds}; zoo {cfg.arch}{width} trained {zoo} epochs per seed; "
@@ -52,7 +96,16 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
         "as strong as it gets). *limit* = max over t in C of c_alone(t).",
         "",
     ]
-    others = [m for m in mergers if m != REFERENCE]
+    return lines
+
+
+def _cost_table(v: _View) -> list[str]:
+    """MACs of every combination per route, and the ratios."""
+    mergers = v.mergers
+    med = v.med
+    combos = v.combos
+    others = v.others
+    lines: list[str] = []
     head = [
         "combination",
         "spec",
@@ -69,7 +122,14 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
         cells += [_cell(med.get((m, c)), "ratio_to_pam") for m in others]
         cells += [_cell(med.get((m, c)), "ratio_to_spec") for m in mergers]
         lines.append("| " + " | ".join(cells) + " |")
-    alone_rows = [r for r in rows if r["merger"] == ALONE]
+    return lines
+
+
+def _alone_table(v: _View) -> list[str]:
+    """The three c_alone routes per task."""
+    tasks = v.tasks
+    alone_rows = v.alone_rows
+    lines: list[str] = []
     if alone_rows:
         routes = list(alone_rows[0]["routes"])
         lines += [
@@ -94,6 +154,16 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
                 _fmt_range(_median(ratios), [min(ratios), max(ratios)], ".2f") if ratios else "-",
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _accuracy_table(v: _View) -> list[str]:
+    """Test accuracy per task and route."""
+    rows = v.rows
+    mergers = v.mergers
+    med = v.med
+    tasks = v.tasks
+    lines: list[str] = []
     lines += [
         "",
         "Test accuracy per task (median [min-max] over seeds; the last column: the Wilson 95% interval "
@@ -116,6 +186,18 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
             lo, hi = pam_rows[len(pam_rows) // 2]["accuracy_ci95"][t]
             cells.append(f"{lo:.1f}-{hi:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _budget_notes(v: _View) -> list[str]:
+    """Budget verdicts, re-merges, failures and the time split."""
+    rows = v.rows
+    mergers = v.mergers
+    med = v.med
+    tasks = v.tasks
+    seeds = v.seeds
+    lines: list[str] = []
+    shown = [*mergers, SPEC]
     budget = {m: med[(m, tasks[0])]["within_budget"] for m in shown if (m, tasks[0]) in med}
     lines += [
         "",
@@ -148,6 +230,19 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
     if per_seed:
         parts = {k: sum(t.get(k, 0.0) for t in per_seed.values()) for k in next(iter(per_seed.values()))}
         lines += ["", "Time split (all seeds): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in parts.items()), ""]
+    return lines
+
+
+def _targets(v: _View) -> list[str]:
+    """The issue's targets as measured."""
+    mergers = v.mergers
+    med = v.med
+    combos = v.combos
+    tasks = v.tasks
+    alone_rows = v.alone_rows
+    others = v.others
+    lines: list[str] = []
+    hit, total = budget_miss_share(v.rows)
     lines += ["", "## Targets (as measured, medians of per-seed ratios)", ""]
     full = combination_name(tasks)
     if alone_rows:
@@ -180,6 +275,14 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
     if (BASELINE, tasks[0]) in med:
         single = max((med[(REFERENCE, t)].get("ratio_to_separate", float("nan")), t) for t in tasks)
         lines.append(f"- worst c_pam(t)/c_sep(t) over single tasks: {single[0]:.2f} ({single[1]})")
+    return lines
+
+
+def _routes_table(v: _View) -> list[str]:
+    """One line per route against the targets, and the best route."""
+    rows = v.rows
+    mergers = v.mergers
+    lines: list[str] = []
     summary = route_summary(rows, mergers)
     if summary:
         lines += [
@@ -217,14 +320,7 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
         if b:
             lines += ["", f"Best route (closest to the specialist limit on its worst combination): **{b}**."]
         lines.append("")
-    worst_acc = min(
-        (med[(REFERENCE, t)]["accuracy"][t] - med[(REFERENCE, t)]["reference_accuracy"][t], t) for t in tasks
-    )
-    lines.append(
-        f"- worst PAM median test-accuracy change vs single-task: {worst_acc[0]:+.2f} points ({worst_acc[1]}) "
-        "(target >= -1.0)"
-    )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str], path: Path) -> None:
