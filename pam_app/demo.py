@@ -23,6 +23,8 @@ from merging.checkpoint import save_model
 from merging.cost import combination_cost, cost_table
 from merging.data import load_dataset
 from merging.data.base import Splits
+from merging.network import MultitaskNet
+from merging.pruning import PruneConfig
 from merging.report import format_table
 from merging.tasks import combination_name
 from merging.train import TrainConfig, evaluate
@@ -56,8 +58,6 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from merging.pipeline import split_route
-    from merging.pruning import check_set, reference_accuracy
-    from merging.pruning.budget import resolution_line
     from pam_app.bench.schedule import BENCH_PRUNE, schedule_for
 
     # These networks are tiny: one intra-op thread is as fast, and far faster on a busy machine.
@@ -78,8 +78,33 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{args.epochs} epochs, {args.workers or 'one per core'} worker(s)", flush=True)
     train_zoo(splits, arch, TrainConfig(epochs=args.epochs, seed=args.seed), out / "zoo", workers=args.workers)
     nets = load_zoo(out / "zoo")
-    names = [n.task_names[0] for n in nets]
-    checks = check_set(splits.val, cfg.check_shifts, args.seed, cfg.shift_below)
+    ref = _budget(nets, splits, cfg, args.seed)
+    merged, separate, spec_macs = _yardstick_and_route(route, nets, splits, cfg, ref, args, out)
+    _cost_tables(nets, splits, merged, separate, spec_macs)
+    names = _export(out, splits)
+    print(f"\ndemo done in {time.perf_counter() - t_start:.0f}s")
+
+    if args.no_serve:
+        return 0
+    print("\n== 5/5 serve it (Ctrl-C stops); in another terminal:", flush=True)
+    port = args.port
+    pair = ",".join(names[:2])
+    print(f"  curl -s -X POST 'http://127.0.0.1:{port}/infer?tasks={pair}' -F image=@{out / 'sample.png'}")
+    print(f"  open http://127.0.0.1:{port}/dashboard", flush=True)
+    pam_cmd = shutil.which("pam")
+    cmd = [pam_cmd] if pam_cmd else [sys.executable, "-m", "pam_app"]
+    try:
+        return subprocess.call([*cmd, "serve", str(out / "bundle"), "--host", "127.0.0.1", "--port", str(port)])
+    except KeyboardInterrupt:
+        return 0
+
+
+def _budget(nets: list[MultitaskNet], splits: Splits, cfg: PruneConfig, seed: int) -> dict[str, float]:
+    """The check set and each task's reference accuracy on it; prints what the set can resolve."""
+    from merging.pruning import check_set, reference_accuracy
+    from merging.pruning.budget import resolution_line
+
+    checks = check_set(splits.val, cfg.check_shifts, seed, cfg.shift_below)
     ref = reference_accuracy(nets, checks)
     images = checks.images or len(checks)
     held = round(images * cfg.certify_share)
@@ -89,7 +114,15 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  steps: {resolution_line(images - held, cfg.confidence, cfg.budget)}")
     if held:
         print(f"  certification: {resolution_line(held, cfg.confidence, cfg.budget)}", flush=True)
+    return ref
 
+
+def _yardstick_and_route(
+    route: str, nets: list[MultitaskNet], splits: Splits, cfg: PruneConfig, ref: dict[str, float],
+    args: argparse.Namespace, out: Path,
+) -> tuple[MultitaskNet, MultitaskNet, int | None]:
+    """Each task pruned alone, the all-task specialist and the route, side by side; saves what ships.
+    Returns (shipped network, separately pruned networks, the all-task specialist's MACs or None)."""
     print(f"\n== 2/5 the yardstick (each task's network pruned alone; the all-task specialist: one trunk "
           f"trained for all tasks, pruned the same way) and 3/5 route {route} "
           f"({DEMO_ROUTE_WHY if route == DEMO_ROUTE else 'chosen with --route'}), side by side", flush=True)
@@ -125,15 +158,21 @@ def run_demo(args: argparse.Namespace) -> int:
     merged.meta["route"] = route
     save_model(merged, out / "multitask-pruned")
     save_model(separate, out / "separate-pruned")
+    return merged, separate, combination_cost(spec_net).macs if spec_ok else None
 
+
+def _cost_tables(
+    nets: list[MultitaskNet], splits: Splits, merged: MultitaskNet, separate: MultitaskNet, spec_macs: int | None,
+) -> None:
+    """Every combination's MACs side by side, and each task's test accuracy."""
     print("\n== cost of every combination (separate = each task's own pruned network; spec = the specialist "
           "limit: c_alone(t) for one task, the all-task specialist for all tasks)", flush=True)
     sep, got = cost_table(separate), cost_table(merged)
-    full = combination_name(names)
+    full = combination_name([n.task_names[0] for n in nets])
     rows = []
     for combo in sep:
         spec = (sep[combo].macs if "+" not in combo
-                else combination_cost(spec_net).macs if combo == full and spec_ok else None)
+                else spec_macs if combo == full else None)
         rows.append([combo, sep[combo].macs, got[combo].macs, f"{sep[combo].macs / max(1, got[combo].macs):.2f}x",
                      f"{spec:,}" if spec else "-", f"{got[combo].macs / spec:.2f}" if spec else "-"])
     print(format_table(["combination", "separate MACs", "shipped MACs", "separate/shipped", "spec MACs",
@@ -144,6 +183,9 @@ def run_demo(args: argparse.Namespace) -> int:
                        [[t, own[t], sep_acc[t], merged.meta["test_accuracy"][t],
                          f"{merged.meta['test_accuracy'][t] - own[t]:+.2f}"] for t in own]))
 
+
+def _export(out: Path, splits: Splits) -> list[str]:
+    """The shipped network as an ExecuTorch bundle, and a sample image; returns the task names."""
     names = sorted(t.name for t in splits.tasks)
     print(f"\n== 4/5 export the pruned multitask network: one ExecuTorch method per combination "
           f"({2 ** len(names) - 1} methods; library chatter goes to the bundle's export.log)", flush=True)
@@ -153,19 +195,4 @@ def run_demo(args: argparse.Namespace) -> int:
     export_bundle(out / "multitask-pruned.json", bundle, ExportConfig(force=True))
     _sample_png(out / "sample.png", splits)
     print(f"  bundle: {bundle}/ (model.pte, manifest.json, report.json); sample image {out / 'sample.png'}")
-    print(f"\ndemo done in {time.perf_counter() - t_start:.0f}s")
-
-    if args.no_serve:
-        return 0
-    print("\n== 5/5 serve it (Ctrl-C stops); in another terminal:", flush=True)
-    port = args.port
-    pair = ",".join(names[:2])
-    print(f"  curl -s -X POST 'http://127.0.0.1:{port}/infer?tasks={pair}' -F image=@{out / 'sample.png'}")
-    print(f"  open http://127.0.0.1:{port}/dashboard", flush=True)
-    pam_cmd = shutil.which("pam")
-    cmd = [pam_cmd] if pam_cmd else [sys.executable, "-m", "pam_app"]
-    try:
-        return subprocess.call([*cmd, "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port)])
-    except KeyboardInterrupt:
-        return 0
-
+    return names
