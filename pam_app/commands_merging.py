@@ -31,7 +31,7 @@ def add_data_options(g: Any, tasks: bool = True) -> None:
     g.add_argument(
         "--task-groups", default=None, help="celeba: 'name=Attr,Attr;name2=Attr' (tasks as attribute groups)"
     )
-    g.add_argument("--image-size", default=None, help="folder/celeba: HxW to resize to, e.g. 32x32; scenes: 16-128")
+    g.add_argument("--image-size", default=None, help="folder/celeba: HxW to resize to, e.g. 32x32; scenes: 16-128; glyphs: 12-64 (square)")
     g.add_argument("--channels", type=int, default=None, help="folder/celeba: 1 (grayscale) or 3 (RGB)")
     g.add_argument("--eager", action="store_true",
                    help="folder/celeba: decode every image into memory first (default: when they fit in 2 GB)")
@@ -80,7 +80,7 @@ def dataset_kwargs(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[str,
             workers=base.workers if getattr(args, "loader_workers", None) is None else args.loader_workers,
             cache_mb=base.cache_mb if getattr(args, "cache_mb", None) is None else args.cache_mb,
         )
-    if args.dataset == "scenes" and size:
+    if args.dataset in ("scenes", "glyphs") and size:
         kw["size"] = size
     if args.dataset == "digits":
         kw["tasks"] = tasks

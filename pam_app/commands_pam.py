@@ -160,6 +160,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             kw, _ = dataset_kwargs(argparse.Namespace(**{**vars(args), "dataset": ds}))
             kw.pop("split_seed", None)
             cfg = replace(cfg, dataset_args={**kw, "stream": False})
+        elif ds in ("scenes", "glyphs") and args.image_size:  # generated data drawn at another size
+            kw, _ = dataset_kwargs(argparse.Namespace(**{**vars(args), "dataset": ds}))
+            cfg = replace(cfg, dataset_args={"size": kw["size"]})
         cfg = replace(cfg, split_seed=args.split_seed)
         out = args.out or ("results/quick" if args.quick else "results")  # quick runs never overwrite the full run
         cfg = replace(cfg, mergers=mergers, out_dir=Path(out), arch=args.arch or cfg.arch)
