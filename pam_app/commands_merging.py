@@ -31,7 +31,8 @@ def add_data_options(g: Any, tasks: bool = True) -> None:
     g.add_argument(
         "--task-groups", default=None, help="celeba: 'name=Attr,Attr;name2=Attr' (tasks as attribute groups)"
     )
-    g.add_argument("--image-size", default=None, help="folder/celeba: HxW to resize to, e.g. 32x32; scenes: 16-128; glyphs: 12-64 (square)")
+    g.add_argument("--image-size", default=None, help="folder/celeba: HxW to resize to, e.g. 32x32; "
+                   "scenes: 16-128; glyphs: 12-64 (square)")
     g.add_argument("--channels", type=int, default=None, help="folder/celeba: 1 (grayscale) or 3 (RGB)")
     g.add_argument("--eager", action="store_true",
                    help="folder/celeba: decode every image into memory first (default: when they fit in 2 GB)")
