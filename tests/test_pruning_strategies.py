@@ -62,12 +62,12 @@ class Ones(Term):
 def test_a_new_criterion_is_one_class_and_one_registry_line(mobilenet, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     net, data = mobilenet
     monkeypatch.setitem(CRITERIA, "ones", lambda cfg: Criterion(((Ones(), 1.0),)))
-    scores = score_channels(net, data, PruneConfig(criterion="ones"))  # type: ignore[arg-type]
+    scores = score_channels(net, data, PruneConfig(criterion="ones"))
     assert {(s.layer, s.mask): s.importance.numel() for s in scores} == {
         (u[0].layer, u[0].mask): net.group_width(u[0].layer, u[0].mask) for u in net.graph().units()
     }
     assert all(torch.equal(s.importance, torch.ones_like(s.importance)) for s in scores)
-    assert not criterion_of(PruneConfig(criterion="ones")).needs_gradients  # type: ignore[arg-type]
+    assert not criterion_of(PruneConfig(criterion="ones")).needs_gradients
     assert criterion_of(PruneConfig()).needs_gradients
 
 
@@ -93,19 +93,19 @@ def test_price_rules() -> None:
 
 
 def test_unknown_names_are_refused_before_any_work() -> None:
-    for bad in ({"criterion": "entropy"}, {"price": "gold"}):
+    for bad, resolve in ((PruneConfig(criterion="entropy"), criterion_of), (PruneConfig(price="gold"), price_rule_of)):
         with pytest.raises(MergingError) as e:
-            prune(None, None, PruneConfig(**bad))  # type: ignore[arg-type]
+            prune(None, None, bad)  # type: ignore[arg-type]  # refused before the network is looked at
         assert e.value.code == "bad_argument"
         with pytest.raises(MergingError):
-            (criterion_of if "criterion" in bad else price_rule_of)(PruneConfig(**bad))  # type: ignore[arg-type]
+            resolve(bad)
 
 
 def test_prune_step_refuses_an_unknown_price_before_cutting(mobilenet) -> None:  # type: ignore[no-untyped-def]
     net, data = mobilenet
     layout = [dict(g) for g in net.layout]
     with pytest.raises(MergingError):
-        prune_step(net, data, PruneConfig(price="gold"), 0.3)  # type: ignore[arg-type]
+        prune_step(net, data, PruneConfig(price="gold"), 0.3)
     assert net.layout == layout
 
 

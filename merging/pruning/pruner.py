@@ -66,12 +66,25 @@ def within_budget(acc: Mapping[str, float], ref: Mapping[str, float], budget: fl
 
 
 def _finetune(
-    net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, epochs: int, seed: int, lr: float | None = None,
-    tasks: Sequence[str] | None = None, teachers: Teachers | None = None,
+    net: MultitaskNet,
+    data: MultitaskData,
+    cfg: PruneConfig,
+    epochs: int,
+    seed: int,
+    lr: float | None = None,
+    tasks: Sequence[str] | None = None,
+    teachers: Teachers | None = None,
 ) -> None:
     if epochs > 0:
-        tc = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr or cfg.lr, seed=seed, progress=False,
-                         distill=cfg.distill if teachers is not None else 0.0, epoch_samples=cfg.epoch_samples)
+        tc = TrainConfig(
+            epochs=epochs,
+            batch_size=cfg.batch_size,
+            lr=lr or cfg.lr,
+            seed=seed,
+            progress=False,
+            distill=cfg.distill if teachers is not None else 0.0,
+            epoch_samples=cfg.epoch_samples,
+        )
         fit(net, data, tc, tasks=tasks, teachers=teachers)
 
 
@@ -111,8 +124,12 @@ def prune_step(
         removed += cost
     chosen = broadcast_object(chosen)  # which channels go: rank 0 decides for every rank
     removed_groups = cut_channels(net, chosen, {(sc.layer, sc.mask): sc.importance for sc in scores})
-    return {"fraction": fraction, "channels": sum(len(v) for v in chosen.values()), "removed_groups": removed_groups,
-            "frozen": frozen}
+    return {
+        "fraction": fraction,
+        "channels": sum(len(v) for v in chosen.values()),
+        "removed_groups": removed_groups,
+        "frozen": frozen,
+    }
 
 
 def _freeze(net: MultitaskNet, frozen: int) -> list[torch.nn.Parameter]:
@@ -127,7 +144,12 @@ def _freeze(net: MultitaskNet, frozen: int) -> list[torch.nn.Parameter]:
 
 
 def finetune_unfrozen(
-    net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, epochs: int, seed: int, frozen: int,
+    net: MultitaskNet,
+    data: MultitaskData,
+    cfg: PruneConfig,
+    epochs: int,
+    seed: int,
+    frozen: int,
     teachers: Teachers | None = None,
 ) -> None:
     """Fine-tune on the loss of the tasks still being pruned; frozen parts stay bit-identical."""
@@ -195,16 +217,26 @@ def prune(
         if on_visit is not None:
             on_visit(kind, net)
         v = broadcast_object(assess(net, checks, ref, cfg.budget, steer.confidence))
-        row = {"kind": kind, "macs_all": combination_cost(net).macs, "weighted_macs": weighted_macs(net),
-               "check_accuracy": v.accuracy, "drop_upper": v.upper, "within_budget": v.ok,
-               "disagreement": v.disagreement, **extra}
+        row = {
+            "kind": kind,
+            "macs_all": combination_cost(net).macs,
+            "weighted_macs": weighted_macs(net),
+            "check_accuracy": v.accuracy,
+            "drop_upper": v.upper,
+            "within_budget": v.ok,
+            "disagreement": v.disagreement,
+            **extra,
+        }
         history.append(row)
         return row, v
 
     history: list[dict[str, Any]] = []
-    start, _ = record("start", reference={t: full_ref[t] for t in tasks},
-                      resolution=resolution_line(images_of(checks), steer.confidence, cfg.budget),
-                      certify_resolution=certifier.describe() if certifier else None)
+    start, _ = record(
+        "start",
+        reference={t: full_ref[t] for t in tasks},
+        resolution=resolution_line(images_of(checks), steer.confidence, cfg.budget),
+        certify_resolution=certifier.describe() if certifier else None,
+    )
     for r in range(cfg.recover_rounds if cfg.recover_epochs > 0 else 0):
         if start["within_budget"]:
             break
@@ -251,12 +283,23 @@ def prune(
         # Freeze the tasks that broke the budget (frozen parts never change, so they are live ones).
         newly = task_mask(net, verdict.failing) & ~frozen
         frozen |= newly
-        history.append({"kind": "freeze", "tasks": [t for i, t in enumerate(tasks) if newly >> i & 1],
-                        "layout": copy.deepcopy(net.layout)})
+        history.append(
+            {
+                "kind": "freeze",
+                "tasks": [t for i, t in enumerate(tasks) if newly >> i & 1],
+                "layout": copy.deepcopy(net.layout),
+            }
+        )
         live_groups = any(not mask & frozen for groups in net.layout for mask in groups)
         if frozen == everyone or not live_groups:
-            history.append({"kind": "stop", "reason": "every task frozen" if frozen == everyone
-                            else "no group left that serves only unfrozen tasks"})
+            history.append(
+                {
+                    "kind": "stop",
+                    "reason": "every task frozen"
+                    if frozen == everyone
+                    else "no group left that serves only unfrozen tasks",
+                }
+            )
             break
         schedule.restart()
     else:
@@ -269,17 +312,27 @@ def prune(
             history.append({"kind": "stop", "reason": START_MISSED})
             return net, history
         best, certificate = found
-    best.meta = {**best.meta, "pruned": {"config": {k: v for k, v in vars(cfg).items()},
-                                         "reference": {t: full_ref[t] for t in tasks},
-                                         "steps": sum(1 for h in history if h.get("accepted")),
-                                         "certificate": certificate}}
+    best.meta = {
+        **best.meta,
+        "pruned": {
+            "config": {k: v for k, v in vars(cfg).items()},
+            "reference": {t: full_ref[t] for t in tasks},
+            "steps": sum(1 for h in history if h.get("accepted")),
+            "certificate": certificate,
+        },
+    }
     best.eval()
     return best, history
 
 
 def final_finetune(
-    net: MultitaskNet, train: MultitaskData, checks: MultitaskData, ref: Mapping[str, float], cfg: PruneConfig,
-    history: list[dict[str, Any]], teachers: Teachers | None = None,
+    net: MultitaskNet,
+    train: MultitaskData,
+    checks: MultitaskData,
+    ref: Mapping[str, float],
+    cfg: PruneConfig,
+    history: list[dict[str, Any]],
+    teachers: Teachers | None = None,
 ) -> MultitaskNet:
     """A longer, lower-rate fine-tune of the accepted network on every task's loss (the structure is
     final, so frozen parts may move now); kept only if it is still within budget and no task's
@@ -291,6 +344,14 @@ def final_finetune(
     _finetune(trial, train, cfg, cfg.final_epochs, cfg.seed + 3000, cfg.final_lr, teachers=teachers)
     after = assess(trial, checks, ref, cfg.budget, cfg.confidence)
     keep = broadcast_object(after.ok and sum(after.upper.values()) <= sum(before.upper.values()))
-    history.append({"kind": "final", "kept": keep, "drop_upper_before": before.upper, "drop_upper": after.upper,
-                    "check_accuracy": after.accuracy, "macs_all": combination_cost(net).macs})
+    history.append(
+        {
+            "kind": "final",
+            "kept": keep,
+            "drop_upper_before": before.upper,
+            "drop_upper": after.upper,
+            "check_accuracy": after.accuracy,
+            "macs_all": combination_cost(net).macs,
+        }
+    )
     return trial if keep else net
