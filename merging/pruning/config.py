@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
-Criterion = Literal["taylor", "magnitude", "taylor+magnitude"]
-Price = Literal["share", "macs", "none"]
 
 
 @dataclass(frozen=True)
@@ -26,10 +22,10 @@ class PruneConfig:
     lr: float = 1e-3  # fine-tuning learning rate (one-cycle per fine-tune)
     batch_size: int = 64  # fine-tuning batch size
     epoch_samples: int | None = None  # a fine-tuning "epoch" sees at most this many samples (None: the whole split)
-    criterion: Criterion = "taylor+magnitude"  # channel importance
+    criterion: str = "taylor+magnitude"  # channel importance: a name in ``merging.pruning.criteria.CRITERIA``
     magnitude_weight: float = 0.25  # weight of the (layer-normalised) magnitude term in "taylor+magnitude"
     taylor_batches: int = 8  # training batches (of 128) whose joint-loss gradients feed Taylor importance
-    price: Price = "share"  # how a channel's cost across combinations divides its importance (importance.py)
+    price: str = "share"  # what divides a channel's importance: a name in ``merging.pruning.prices.PRICES``
     check_shifts: int = 4  # the budget is checked on val plus this many 1-pixel-shifted copies of it ...
     shift_below: int = 5000  # ... while val has fewer images than this (a large val is evidence enough)
     certify_share: float = 0.0  # share of the check set held out for one certification at the end (0: none;
@@ -41,4 +37,3 @@ class PruneConfig:
     per_task_stop: bool = True  # a task whose budget stops pruning freezes what serves it; the rest go on
     seed: int = 0  # seeds fine-tuning, the check set's shifts and the Taylor batches
     progress: bool = True  # tqdm bar over prune steps
-

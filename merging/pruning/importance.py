@@ -1,19 +1,21 @@
 """Channel importance and channel cost for pruning a multitask network.
 
-Importance: Torch-Pruning's group Taylor importance (first-order, on the *joint* loss of all
-tasks, summed over the dependency group: the block's own filter and every consumer's input
-slice) and group magnitude, each normalised by its mean over the layer's channels so layers of
-different sizes compete fairly (global raw scores starve whichever layer has small weights).
+Importance (``PruneConfig.criterion``, the classes in ``merging.pruning.criteria``): Torch-Pruning's
+group Taylor importance (first-order, on the *joint* loss of all tasks, summed over the dependency
+group: the block's own filter and every consumer's input slice) and group magnitude, each
+normalised by its mean over the layer's channels so layers of different sizes compete fairly
+(global raw scores starve whichever layer has small weights).
 
 Cost: a channel of group S at layer l is paid for by every combination that meets S. Its
 *weighted cost* is the MACs it brings (its own filter, plus its slice in every block or head
 that reads it) times the share of combinations that pay each of those parts, i.e. its expected
 MACs over a uniformly drawn combination; its *share* is that over the MACs it would cost if every
 combination paid. The pruner prices a channel by its share relative to its layer's mean
-(``PruneConfig.price="share"``): a channel shared by many tasks is dearer than an exclusive one of
-the same layer, while layers compete on normalised importance alone. Pricing by raw expected MACs
-(``price="macs"``) starved whole layers: early convs bring the most MACs per channel, so it pruned
-almost only the first conv and never the dense layer (measured on the demo's zoo).
+(``PruneConfig.price="share"``; the rules are in ``merging.pruning.prices``): a channel shared by
+many tasks is dearer than an exclusive one of the same layer, while layers compete on normalised
+importance alone. Pricing by raw expected MACs (``price="macs"``) starved whole layers: early convs
+bring the most MACs per channel, so it pruned almost only the first conv and never the dense
+layer (measured on the demo's zoo).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import torch_pruning as tp
 from torch import Tensor
 
 from merging.data.base import MultitaskData
+from merging.graph import GroupKey
 from merging.network import MultitaskNet
 from merging.pruning.config import PruneConfig
+from merging.pruning.criteria import criterion_of
 from merging.train import joint_loss
 
 
@@ -79,47 +83,30 @@ def accumulate_gradients(net: MultitaskNet, data: MultitaskData, cfg: PruneConfi
 
 
 def score_channels(net: MultitaskNet, data: MultitaskData, cfg: PruneConfig) -> list[ChannelScores]:
-    """Importance and weighted cost of every channel of every group."""
+    """Importance (``cfg.criterion``, see ``merging.pruning.criteria``) and weighted cost of every
+    channel of every group. The one Torch-Pruning dependency graph of a prune step is built here."""
+    criterion = criterion_of(cfg)
     module = net.for_combination(None)
-    example = data.x[:2]
-    graph = tp.DependencyGraph().build_dependency(module, example_inputs=example, verbose=False)
-    use_taylor = cfg.criterion in ("taylor", "taylor+magnitude")
-    use_mag = cfg.criterion in ("magnitude", "taylor+magnitude")
-    if use_taylor:
+    graph = tp.DependencyGraph().build_dependency(module, example_inputs=data.x[:2], verbose=False)
+    if criterion.needs_gradients:
         accumulate_gradients(net, data, cfg)
-    taylor = tp.importance.GroupTaylorImportance(normalizer=None)
-    magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
-    costs = channel_costs(net)
-    full = channel_costs(net, weighted=False)
-    raw: list[tuple[int, int, Tensor | None, Tensor | None]] = []
     # One score per pruning unit, on its producer: Torch-Pruning's group spans the depthwise convs
     # and additions that share its channels.
+    raw: dict[GroupKey, list[Tensor]] = {}
     for unit in net.graph().units():
         key = unit[0]
-        conv = net.block(key.layer, key.mask).conv
         idxs = list(range(net.group_width(key.layer, key.mask)))
-        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=idxs)
-        t = taylor(group).detach().abs() if use_taylor else None
-        m = magnitude(group).detach() if use_mag else None
-        raw.append((key.layer, key.mask, t, m))
+        group = graph.get_pruning_group(net.block(key.layer, key.mask).conv, tp.prune_conv_out_channels, idxs=idxs)
+        raw[key] = criterion.raw(group)
     net.zero_grad(set_to_none=True)
+    costs = channel_costs(net)
+    full = channel_costs(net, weighted=False)
     out: list[ChannelScores] = []
     for l in range(len(net.layout)):
-        here = [r for r in raw if r[0] == l]
-        if not here:
-            continue  # every group of this layer belongs to a unit scored at an earlier layer
-        imp_parts: list[list[Tensor]] = [[] for _ in here]
-        for which, weight in ((2, 1.0), (3, cfg.magnitude_weight if use_taylor else 1.0)):
-            vals = [r[which] for r in here]
-            if vals[0] is None:
-                continue
-            present: list[Tensor] = [v for v in vals if isinstance(v, Tensor)]
-            mean = torch.cat(present).mean().clamp_min(1e-12)
-            for k, v in enumerate(vals):
-                imp_parts[k].append(weight * v / mean)  # type: ignore[operator]
-        for k, (_, mask, _, _) in enumerate(here):
-            imp = torch.stack(imp_parts[k]).sum(0)  # type: ignore[misc]
-            cost = torch.full_like(imp, costs[(l, mask)])
-            share = torch.full_like(imp, costs[(l, mask)] / max(full[(l, mask)], 1e-12))
-            out.append(ChannelScores(l, mask, imp, cost, share))
+        here = [k for k in raw if k.layer == l]  # none: every group here is in a unit of an earlier layer
+        for key, imp in zip(here, criterion.layer_importance([raw[k] for k in here]) if here else [], strict=True):
+            c = costs[(l, key.mask)]
+            cost = torch.full_like(imp, c)
+            share = torch.full_like(imp, c / max(full[(l, key.mask)], 1e-12))
+            out.append(ChannelScores(l, key.mask, imp, cost, share))
     return out

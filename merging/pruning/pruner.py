@@ -10,10 +10,12 @@ the groups that serve only other tasks, until every task is frozen. One task's b
 only what it depends on: separate networks are pruned as if each were alone, and a merged
 network's task-specific groups shrink as far as their own task allows.
 
-Partial cuts go through Torch-Pruning's dependency graph (which slices every consumer of the
-channel, across the ``torch.cat`` joins between groups); a group whose every channel is selected
-is removed by the network itself (``MultitaskNet.select_channels(l, mask, [])``), since
-Torch-Pruning will not take a layer to zero channels.
+The extension points are small strategy classes named by the config's strings: the importance
+criterion (``merging.pruning.criteria``), the price rule (``merging.pruning.prices``) and the step
+schedule (``merging.pruning.schedule``). Torch-Pruning's dependency graph is built once per step,
+to score (its group importance sums over a unit's coupled layers); the chosen channels are cut by
+the network itself (``merging.pruning.cut``: ``MultitaskNet.select_channels``), a partial cut and a
+whole-group removal alike.
 
 The budget check set is the validation split plus ``check_shifts`` copies shifted by one pixel:
 five times as many images as the validation split alone, so one point of accuracy is no longer
@@ -29,7 +31,6 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from tqdm.auto import tqdm
 
 from merging.cost import combination_cost
@@ -39,10 +40,13 @@ from merging.errors import MergingError
 from merging.network import MultitaskNet
 from merging.pruning.budget import Verdict, assess, reference_accuracy, resolution_line
 from merging.pruning.config import PruneConfig
-from merging.pruning.importance import ChannelScores, score_channels, weighted_macs
+from merging.pruning.criteria import criterion_of
+from merging.pruning.cut import cut_channels
+from merging.pruning.importance import score_channels, weighted_macs
+from merging.pruning.prices import price_rule_of
 from merging.pruning.regroup import regroup_step
 from merging.pruning.rule import check_set, decision_sets, images_of
-from merging.pruning.surgery import remove_dead_groups
+from merging.pruning.schedule import HalvingSchedule
 from merging.train import Teachers, TrainConfig, fit
 
 START_MISSED = "start network misses the budget; not pruned"
@@ -62,12 +66,25 @@ def within_budget(acc: Mapping[str, float], ref: Mapping[str, float], budget: fl
 
 
 def _finetune(
-    net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, epochs: int, seed: int, lr: float | None = None,
-    tasks: Sequence[str] | None = None, teachers: Teachers | None = None,
+    net: MultitaskNet,
+    data: MultitaskData,
+    cfg: PruneConfig,
+    epochs: int,
+    seed: int,
+    lr: float | None = None,
+    tasks: Sequence[str] | None = None,
+    teachers: Teachers | None = None,
 ) -> None:
     if epochs > 0:
-        tc = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr or cfg.lr, seed=seed, progress=False,
-                         distill=cfg.distill if teachers is not None else 0.0, epoch_samples=cfg.epoch_samples)
+        tc = TrainConfig(
+            epochs=epochs,
+            batch_size=cfg.batch_size,
+            lr=lr or cfg.lr,
+            seed=seed,
+            progress=False,
+            distill=cfg.distill if teachers is not None else 0.0,
+            epoch_samples=cfg.epoch_samples,
+        )
         fit(net, data, tc, tasks=tasks, teachers=teachers)
 
 
@@ -78,33 +95,8 @@ def teachers_of(net: MultitaskNet, ref: Mapping[str, float], cfg: PruneConfig) -
     return Teachers(nets) if cfg.distill > 0 and nets else None
 
 
-def _removable(net: MultitaskNet, layer: int, mask: int) -> bool:
-    """Whether removing a group (and whatever is left reading nothing) leaves every task an input."""
-    trial = copy.deepcopy(net)
-    try:
-        trial.select_channels(layer, mask, [])
-    except MergingError as e:
-        if e.code == "empty_task":
-            return False
-        raise
-    return True
-
-
 def task_mask(net: MultitaskNet, tasks: Sequence[str]) -> int:
     return sum(1 << net.task_names.index(t) for t in set(tasks))
-
-
-def channel_price(sc: ChannelScores, scores: Sequence[ChannelScores], cfg: PruneConfig) -> torch.Tensor:
-    """What a channel's importance is divided by (see ``merging.pruning.importance``): 1 when
-    cost-blind; its share of paying combinations relative to its layer's mean ("share"); or its
-    expected MACs relative to the mean channel's ("macs", the old rule that starved whole layers)."""
-    if cfg.price == "none":
-        return torch.ones_like(sc.importance)
-    if cfg.price == "macs":
-        avg = float(torch.cat([s.cost for s in scores]).mean())
-        return (sc.cost / max(avg, 1e-12)).clamp_min(1e-12)
-    layer = torch.cat([s.share for s in scores if s.layer == sc.layer])
-    return (sc.share / max(float(layer.mean()), 1e-12)).clamp_min(1e-12)
 
 
 def prune_step(
@@ -112,13 +104,14 @@ def prune_step(
 ) -> dict[str, Any]:
     """Remove about ``fraction`` of the expected MACs of the groups serving no ``frozen`` task
     (a task mask), lowest importance per unit cost first (in place)."""
+    price = price_rule_of(cfg)
     scores = score_channels(net, data, cfg)
     everything = float(sum(float(sc.cost.sum()) for sc in scores)) or 1.0
     scores = [sc for sc in scores if not sc.mask & frozen]
     prunable = float(sum(float(sc.cost.sum()) for sc in scores))
     entries: list[tuple[float, float, int, int, int]] = []  # (score, cost, layer, mask, index)
     for sc in scores:
-        ratio = sc.importance / channel_price(sc, scores, cfg)
+        ratio = sc.importance / price(sc, scores)
         entries.extend((float(ratio[j]), float(sc.cost[j]), sc.layer, sc.mask, j) for j in range(len(ratio)))
     entries.sort(key=lambda e: (e[0], e[2], e[3], e[4]))
     target = fraction * weighted_macs(net) * prunable / everything
@@ -130,33 +123,13 @@ def prune_step(
         chosen.setdefault((l, mask), []).append(j)
         removed += cost
     chosen = broadcast_object(chosen)  # which channels go: rank 0 decides for every rank
-    module = net.for_combination(None)
-    graph = tp.DependencyGraph().build_dependency(module, example_inputs=data.x[:2], verbose=False)
-    empty: list[tuple[int, int]] = []
-    for (l, mask), idxs in chosen.items():
-        width = net.group_width(l, mask)
-        if len(idxs) >= width:
-            empty.append((l, mask))
-            continue
-        conv = net.block(l, mask).conv
-        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=sorted(idxs))
-        group.prune()
-    net.sync_layout()
-    removed_groups = []
-    for l, mask in sorted(empty, reverse=True):
-        if mask not in net.layout[l]:
-            continue  # already removed with a group it read
-        if _removable(net, l, mask):
-            net.select_channels(l, mask, [])
-            removed_groups.append((l, mask))
-        else:  # the last input of some head, directly or through the blocks above: keep its best channel
-            sc = next(s for s in scores if s.layer == l and s.mask == mask)
-            keep = [j for j in range(len(sc.importance)) if j not in set(chosen[(l, mask)])]
-            net.select_channels(l, mask, keep or [int(sc.importance.argmax())])
-    removed_groups += remove_dead_groups(net)
-    net.check_wiring()
-    return {"fraction": fraction, "channels": sum(len(v) for v in chosen.values()), "removed_groups": removed_groups,
-            "frozen": frozen}
+    removed_groups = cut_channels(net, chosen, {(sc.layer, sc.mask): sc.importance for sc in scores})
+    return {
+        "fraction": fraction,
+        "channels": sum(len(v) for v in chosen.values()),
+        "removed_groups": removed_groups,
+        "frozen": frozen,
+    }
 
 
 def _freeze(net: MultitaskNet, frozen: int) -> list[torch.nn.Parameter]:
@@ -171,7 +144,12 @@ def _freeze(net: MultitaskNet, frozen: int) -> list[torch.nn.Parameter]:
 
 
 def finetune_unfrozen(
-    net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, epochs: int, seed: int, frozen: int,
+    net: MultitaskNet,
+    data: MultitaskData,
+    cfg: PruneConfig,
+    epochs: int,
+    seed: int,
+    frozen: int,
     teachers: Teachers | None = None,
 ) -> None:
     """Fine-tune on the loss of the tasks still being pruned; frozen parts stay bit-identical."""
@@ -221,6 +199,7 @@ def prune(
         raise MergingError("bad_argument", "prune: need 0 < step < 1, min_step > 0, budget >= 0, 0.5 <= confidence < 1")
     if not 0.0 <= cfg.certify_share < 1.0:
         raise MergingError("bad_argument", "prune: need 0 <= certify_share < 1")
+    criterion_of(cfg), price_rule_of(cfg)  # an unknown name fails now, not after the recovery training
     tasks = net.task_names
     train = splits.train.select_tasks(tasks)
     full_checks = check_set(splits.val.select_tasks(tasks), cfg.check_shifts, cfg.seed, cfg.shift_below)
@@ -238,16 +217,26 @@ def prune(
         if on_visit is not None:
             on_visit(kind, net)
         v = broadcast_object(assess(net, checks, ref, cfg.budget, steer.confidence))
-        row = {"kind": kind, "macs_all": combination_cost(net).macs, "weighted_macs": weighted_macs(net),
-               "check_accuracy": v.accuracy, "drop_upper": v.upper, "within_budget": v.ok,
-               "disagreement": v.disagreement, **extra}
+        row = {
+            "kind": kind,
+            "macs_all": combination_cost(net).macs,
+            "weighted_macs": weighted_macs(net),
+            "check_accuracy": v.accuracy,
+            "drop_upper": v.upper,
+            "within_budget": v.ok,
+            "disagreement": v.disagreement,
+            **extra,
+        }
         history.append(row)
         return row, v
 
     history: list[dict[str, Any]] = []
-    start, _ = record("start", reference={t: full_ref[t] for t in tasks},
-                      resolution=resolution_line(images_of(checks), steer.confidence, cfg.budget),
-                      certify_resolution=certifier.describe() if certifier else None)
+    start, _ = record(
+        "start",
+        reference={t: full_ref[t] for t in tasks},
+        resolution=resolution_line(images_of(checks), steer.confidence, cfg.budget),
+        certify_resolution=certifier.describe() if certifier else None,
+    )
     for r in range(cfg.recover_rounds if cfg.recover_epochs > 0 else 0):
         if start["within_budget"]:
             break
@@ -260,13 +249,13 @@ def prune(
         return net, history
     best = copy.deepcopy(net)
     trajectory = [best]  # every accepted network, oldest first: where certification backs off to
-    step = cfg.step
+    schedule = HalvingSchedule.from_config(cfg)
     frozen = 0  # tasks whose budget stopped pruning (mask)
     everyone = (1 << len(tasks)) - 1
-    bar = tqdm(range(cfg.max_steps), desc="prune", disable=None if cfg.progress else True, leave=False)
+    bar = tqdm(schedule.steps(), desc="prune", disable=None if cfg.progress else True, leave=False)
     for k in bar:
         step_fn = regroup_step if cfg.regroup else prune_step
-        info = step_fn(net, train, replace(cfg, seed=cfg.seed + k), step, frozen)
+        info = step_fn(net, train, replace(cfg, seed=cfg.seed + k), schedule.size, frozen)
         # Under torchrun every rank computed the step; rank 0's cut (structure and weights) is the one
         # all ranks go on with, and rank 0's step record with it (a no-op in one process).
         net = agree_net(net)
@@ -278,7 +267,7 @@ def prune(
             # often leaves a task a fraction of a point short, and rejecting then is mostly noise.
             finetune_unfrozen(net, train, cfg, cfg.retry_epochs, cfg.seed + 2000 + k, frozen, teachers)
             row, verdict = record("retry", **info)
-        bar.set_postfix(macs=row["macs_all"], step=f"{step:.3f}")
+        bar.set_postfix(macs=row["macs_all"], step=f"{schedule.size:.3f}")
         if verdict.ok:
             best = copy.deepcopy(net)
             trajectory.append(best)
@@ -286,8 +275,7 @@ def prune(
             continue
         row["accepted"] = False
         net = copy.deepcopy(best)
-        step /= 2
-        if step >= cfg.min_step:
+        if schedule.rejected():
             continue
         if not cfg.per_task_stop:
             history.append({"kind": "stop", "reason": "step below min_step"})
@@ -295,14 +283,25 @@ def prune(
         # Freeze the tasks that broke the budget (frozen parts never change, so they are live ones).
         newly = task_mask(net, verdict.failing) & ~frozen
         frozen |= newly
-        history.append({"kind": "freeze", "tasks": [t for i, t in enumerate(tasks) if newly >> i & 1],
-                        "layout": copy.deepcopy(net.layout)})
+        history.append(
+            {
+                "kind": "freeze",
+                "tasks": [t for i, t in enumerate(tasks) if newly >> i & 1],
+                "layout": copy.deepcopy(net.layout),
+            }
+        )
         live_groups = any(not mask & frozen for groups in net.layout for mask in groups)
         if frozen == everyone or not live_groups:
-            history.append({"kind": "stop", "reason": "every task frozen" if frozen == everyone
-                            else "no group left that serves only unfrozen tasks"})
+            history.append(
+                {
+                    "kind": "stop",
+                    "reason": "every task frozen"
+                    if frozen == everyone
+                    else "no group left that serves only unfrozen tasks",
+                }
+            )
             break
-        step = cfg.step
+        schedule.restart()
     else:
         history.append({"kind": "stop", "reason": "max_steps"})
     best = final_finetune(best, train, checks, ref, steer, history, teachers)
@@ -313,17 +312,27 @@ def prune(
             history.append({"kind": "stop", "reason": START_MISSED})
             return net, history
         best, certificate = found
-    best.meta = {**best.meta, "pruned": {"config": {k: v for k, v in vars(cfg).items()},
-                                         "reference": {t: full_ref[t] for t in tasks},
-                                         "steps": sum(1 for h in history if h.get("accepted")),
-                                         "certificate": certificate}}
+    best.meta = {
+        **best.meta,
+        "pruned": {
+            "config": {k: v for k, v in vars(cfg).items()},
+            "reference": {t: full_ref[t] for t in tasks},
+            "steps": sum(1 for h in history if h.get("accepted")),
+            "certificate": certificate,
+        },
+    }
     best.eval()
     return best, history
 
 
 def final_finetune(
-    net: MultitaskNet, train: MultitaskData, checks: MultitaskData, ref: Mapping[str, float], cfg: PruneConfig,
-    history: list[dict[str, Any]], teachers: Teachers | None = None,
+    net: MultitaskNet,
+    train: MultitaskData,
+    checks: MultitaskData,
+    ref: Mapping[str, float],
+    cfg: PruneConfig,
+    history: list[dict[str, Any]],
+    teachers: Teachers | None = None,
 ) -> MultitaskNet:
     """A longer, lower-rate fine-tune of the accepted network on every task's loss (the structure is
     final, so frozen parts may move now); kept only if it is still within budget and no task's
@@ -335,6 +344,14 @@ def final_finetune(
     _finetune(trial, train, cfg, cfg.final_epochs, cfg.seed + 3000, cfg.final_lr, teachers=teachers)
     after = assess(trial, checks, ref, cfg.budget, cfg.confidence)
     keep = broadcast_object(after.ok and sum(after.upper.values()) <= sum(before.upper.values()))
-    history.append({"kind": "final", "kept": keep, "drop_upper_before": before.upper, "drop_upper": after.upper,
-                    "check_accuracy": after.accuracy, "macs_all": combination_cost(net).macs})
+    history.append(
+        {
+            "kind": "final",
+            "kept": keep,
+            "drop_upper_before": before.upper,
+            "drop_upper": after.upper,
+            "check_accuracy": after.accuracy,
+            "macs_all": combination_cost(net).macs,
+        }
+    )
     return trial if keep else net
