@@ -8,6 +8,7 @@ from typing import Any
 
 from merging.arch import list_archs
 from merging.errors import MergingError
+from merging.pruning.criteria import CRITERIA
 from pam_app.commands_merging import (
     add_data_options,
     add_dataset_args,
@@ -217,7 +218,7 @@ def register(sub: Any) -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--recover-epochs", type=int, default=None,
                    help="retraining of a start network that misses the budget, per round (default 20; 0: none)")
-    p.add_argument("--criterion", choices=("taylor", "magnitude", "taylor+magnitude"), default="taylor+magnitude")
+    p.add_argument("--criterion", choices=tuple(CRITERIA), default="taylor+magnitude")
     p.add_argument("--cost-blind", action="store_true", help="ignore each channel's cost across combinations")
     p.add_argument("--seed", type=int, default=0)
     add_dataset_args(p)
