@@ -13,7 +13,16 @@ from merging.errors import MergingError
 from merging.pruning import PruneConfig
 from merging.references import ROUTES
 from merging.tasks import combination_name
-from pam_app.bench.rows import RATIOS, _median, add_ratios, best_route, budget_miss_share, median_rows, route_summary
+from pam_app.bench.rows import (
+    RATIOS,
+    _median,
+    add_ratios,
+    best_route,
+    budget_miss_share,
+    median_rows,
+    own_networks,
+    route_summary,
+)
 from pam_app.bench.schedule import ALONE, BASELINE, REFERENCE, REFERENCE_TRAIN_SIZE, SPEC, ZOO_EPOCHS, BenchConfig
 
 
@@ -59,7 +68,7 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
         [r for r in rows if r["merger"] == ALONE],
     )
     lines = _intro(v, elapsed) + _cost_table(v) + _alone_table(v) + _accuracy_table(v) + _budget_notes(v)
-    lines += _targets(v) + _routes_table(v)
+    lines += _own_networks(v) + _targets(v) + _routes_table(v)
     worst_acc = min(
         (med[(REFERENCE, t)]["accuracy"][t] - med[(REFERENCE, t)]["reference_accuracy"][t], t) for t in v.tasks
     )
@@ -231,6 +240,23 @@ def _budget_notes(v: _View) -> list[str]:
         parts = {k: sum(t.get(k, 0.0) for t in per_seed.values()) for k in next(iter(per_seed.values()))}
         lines += ["", "Time split (all seeds): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in parts.items()), ""]
     return lines
+
+
+def _own_networks(v: _View) -> list[str]:
+    """What each route's own pruned network cost, before the never-dearer rule (the tables above show
+    what ships: ``separate`` wherever the route was dearer on some combination of two or more tasks)."""
+    own = own_networks(v.rows)
+    if not own:
+        return []
+    lines = ["", "Each route's own pruned network, before the never-dearer rule chose what ships (per seed: "
+             "combinations of two or more tasks where it costs more / less than `separate`):", "",
+             "| route | all-task MACs | dearer than separate | cheaper than separate | shipped merged (seeds) |",
+             "|---|---|---|---|---|"]
+    for m, o in own.items():
+        lines.append(f"| {m} | {_fmt_range(o['all_macs'], o['all_range'], ',.0f')} | "
+                     f"{', '.join(map(str, o['dearer']))} of {o['multi']} | {', '.join(map(str, o['cheaper']))} | "
+                     f"{o['shipped']}/{o['seeds']} |")
+    return [*lines, ""]
 
 
 def _targets(v: _View) -> list[str]:
