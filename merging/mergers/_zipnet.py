@@ -152,21 +152,21 @@ class ZippedNet(nn.Module):
             h = nn.functional.max_pool2d(h, r.pool, r.pool_stride, r.pool_padding)
         return h, rows
 
-    def _run(self, x: Tensor, task: int, upto: int, keep: int) -> tuple[Tensor, Tensor]:
-        """Layers ``0 .. upto-1`` for ``task``; returns layer ``keep``'s output and rows. An output
-        is dropped once its last reader ran (large calibration batches)."""
+    def _run(self, x: Tensor, task: int, upto: int, keep: Sequence[int]) -> dict[int, tuple[Tensor, Tensor]]:
+        """Layers ``0 .. upto-1`` for ``task``; returns the outputs and rows of layers ``keep``. Any
+        other output is dropped once its last reader ran (large calibration batches)."""
         last_use = {l: max([r for r, ins in enumerate(self.inputs) if l in ins], default=len(self.sets))
                     for l in range(upto)}
         outs: dict[int, tuple[Tensor, Tensor]] = {}
         for l in range(upto):
             outs[l] = self._layer(l, x, outs, task)
-            for m in [m for m in outs if m != keep and last_use[m] <= l]:
+            for m in [m for m in outs if m not in keep and last_use[m] <= l]:
                 del outs[m]
-        return outs[keep]
+        return {k: outs[k] for k in keep}
 
     def forward_task(self, x: Tensor, task: int) -> Tensor:
         last = len(self.sets) - 1
-        h, cols = self._run(x, task, last + 1, last)
+        h, cols = self._run(x, task, last + 1, [last])[last]
         name = self.tasks[task].name
         if self.arch.head == "avgpool":
             h = h.mean((2, 3), keepdim=True)
@@ -177,16 +177,19 @@ class ZippedNet(nn.Module):
         return {t.name: self.forward_task(x, i) for i, t in enumerate(self.tasks)}
 
     @torch.no_grad()
+    def layer_inputs(self, x: Tensor, task: int, layers: Sequence[int]) -> dict[int, Tensor]:
+        """What task ``task`` feeds each dense or depthwise layer of ``layers``, spread over all
+        neurons of its source (zeros where unused); one forward pass for all of them."""
+        sources = sorted({self.inputs[l][0] for l in layers if self.inputs[l]})
+        outs = self._run(x, task, sources[-1] + 1, sources) if sources else {}
+        full: dict[int, Tensor] = {}
+        for src, (h, cols) in outs.items():
+            full[src] = torch.zeros(h.shape[0], len(self.sets[src]), *h.shape[2:])
+            full[src][:, cols] = h
+        return {l: full[self.inputs[l][0]] if self.inputs[l] else x for l in layers}
+
     def layer_input(self, x: Tensor, task: int, layer: int) -> Tensor:
-        """What task ``task`` feeds dense or depthwise layer ``layer``, spread over all neurons of
-        its source (zeros where unused)."""
-        if not self.inputs[layer]:
-            return x
-        (src,) = self.inputs[layer]
-        h, cols = self._run(x, task, src + 1, src)
-        full = torch.zeros(h.shape[0], len(self.sets[src]), *h.shape[2:])
-        full[:, cols] = h
-        return full
+        return self.layer_inputs(x, task, [layer])[layer]
 
     # ----------------------------------------------------------------- zipping
     @torch.no_grad()

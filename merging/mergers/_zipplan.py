@@ -50,8 +50,8 @@ class _DenseTerms:
 
 
 def _dense_terms(
-    z: ZippedNet, layer: int, left: Sequence[int], right: Sequence[int], new_task: int, calib: torch.Tensor,
-    damping: float,
+    z: ZippedNet, layer: int, left: Sequence[int], right: Sequence[int], new_task: int,
+    inputs: Sequence[dict[int, torch.Tensor]], damping: float,
 ) -> _DenseTerms:
     sets = z.sets[layer]
     new_bit, old_mask = 1 << new_task, (1 << new_task) - 1
@@ -63,7 +63,7 @@ def _dense_terms(
         shared = [m for m, s in enumerate(z.sets[ins[0]]) if s & new_bit and s & old_mask]
     per_position = z.kinds[layer] != "fc"
     cols = torch.tensor(shared, dtype=torch.long)
-    corr = [input_correlation(z.layer_input(calib, t, layer)[:, cols], per_position) for t in range(new_task + 1)]
+    corr = [input_correlation(inputs[t][layer][:, cols], per_position) for t in range(new_task + 1)]
     weight, bias = z.weights[layer].detach(), z.biases[layer].detach()
     vec = weight_vectors(weight[:, cols], bias, per_position)
     right_t = torch.tensor(right, dtype=torch.long)
@@ -104,10 +104,11 @@ def _channel_correlations(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _depthwise_merged(
-    z: ZippedNet, layer: int, pairs: Sequence[tuple[int, int]], new_task: int, calib: torch.Tensor, damping: float
+    z: ZippedNet, layer: int, pairs: Sequence[tuple[int, int]], new_task: int,
+    inputs: Sequence[dict[int, torch.Tensor]], damping: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     sets = z.sets[layer]
-    corr = [_channel_correlations(z.layer_input(calib, t, layer)) for t in range(new_task + 1)]
+    corr = [_channel_correlations(inputs[t][layer]) for t in range(new_task + 1)]
     weight, bias = z.weights[layer].detach(), z.biases[layer].detach()
     ws, bs = [], []
     for i, j in pairs:
@@ -128,7 +129,9 @@ def plan_unit(z: ZippedNet, unit: Sequence[int], new_task: int, calib: torch.Ten
     new_bit, old_mask = 1 << new_task, (1 << new_task) - 1
     left = [n for n, s in enumerate(sets) if not s & ~old_mask]  # the network zipped so far
     right = [n for n, s in enumerate(sets) if s == new_bit]
-    dense = {l: _dense_terms(z, l, left, right, new_task, calib, damping) for l in unit if z.kinds[l] in DENSE}
+    # Every member's input per task, from one forward pass per task.
+    inputs = [z.layer_inputs(calib, t, [l for l in unit if z.kinds[l] != "add"]) for t in range(new_task + 1)]
+    dense = {l: _dense_terms(z, l, left, right, new_task, inputs, damping) for l in unit if z.kinds[l] in DENSE}
     costs = sum((d.costs for d in list(dense.values())[1:]), start=next(iter(dense.values())).costs)
     local = greedy_pairs(costs)
     pairs = [(left[i], right[j]) for i, j in local]
@@ -138,5 +141,5 @@ def plan_unit(z: ZippedNet, unit: Sequence[int], new_task: int, calib: torch.Ten
     merged = {l: _dense_merged(z, l, d, pairs) for l, d in dense.items()}
     for l in unit:
         if z.kinds[l] == "dw":
-            merged[l] = _depthwise_merged(z, l, pairs, new_task, calib, damping)
+            merged[l] = _depthwise_merged(z, l, pairs, new_task, inputs, damping)
     return UnitPlan(pairs, [float(costs[i, j]) for i, j in local], merged)
