@@ -45,8 +45,10 @@ def random_spd(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def nets_for(tasks: list[TaskSpec], family: str, seed: int, same: bool = False) -> list[MultitaskNet]:
-    arch = create_arch("lenet", width_mult=0.5) if family == "lenet" else create_arch(
-        "vgg", stages=((6,), (8, 8)), fc_widths=(12,)
+    arch = (
+        create_arch("lenet", width_mult=0.5)
+        if family == "lenet"
+        else create_arch("vgg", stages=((6,), (8, 8)), fc_widths=(12,))
     )
     nets = []
     for i, t in enumerate(tasks):
@@ -371,7 +373,9 @@ def test_zipping_two_copies_of_a_graph_family_gives_one_trunk(family: str) -> No
 
 def test_budget_search_with_retraining_runs_on_mobilenetv2() -> None:
     nets = family_nets("mobilenetv2", TWIN)
-    merged = MtzMerger(retrain_steps=2, search_steps=1, batch_size=8, **LIGHT).merge(nets, rgb_data(TWIN, 24, 3), seed=1)
+    merged = MtzMerger(retrain_steps=2, search_steps=1, batch_size=8, **LIGHT).merge(
+        nets, rgb_data(TWIN, 24, 3), seed=1
+    )
     merged.check_wiring()
     for rec in merged.meta["mtz"]["layers"]:
         kept = [t for t in rec["trials"] if t["pairs"] == rec["zipped"]]

@@ -36,6 +36,7 @@ from merging.mergers._zipexport import DENSE, _block, _head, distinct_product_ma
 from merging.network import GroupBlock, MultitaskNet, _activate
 from merging.tasks import TaskSpec
 
+
 def _folded(block: GroupBlock) -> tuple[Tensor, Tensor]:
     """A GroupBlock's conv (+ eval-mode BN) as one weight and bias."""
     conv = block.conv
@@ -89,8 +90,9 @@ class ZippedNet(nn.Module):
         n_layers = len(nets[0].layout)
         nodes = [graph[GroupKey(l, 1)] for l in range(n_layers)]
         units = [tuple(k.layer for k in u) for u in graph.units()]
-        z = ZippedNet(tasks, nets[0].arch, [tuple(k.layer for k in n.inputs) for n in nodes],
-                      [n.kind for n in nodes], units)
+        z = ZippedNet(
+            tasks, nets[0].arch, [tuple(k.layer for k in n.inputs) for n in nodes], [n.kind for n in nodes], units
+        )
         offsets: list[list[int]] = []  # per layer: where each net's neurons start
         for l in range(n_layers):
             ins, kind = z.inputs[l], z.kinds[l]
@@ -104,8 +106,11 @@ class ZippedNet(nn.Module):
                 if kind == "dw":  # channel c reads channel c: no cross terms to place
                     weight = torch.cat([w for w, _ in parts])
                 else:
-                    weight = _block_diagonal(parts, nets[0].arch.in_channels if not ins else len(z.sets[ins[0]]),
-                                             None if not ins else offsets[ins[0]])
+                    weight = _block_diagonal(
+                        parts,
+                        nets[0].arch.in_channels if not ins else len(z.sets[ins[0]]),
+                        None if not ins else offsets[ins[0]],
+                    )
                 z.weights.append(nn.Parameter(weight))
                 z.biases.append(nn.Parameter(torch.cat([b for _, b in parts])))
             z.sets.append([1 << i for i, w in enumerate(widths) for _ in range(w)])
@@ -155,8 +160,9 @@ class ZippedNet(nn.Module):
     def _run(self, x: Tensor, task: int, upto: int, keep: Sequence[int]) -> dict[int, tuple[Tensor, Tensor]]:
         """Layers ``0 .. upto-1`` for ``task``; returns the outputs and rows of layers ``keep``. Any
         other output is dropped once its last reader ran (large calibration batches)."""
-        last_use = {l: max([r for r, ins in enumerate(self.inputs) if l in ins], default=len(self.sets))
-                    for l in range(upto)}
+        last_use = {
+            l: max([r for r, ins in enumerate(self.inputs) if l in ins], default=len(self.sets)) for l in range(upto)
+        }
         outs: dict[int, tuple[Tensor, Tensor]] = {}
         for l in range(upto):
             outs[l] = self._layer(l, x, outs, task)
@@ -229,8 +235,9 @@ class ZippedNet(nn.Module):
                 self.weights[r] = nn.Parameter(w)
             if layer == len(self.sets) - 1:
                 for name in list(self.head_w.keys()):
-                    self.head_w[name] = nn.Parameter(_merge_cols(self.head_w[name].data, None, keep_i, drop_j, keep,
-                                                                 old_i, new_bit))
+                    self.head_w[name] = nn.Parameter(
+                        _merge_cols(self.head_w[name].data, None, keep_i, drop_j, keep, old_i, new_bit)
+                    )
 
     # ----------------------------------------------------------------- export
     def value_classes(self) -> list[list[list[int]]]:

@@ -50,8 +50,13 @@ class _DenseTerms:
 
 
 def _dense_terms(
-    z: ZippedNet, layer: int, left: Sequence[int], right: Sequence[int], new_task: int,
-    inputs: Sequence[dict[int, torch.Tensor]], damping: float,
+    z: ZippedNet,
+    layer: int,
+    left: Sequence[int],
+    right: Sequence[int],
+    new_task: int,
+    inputs: Sequence[dict[int, torch.Tensor]],
+    damping: float,
 ) -> _DenseTerms:
     sets = z.sets[layer]
     new_bit, old_mask = 1 << new_task, (1 << new_task) - 1
@@ -104,8 +109,12 @@ def _channel_correlations(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _depthwise_merged(
-    z: ZippedNet, layer: int, pairs: Sequence[tuple[int, int]], new_task: int,
-    inputs: Sequence[dict[int, torch.Tensor]], damping: float,
+    z: ZippedNet,
+    layer: int,
+    pairs: Sequence[tuple[int, int]],
+    new_task: int,
+    inputs: Sequence[dict[int, torch.Tensor]],
+    damping: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     sets = z.sets[layer]
     corr = [_channel_correlations(inputs[t][layer]) for t in range(new_task + 1)]

@@ -50,7 +50,7 @@ class MtzConfig:
     holdout: float = 0.25  # share of the training split kept out of retraining for the budget check (no validation)
     check_shift: int = 1  # the check also sees every translation by up to this many pixels (less noisy; 0: off)
     search_steps: int = 3  # bisection steps per unit after zipping every candidate pair failed the budget
-    fractions: tuple[float, ...] | None = None  # fixed share of pairs to zip per pruning unit (a chain: per layer; skips the budget search)
+    fractions: tuple[float, ...] | None = None  # share of pairs to zip per pruning unit (chain: per layer); no search
     progress: bool = True  # tqdm bar over (step, unit)
 
 
