@@ -74,12 +74,6 @@ class ArchConfig:
             return False
         return all(replace(a, width=0) == replace(b, width=0) for a, b in zip(self.layers, other.layers, strict=True))
 
-    @property
-    def is_chain(self) -> bool:
-        """Every layer dense and reading the one before, with dense heads (what PAM, MTZ and
-        regrouping walk)."""
-        return self.head == "conv" and all(s.kind in ("conv", "fc") and s.source is None for s in self.layers)
-
     def with_widths(self, widths: list[int]) -> ArchConfig:
         layers = tuple(replace(s, width=w) for s, w in zip(self.layers, widths, strict=True))
         return ArchConfig(self.family, self.in_channels, self.input_size, layers, self.head)

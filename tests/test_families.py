@@ -162,15 +162,6 @@ def test_pam_merge_cuts_to_the_wiring_rule_and_keeps_coupled_channels_together(f
                 torch.testing.assert_close(out[t], net(x)[t], rtol=1e-5, atol=1e-5)
 
 
-def test_chain_only_algorithms_refuse_the_new_families_clearly() -> None:
-    # Regrouping follows the group graph now (tests/test_regroup.py); MTZ still walks a chain.
-    nets = single_nets("mobilenetv2", 2)
-    data = MultitaskData(nets[0].tasks, torch.zeros(1, 3, 16, 16), {nets[0].task_names[0]: torch.zeros(1).long()})
-    with pytest.raises(MergingError) as e:
-        create_merger("mtz").merge(nets, data)
-    assert e.value.code == "unsupported_arch" and "mobilenetv2" in str(e.value)
-
-
 def _producers(net: MultitaskNet, unit: tuple[GroupKey, ...]) -> list[GroupKey]:
     """Members computed by a dense conv from outside the unit (an addition's addends)."""
     graph = net.graph()

@@ -45,8 +45,10 @@ def random_spd(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def nets_for(tasks: list[TaskSpec], family: str, seed: int, same: bool = False) -> list[MultitaskNet]:
-    arch = create_arch("lenet", width_mult=0.5) if family == "lenet" else create_arch(
-        "vgg", stages=((6,), (8, 8)), fc_widths=(12,)
+    arch = (
+        create_arch("lenet", width_mult=0.5)
+        if family == "lenet"
+        else create_arch("vgg", stages=((6,), (8, 8)), fc_widths=(12,))
     )
     nets = []
     for i, t in enumerate(tasks):
@@ -266,3 +268,117 @@ def test_real_digits_zip_saves_computation_within_budget() -> None:
         assert val[t] >= evaluate(net, splits.val)[t] - 2.0  # 1-point budget on a hold-out, plus val noise
     separate = cost_table(create_merger("separate").merge(nets, None))  # type: ignore[arg-type]
     assert cost_table(merged)["loop+parity"].macs < separate["loop+parity"].macs
+
+
+# ----------------------------------------------------------------- residual and MobileNetV2 families
+
+
+def family_nets(family: str, tasks: list[TaskSpec], same: bool = False) -> list[MultitaskNet]:
+    """Single-task networks of a tiny residual or MobileNetV2-style architecture (16x16 RGB), with
+    non-trivial BN statistics so folding and wrong channels show in the outputs."""
+    from tests.test_families import small_arch
+
+    nets = []
+    for i, t in enumerate(tasks):
+        torch.manual_seed(200 if same else 200 + i)
+        net = MultitaskNet.single_task(t, small_arch(family))
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 1.5)
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+        nets.append(net.eval())
+    return nets
+
+
+def rgb_data(tasks: list[TaskSpec], n: int, seed: int) -> MultitaskData:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=gen)
+    return MultitaskData(tuple(tasks), x, {t.name: torch.randint(0, t.out_dim, (n,), generator=gen) for t in tasks})
+
+
+def unit_layers(net: MultitaskNet) -> list[tuple[int, ...]]:
+    return [tuple(k.layer for k in u) for u in net.graph().units()]
+
+
+FAMILIES = ["resnet", "mobilenetv2"]
+LIGHT = {"check_shift": 0, "calibration_size": 16, "progress": False}  # seconds on a busy machine
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zipping_nothing_on_a_graph_family_reproduces_every_network(family: str) -> None:
+    nets = family_nets(family, TWIN)
+    fractions = (0.0,) * len(unit_layers(nets[0]))
+    merged = MtzMerger(retrain_steps=0, fractions=fractions, **LIGHT).merge(nets, rgb_data(TWIN, 16, 0))
+    merged.check_wiring()
+    assert merged.layout == [{1: s.width, 2: s.width} for s in nets[0].arch.layers]
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        out = merged(x)
+        for net in nets:
+            (t,) = net.task_names
+            torch.testing.assert_close(out[t], net(x)[t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_partial_zip_on_a_graph_family_is_exact_and_each_unit_one_layout(family: str) -> None:
+    nets = family_nets(family, TRIO)
+    units = unit_layers(nets[0])
+    half = len(units) // 2  # the first units zip fully (shared computation), the rest half their pairs
+    fractions = (1.0,) * half + (0.5,) * (len(units) - half)
+    zipped, info = MtzMerger(retrain_steps=0, fractions=fractions, **LIGHT).zip_networks(nets, rgb_data(TRIO, 16, 1))
+    assert [r["members"] for r in info["layers"]] == [list(u) for u in units] * 2  # two zipping steps
+    merged = zipped.to_multitask()
+    merged.check_wiring()
+    for unit in units:  # a zip moves a channel in every member: one set per neuron, one layout
+        assert all(zipped.sets[l] == zipped.sets[unit[0]] for l in unit), unit
+        assert all(merged.layout[l] == merged.layout[unit[0]] for l in unit), unit
+    masks = {m for layer in merged.layout for m in layer}
+    assert 7 in masks and masks & {1, 2, 4}  # some channels shared by all three tasks, some per task
+    shape = (1, 3, 16, 16)
+    for combo in subsets(list(merged.task_names)):
+        assert combination_cost(merged, combo).macs == counted_macs(merged.for_combination(combo), shape), combo
+    for net in nets:  # zipping shares, it never narrows a task
+        t = net.task_names[0]
+        assert combination_cost(merged, (t,)).macs == combination_cost(net).macs
+    separate = cost_table(create_merger("separate").merge(nets, None))  # type: ignore[arg-type]
+    assert cost_table(merged)["t0+t1+t2"].macs < separate["t0+t1+t2"].macs
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        out = merged(x)
+        for i, t in enumerate(TRIO):  # the MultitaskNet computes what the zipped network (tied weights) does
+            torch.testing.assert_close(out[t.name], zipped.forward_task(x, i), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zipping_two_copies_of_a_graph_family_gives_one_trunk(family: str) -> None:
+    # Units form cycles here (a residual stage's unit holds each block's second conv, which reads
+    # the block's first conv, zipped later): the rows zipped first take the mean of both sides'
+    # weights on inputs zipped after them, which for two copies is each copy's weight.
+    nets = family_nets(family, TWIN, same=True)
+    merged = MtzMerger(retrain_steps=0, **LIGHT).merge(nets, rgb_data(TWIN, 16, 2))
+    merged.check_wiring()
+    assert merged.layout == [{3: s.width} for s in nets[0].arch.layers]
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref, out = nets[0](x)["a"], merged(x)
+    torch.testing.assert_close(out["a"], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["b"], ref, rtol=1e-5, atol=1e-5)
+    head = nets[0].heads["a"].conv.weight.numel()
+    assert combination_cost(merged, ("a", "b")).macs == combination_cost(nets[0]).macs + head
+    assert combination_cost(merged, ("a", "b")).macs == counted_macs(merged.for_combination(("a", "b")), (1, 3, 16, 16))
+
+
+def test_budget_search_with_retraining_runs_on_mobilenetv2() -> None:
+    nets = family_nets("mobilenetv2", TWIN)
+    merged = MtzMerger(retrain_steps=2, search_steps=1, batch_size=8, **LIGHT).merge(
+        nets, rgb_data(TWIN, 24, 3), seed=1
+    )
+    merged.check_wiring()
+    for rec in merged.meta["mtz"]["layers"]:
+        kept = [t for t in rec["trials"] if t["pairs"] == rec["zipped"]]
+        assert rec["zipped"] == 0 or kept[-1]["ok"]
+    for combo in subsets(list(merged.task_names)):
+        assert combination_cost(merged, combo).macs == counted_macs(merged.for_combination(combo), (1, 3, 16, 16))

@@ -73,14 +73,3 @@ def single_block(net: MultitaskNet, layer: int) -> Any:
     (mask,) = net.layout[layer]
     return net.module_of(GroupKey(layer, mask))
 
-
-def require_chain(net: MultitaskNet, what: str) -> None:
-    """A clear error where an algorithm walks layer by layer and knows no skip or depthwise coupling."""
-    if not net.arch.is_chain:
-        raise MergingError(
-            "unsupported_arch",
-            f"{what} works on chain networks (dense layers each reading the one before, dense heads); "
-            f"{net.arch.family} has skip additions, depthwise convs or pooled heads, whose coupled channels "
-            "(both ends of an addition carry the same groups) it does not handle yet: use the separate or "
-            "shared merger and the pruner, which follow the group graph",
-        )

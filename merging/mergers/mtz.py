@@ -8,6 +8,11 @@ layer is the largest number whose network, after a light joint retraining, keeps
 within the accuracy budget. More than two networks are zipped one after another into the
 network zipped so far.
 
+On residual and MobileNetV2-style networks the walk follows the group graph: a layer reads the
+layer(s) the graph says, and neurons are zipped per pruning unit (channels coupled through
+depthwise convs and additions), in every member at once, so each member keeps one layout
+(``_zipplan``, ``_zipnet``). On a chain network every unit is one layer: MTZ as published.
+
 The result is a :class:`MultitaskNet` whose groups carry MTZ's real computation (see
 ``_zipnet``): only neurons whose inputs are all truly shared are computed once for several tasks.
 """
@@ -26,17 +31,9 @@ from merging import distributed
 from merging.data.base import MultitaskData
 from merging.device import current_device, current_precision, optimizer_step
 from merging.errors import MergingError, invariant
-from merging.mergers._hessian import (
-    greedy_pairs,
-    input_correlation,
-    merged_vectors,
-    pair_costs,
-    vectors_to_weights,
-    weight_vectors,
-    zip_terms,
-)
 from merging.mergers._zipnet import ZippedNet
-from merging.mergers.base import Merger, check_mergeable, register_merger, require_chain
+from merging.mergers._zipplan import UnitPlan, plan_unit
+from merging.mergers.base import Merger, check_mergeable, register_merger
 from merging.network import MultitaskNet
 from merging.train import evaluate, random_shift, seed_everything, task_loss
 
@@ -52,70 +49,22 @@ class MtzConfig:
     calibration_size: int = 512  # images for the input correlations H
     holdout: float = 0.25  # share of the training split kept out of retraining for the budget check (no validation)
     check_shift: int = 1  # the check also sees every translation by up to this many pixels (less noisy; 0: off)
-    search_steps: int = 3  # bisection steps per layer after zipping every candidate pair failed the budget
-    fractions: tuple[float, ...] | None = None  # fixed share of pairs to zip per layer (skips the budget search)
-    progress: bool = True  # tqdm bar over (step, layer)
+    search_steps: int = 3  # bisection steps per unit after zipping every candidate pair failed the budget
+    fractions: tuple[float, ...] | None = None  # share of pairs to zip per pruning unit (chain: per layer); no search
+    progress: bool = True  # tqdm bar over (step, unit)
 
 
 @dataclass
 class LayerRecord:
-    """What the budget search saw at one layer of one zipping step (kept in the network's meta)."""
+    """What the budget search saw at one pruning unit of one zipping step (kept in the network's meta)."""
 
     step: int  # 1: first two networks; s: network s zipped into the first s
-    layer: int
+    layer: int  # the unit's producer (its first layer); a chain network's unit is this layer alone
     candidates: int  # disjoint pairs available
     zipped: int  # pairs kept
     costs: list[float]  # MTZ cost of the kept pairs, in greedy order
     trials: list[dict[str, Any]] = field(default_factory=list)  # {"pairs", "accuracy", "ok"}
-
-
-@dataclass(frozen=True)
-class _LayerPlan:
-    pairs: list[tuple[int, int]]  # (left neuron, right neuron), in increasing cost
-    costs: list[float]
-    weight: torch.Tensor  # merged incoming weights of each pair, (K, M, kh, kw)
-    bias: torch.Tensor  # (K,)
-
-
-def plan_layer(z: ZippedNet, layer: int, new_task: int, calib: torch.Tensor, damping: float) -> _LayerPlan:
-    """Costs of every (zipped-so-far neuron, new network's neuron) pair at ``layer``, greedy pairs, merged weights."""
-    sets = z.sets[layer]
-    new_bit, old_mask = 1 << new_task, (1 << new_task) - 1
-    left = [n for n, s in enumerate(sets) if not s & ~old_mask]  # the network zipped so far
-    right = [n for n, s in enumerate(sets) if s == new_bit]
-    # Coordinates both sides share: the input image, or the neurons zipped in this step below.
-    if layer == 0:
-        shared = list(range(z.arch.in_channels))
-    else:
-        shared = [m for m, s in enumerate(z.sets[layer - 1]) if s & new_bit and s & old_mask]
-    per_position = not z.resolved[layer].fc
-    cols = torch.tensor(shared, dtype=torch.long)
-    corr = [input_correlation(z.layer_input(calib, t, layer)[:, cols], per_position) for t in range(new_task + 1)]
-    weight, bias = z.weights[layer].detach(), z.biases[layer].detach()
-    vec = weight_vectors(weight[:, cols], bias, per_position)
-    right_t = torch.tensor(right, dtype=torch.long)
-    costs = torch.empty(len(left), len(right), dtype=torch.float64)
-    steps: dict[int, torch.Tensor] = {}
-    for s in sorted({sets[n] for n in left}):
-        # A zipped-so-far neuron serves several tasks: its side's correlation is their mean.
-        h_left = torch.stack([corr[t] for t in range(new_task) if s >> t & 1]).mean(0)
-        terms = zip_terms(h_left, corr[new_task], damping)
-        steps[s] = terms.step
-        rows = [i for i, n in enumerate(left) if sets[n] == s]
-        costs[rows] = pair_costs(vec[[left[i] for i in rows]], vec[right_t], terms.h_hat)
-    local = greedy_pairs(costs)
-    pairs = [(left[i], right[j]) for i, j in local]
-    if not pairs:
-        empty = torch.zeros(0, *weight.shape[1:])
-        return _LayerPlan([], [], empty, torch.zeros(0))
-    merged = torch.stack([merged_vectors(vec[i : i + 1], vec[j : j + 1], steps[sets[i]])[0] for i, j in pairs])
-    w_shared, b_merged = vectors_to_weights(merged, tuple(weight.shape[2:]), per_position)  # type: ignore[arg-type]
-    ii = torch.tensor([i for i, _ in pairs], dtype=torch.long)
-    jj = torch.tensor([j for _, j in pairs], dtype=torch.long)
-    # Unzipped inputs keep each side's own weights (they are zero on the other side's inputs).
-    w_full = weight[ii] + weight[jj]
-    w_full[:, cols] = w_shared.to(w_full.dtype)
-    return _LayerPlan(pairs, [float(costs[i, j]) for i, j in local], w_full, b_merged.to(bias.dtype))
+    members: list[int] = field(default_factory=list)  # every layer of the unit (zipped together)
 
 
 def shifted_copies(data: MultitaskData, shift: int) -> MultitaskData:
@@ -223,11 +172,10 @@ class MtzMerger(Merger):
     ) -> tuple[ZippedNet, dict[str, Any]]:
         """The zipped network itself (tied weights) and what the budget search saw."""
         check_mergeable(nets)
-        require_chain(nets[0], "mtz")
         cfg = self.config
-        n_layers = len(nets[0].layout)
-        if cfg.fractions is not None and len(cfg.fractions) != n_layers:
-            raise MergingError("bad_option", f"mtz fractions need one value per layer ({n_layers})")
+        n_units = len(nets[0].graph().units())  # a chain network's units are its layers
+        if cfg.fractions is not None and len(cfg.fractions) != n_units:
+            raise MergingError("bad_option", f"mtz fractions need one value per pruning unit ({n_units})")
         names = tuple(net.task_names[0] for net in nets)
         gen = seed_everything(seed)
         data = data.select_tasks(names)
@@ -244,14 +192,15 @@ class MtzMerger(Merger):
         z = ZippedNet.union(nets)
         z.eval()
         records: list[LayerRecord] = []
-        bar = tqdm(total=(len(nets) - 1) * n_layers, desc="mtz zip", disable=None if cfg.progress else True)
+        bar = tqdm(total=(len(nets) - 1) * n_units, desc="mtz zip", disable=None if cfg.progress else True)
         for new_task in range(1, len(nets)):
-            for layer in range(n_layers):
-                plan = plan_layer(z, layer, new_task, calib, cfg.damping)
-                record = LayerRecord(new_task, layer, len(plan.pairs), 0, [])
-                z = self._choose(z, plan, layer, new_task, train, check, reference, record, seed)
+            # Units in the order of their producers, bottom up (MTZ's layer order on a chain).
+            for u, unit in enumerate(z.units):
+                plan = plan_unit(z, unit, new_task, calib, cfg.damping)
+                record = LayerRecord(new_task, unit[0], len(plan.pairs), 0, [], members=list(unit))
+                z = self._choose(z, plan, u, unit, new_task, train, check, reference, record, seed)
                 records.append(record)
-                bar.set_postfix(step=new_task, layer=layer, zipped=f"{record.zipped}/{record.candidates}")
+                bar.set_postfix(step=new_task, layer=unit[0], zipped=f"{record.zipped}/{record.candidates}")
                 bar.update()
         bar.close()
         info = {
@@ -265,8 +214,9 @@ class MtzMerger(Merger):
     def _choose(
         self,
         z: ZippedNet,
-        plan: _LayerPlan,
-        layer: int,
+        plan: UnitPlan,
+        index: int,
+        unit: tuple[int, ...],
         new_task: int,
         train: MultitaskData,
         check: MultitaskData,
@@ -281,8 +231,8 @@ class MtzMerger(Merger):
 
         def trial(k: int) -> tuple[ZippedNet, bool]:
             zt = copy.deepcopy(z)
-            zt.zip_neurons(layer, plan.pairs[:k], plan.weight[:k], plan.bias[:k], 1 << new_task)
-            retrain(zt, train, n_tasks, cfg, seed=seed * 1000003 + new_task * 1009 + layer * 101 + k)
+            zt.zip_unit(unit, plan.pairs[:k], plan.first(k), 1 << new_task)
+            retrain(zt, train, n_tasks, cfg, seed=seed * 1000003 + new_task * 1009 + unit[0] * 101 + k)
             acc = evaluate(zt.to_multitask(), check, tasks=task_names)
             ok = all(reference[t] - acc[t] <= cfg.accuracy_budget for t in task_names)
             record.trials.append({"pairs": k, "accuracy": acc, "ok": ok})
@@ -290,7 +240,7 @@ class MtzMerger(Merger):
 
         top = len(plan.pairs)
         if cfg.fractions is not None:
-            k = round(cfg.fractions[layer] * top)
+            k = round(cfg.fractions[index] * top)
             chosen, _ = trial(k) if k > 0 else (z, True)
         else:
             k, chosen = 0, z
