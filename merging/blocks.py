@@ -14,7 +14,7 @@ from merging.arch import ResolvedLayer
 INPUT_KEY = "input"
 
 
-def _activate(x: Tensor, act: str) -> Tensor:
+def activate(x: Tensor, act: str) -> Tensor:
     if act == "relu":
         return torch.relu(x)
     if act == "relu6":
@@ -42,7 +42,7 @@ class GroupBlock(nn.Module):
         x = self.conv(x)
         if self.bn is not None:
             x = self.bn(x)
-        x = _activate(x, self.act)
+        x = activate(x, self.act)
         if self.pool > 1:
             x = nn.functional.max_pool2d(x, self.pool, self.pool_stride, self.pool_padding)
         return x
@@ -56,7 +56,7 @@ class AddBlock(nn.Module):
         self.act = layer.act
 
     def forward(self, x: Tensor) -> Tensor:
-        return _activate(x, self.act)
+        return activate(x, self.act)
 
 
 class TaskHead(nn.Module):

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import Tensor
 
+from merging.blocks import GroupBlock, TaskHead
 from merging.errors import invariant
-from merging.network import GroupBlock, MultitaskNet, TaskHead
+from merging.network import MultitaskNet
 
 if TYPE_CHECKING:
     from merging.mergers._zipnet import ZippedNet

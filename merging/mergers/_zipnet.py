@@ -30,10 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from merging.arch import ArchConfig, resolve
+from merging.blocks import GroupBlock, activate
 from merging.errors import invariant
 from merging.graph import GroupKey
 from merging.mergers._zipexport import DENSE, _block, _head, distinct_product_macs, to_multitask, value_classes
-from merging.network import GroupBlock, MultitaskNet, _activate
+from merging.network import MultitaskNet
 from merging.tasks import TaskSpec
 
 
@@ -152,7 +153,7 @@ class ZippedNet(nn.Module):
             elif cols is not None:
                 w = w[:, cols]
             h = nn.functional.conv2d(h_in, w, self.biases[l][rows], stride=r.stride, padding=r.padding, groups=groups)
-        h = _activate(h, r.act)
+        h = activate(h, r.act)
         if r.pool > 1:
             h = nn.functional.max_pool2d(h, r.pool, r.pool_stride, r.pool_padding)
         return h, rows
