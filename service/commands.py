@@ -100,7 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.logging import configure
-    from service.runtime_pool import verify_bundle
+    from service.model_loading import verify_bundle
 
     settings = settings_from_args(args)
     configure(settings.log_format, settings.log_level)

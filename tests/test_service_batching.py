@@ -48,7 +48,8 @@ def test_eight_concurrent_requests_run_as_fewer_executes_with_their_own_answers(
 
 def test_without_a_window_requests_that_queue_while_the_runtime_is_busy_are_batched() -> None:
     from service.core.config import Settings
-    from service.runtime_pool import RuntimePool, load_model
+    from service.model_loading import load_model
+    from service.runtime_pool import RuntimePool
 
     settings = Settings(probe=False)
     model = load_model(digits_bundle(), settings, probe=False)

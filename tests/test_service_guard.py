@@ -180,7 +180,7 @@ def test_a_signed_manifest_is_required_when_a_public_key_is_set(tmp_path: Path) 
 def test_start_up_refuses_a_bundle_whose_signature_does_not_match(tmp_path: Path) -> None:
     from service.bundle_guard import generate_keypair, sign_bundle
     from service.core.config import Settings
-    from service.runtime_pool import verify_bundle
+    from service.model_loading import verify_bundle
 
     private, public = generate_keypair()
     b = copy_bundle(tmp_path / "b")
