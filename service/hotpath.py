@@ -30,7 +30,7 @@ from service import fastjson, metrics, preprocess, v2_binary, v2_protocol
 from service.combinations import Resolved, resolve, split_tasks
 from service.errors import ServiceError
 from service.logging import log_request
-from service.middleware import TRIM_AFTER_BYTES, _trim_heap
+from service.middleware import TRIM_AFTER_BYTES, trim_heap
 
 log = logging.getLogger("pam.service")
 _JSON = (b"content-type", b"application/json")
@@ -135,7 +135,7 @@ class HotPath:
             self.pool.stats.request(ctx.method, ok=status == 200, images=ctx.batch or 0, total_s=total,
                                     queue_s=queue / 1e3, preprocess_s=pre / 1e3, postprocess_s=post / 1e3)
         if ctx.received > TRIM_AFTER_BYTES:
-            _trim_heap()
+            trim_heap()
         log_request({
             "request_id": ctx.rid, "http_method": scope.get("method"), "path": scope.get("path"), "status": status,
             "combination": ctx.combination, "method": ctx.method, "batch": ctx.batch,
