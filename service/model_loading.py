@@ -87,7 +87,7 @@ def check_files(bundle_dir: Path, settings: Settings) -> VerifiedManifest:
     )
 
 
-def verify_bundle(bundle_dir: Path, settings: Settings) -> Manifest:
+def check_bundle(bundle_dir: Path, settings: Settings) -> Manifest:
     """Files (guard + signature), manifest schema, program magic + sha256, and (optionally) a crash-safe
     child-process probe."""
     from mobile_export.runtime import check_program, probe_bundle
@@ -101,11 +101,11 @@ def verify_bundle(bundle_dir: Path, settings: Settings) -> Manifest:
     return manifest
 
 
-def load_model(bundle_dir: Path, settings: Settings, *, probe: bool) -> LoadedModel:
+def load_bundle(bundle_dir: Path, settings: Settings, *, probe: bool) -> LoadedModel:
     """Verify then load a bundle (blocking; call it off the event loop)."""
     from mobile_export.runtime import BundleRuntime
 
-    manifest = verify_bundle(bundle_dir, settings.model_copy(update={"probe": probe}))
+    manifest = check_bundle(bundle_dir, settings.model_copy(update={"probe": probe}))
     runtime = BundleRuntime(bundle_dir, lazy=settings.lazy, max_loaded=settings.max_loaded)
     if runtime.manifest != manifest:  # replaced between the check and the load: the checked one is authentic
         raise ExportError("bundle_changed", "the manifest changed while the bundle was loading; not taken")

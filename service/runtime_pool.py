@@ -36,7 +36,7 @@ from service import metrics
 from service.batching import Execution, Waiting, plan_batch
 from service.core.config import Settings
 from service.errors import ServiceError
-from service.model_loading import LoadedModel, check_files, load_model
+from service.model_loading import LoadedModel, check_files, load_bundle
 from service.stats import Statistics
 
 log = logging.getLogger("pam.service")
@@ -90,7 +90,7 @@ class RuntimePool:
             if not self._threads_set:
                 set_threads(self.settings.threads)  # only possible before the first program load
                 self._threads_set = True
-            model = load_model(bundle_dir, self.settings, probe=self.settings.probe)
+            model = load_bundle(bundle_dir, self.settings, probe=self.settings.probe)
         except (ExportError, OSError) as e:
             self.state, self.error = "failed", str(e)
             log.error("bundle %s failed to load: %s", bundle_dir, e)
@@ -308,7 +308,7 @@ class RuntimePool:
                                 f"{self.settings.reload_read_timeout_s:g} s", self.model, 422, "read_timeout")
         async with self._reload_lock:
             try:
-                new = await asyncio.to_thread(load_model, Path(target), self.settings, probe=True)
+                new = await asyncio.to_thread(load_bundle, Path(target), self.settings, probe=True)
             except (ExportError, OSError, ValueError) as e:  # ValueError: e.g. a NUL byte in the path
                 msg = str(e) if isinstance(e, ExportError) else type(e).__name__
                 log.warning("reload of %s refused, still serving the previous model: %s", target, msg)
