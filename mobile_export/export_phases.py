@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         r = run_one(int(args.one[0]), args.one[1], args.demo)
         print(RESULT_MARK + json.dumps(r), flush=True)
         return 0
-    from merging.checkpoint import atomic_write_bytes, atomic_write_json
+    from pam_common.atomic import atomic_write_bytes, atomic_write_json
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

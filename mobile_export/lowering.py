@@ -68,11 +68,6 @@ def export_method(net: MultitaskNet, combo: Sequence[str], max_batch: int) -> An
     return export(net.for_combination(tuple(combo)).eval(), (x,), dynamic_shapes=dyn, strict=False)
 
 
-def export_programs(net: MultitaskNet, combos: Sequence[tuple[str, ...]], max_batch: int) -> dict[str, Any]:
-    """``torch.export`` one program per combination (the input :func:`lower_serial` takes)."""
-    return {"+".join(c): export_method(net, c, max_batch) for c in combos}
-
-
 def _compile_config() -> Any:
     from executorch.exir import EdgeCompileConfig
 
@@ -82,7 +77,9 @@ def _compile_config() -> Any:
 
 
 def lower_serial(programs: dict[str, Any], check_ir: bool = True) -> bytes:
-    """The reference: ExecuTorch's own one-call lowering of every method together."""
+    """ExecuTorch's own one-call lowering of every method together (``programs``: name -> ``torch.export``
+    program): what ``merge_methods`` must reproduce byte for byte, and the old export path
+    ``export_phases`` times."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 

@@ -97,7 +97,9 @@ class Manifest(_Strict):
             if m.name in seen:
                 raise ValueError(f"duplicate method {m.name}")
             seen.add(m.name)
-            if m.tasks != sorted(set(m.tasks)) or not set(m.tasks) <= set(names) or not m.tasks:
+            # the one combination rule (pam_common), refusing here what a request would have normalised
+            tasks = canonical_combination(m.tasks, names, lambda _code, why, n=m.name: ValueError(f"method {n}: {why}"))
+            if list(tasks) != m.tasks:
                 raise ValueError(f"method {m.name}: tasks {m.tasks} must be sorted, distinct, known")
             if m.name != combination_name(m.tasks):
                 raise ValueError(f"method {m.name}: name must be the canonical combination {combination_name(m.tasks)}")

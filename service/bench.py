@@ -42,6 +42,8 @@ import numpy as np
 from mobile_export.manifest import Manifest
 from pam_common.atomic import atomic_write_bytes
 from pam_common.combinations import combination_name
+from service.bench_client import build_request, drive, percentile
+from service.bench_report import markdown
 from service.errors import ServiceError
 
 
@@ -68,10 +70,6 @@ class BenchConfig:
     mix: tuple[str, ...] | None = None  # combinations asked concurrently (client i: mix[i % k]) in "mix" cells
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,84 +90,6 @@ def sample_png(manifest: Manifest) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def build_request(path: str, payload: str, png: bytes, x: np.ndarray) -> bytes:
-    if payload == "json":
-        body = json.dumps({"inputs": x[0].tolist()}).encode()
-        ctype = "application/json"
-    elif payload == "multipart":
-        boundary = "pambenchboundary"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
-                f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
-        ctype = f"multipart/form-data; boundary={boundary}"
-    else:
-        body, ctype = png, "image/png"
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    return head + body
-
-
-async def _client(port: int, request: bytes, n: int, lat: list[float], server_exec: list[float],
-                  errors: list[str], macs: list[int] | None = None) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            writer.write(request)
-            status_line = await reader.readline()
-            length = 0
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b""):
-                    break
-                k, _, v = line.partition(b":")
-                if k.strip().lower() == b"content-length":
-                    length = int(v)
-            body = await reader.readexactly(length)
-            lat.append(time.perf_counter() - t0)
-            status = int(status_line.split()[1]) if status_line else 0
-            if status != 200:
-                errors.append(f"{status}: {body[:120]!r}")
-            else:
-                answer = json.loads(body)
-                server_exec.append(float(answer["timings_ms"]["execute"]))
-                if macs is not None:
-                    macs.append(int(answer["macs"]) * int(answer["batch"]))
-    finally:
-        writer.close()
-
-
-async def _drive(port: int, request: bytes, clients: int, total: int) -> dict[str, Any]:
-    lat: list[float] = []
-    server_exec: list[float] = []
-    errors: list[str] = []
-    per = max(1, total // clients)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(_client(port, request, per, lat, server_exec, errors) for _ in range(clients)))
-    wall = time.perf_counter() - t0
-    ms = [v * 1e3 for v in lat]
-    return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_samples": errors[:3],
-            "rps": len(lat) / wall, "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
-            "p99_ms": percentile(ms, 99), "server_execute_p50_ms": percentile(server_exec, 50)}
-
-
-async def _drive_mix(port: int, requests: list[bytes], clients: int, total: int) -> dict[str, Any]:
-    """Client i asks for combination i mod k: concurrent requests for different combinations."""
-    lat: list[float] = []
-    server_exec: list[float] = []
-    errors: list[str] = []
-    macs: list[int] = []
-    per = max(1, total // clients)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(_client(port, requests[i % len(requests)], per, lat, server_exec, errors, macs)
-                           for i in range(clients)))
-    wall = time.perf_counter() - t0
-    ms = [v * 1e3 for v in lat]
-    return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_samples": errors[:3],
-            "rps": len(lat) / wall, "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
-            "p99_ms": percentile(ms, 99), "server_execute_p50_ms": percentile(server_exec, 50),
-            "macs_per_request": float(np.mean(macs)) if macs else None}
 
 
 def direct_baseline(cfg: BenchConfig, manifest: Manifest, methods: list[str], x: np.ndarray) -> dict[str, Any]:
@@ -303,11 +223,11 @@ def run_variants(cfg: BenchConfig, manifest: Manifest, methods: list[str], png: 
             tasks = ",".join(manifest.method_for(m).tasks)
             request = build_request(f"/infer?tasks={tasks}", cfg.payload, png, x)
             for port, _ in servers.values():
-                asyncio.run(_drive(port, request, 1, 50))  # warm-up
+                asyncio.run(drive(port, [request], 1, 50))  # warm-up
             for c in cfg.clients:
                 for v, (port, _) in servers.items():
                     cell = {"variant": v, "combination": m, "macs": manifest.method_for(m).macs,
-                            **asyncio.run(_drive(port, request, c, max(cfg.requests, 4 * c)))}
+                            **asyncio.run(drive(port, [request], c, max(cfg.requests, 4 * c)))}
                     out[v]["cells"].append(cell)
                     print(f"  {v:>16} {m:>22} x{c:<3}: {cell['rps']:7.0f} req/s  p50 {cell['p50_ms']:.3f}  "
                           f"p95 {cell['p95_ms']:.3f}  p99 {cell['p99_ms']:.3f} ms  errors {cell['errors']}",
@@ -319,7 +239,7 @@ def run_variants(cfg: BenchConfig, manifest: Manifest, methods: list[str], png: 
                     if v == "reference":
                         continue
                     cell = {"variant": v, "combination": "mix:" + ";".join(cfg.mix), "macs": 0,
-                            **asyncio.run(_drive_mix(port, reqs, c, max(cfg.requests, 4 * c)))}
+                            **asyncio.run(drive(port, reqs, c, max(cfg.requests, 4 * c), count_macs=True))}
                     out[v]["cells"].append(cell)
                     print(f"  {v:>16} {'mix':>22} x{c:<3}: {cell['rps']:7.0f} req/s  p50 {cell['p50_ms']:.3f} ms  "
                           f"MACs/request {cell['macs_per_request']}  errors {cell['errors']}", flush=True)
@@ -331,7 +251,7 @@ def run_variants(cfg: BenchConfig, manifest: Manifest, methods: list[str], png: 
             tasks = ",".join(manifest.method_for(methods[0]).tasks)
             out[v]["attack_statuses"] = attack(port, manifest, f"/infer?tasks={tasks}", cfg.attack_rounds)
             time.sleep(2.0)
-            asyncio.run(_drive(port, build_request(f"/infer?tasks={tasks}", cfg.payload, png, x), 1, 20))
+            asyncio.run(drive(port, [build_request(f"/infer?tasks={tasks}", cfg.payload, png, x)], 1, 20))
             out[v]["rss_after_attacks_mb"] = server_rss_mb(proc)
             out[v]["alive_after_attacks"] = proc.poll() is None
             print(f"  {v:>16} attacks {out[v]['attack_statuses']}: RSS {out[v]['rss_ready_mb']:.0f} MB ready, "
@@ -414,58 +334,3 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     print(markdown(result))
     print(f"wrote {cfg.out.with_suffix('.json')} and {cfg.out.with_suffix('.md')}")
     return result
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.0%}"
-
-
-def _ms(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
-
-def markdown(r: dict[str, Any]) -> str:
-    c = r["config"]
-    load = r["machine"].get("load_average_1min", {"start": float("nan"), "end": float("nan")})
-    lines = [f"# pam bench-serve: {r['model']} {r['model_version']}", "",
-             f"payload `{c['payload']}`, threads {c['threads']}, workers {c['workers']}, executor `{c['executor']}`, "
-             f"lazy {c['lazy']} (max loaded {c['max_loaded']}), batching window {c.get('batch_window_us', 0)} us, "
-             f"{r['machine']['cpus']} CPUs; loopback, keep-alive clients in one asyncio process. "
-             f"Load average (1 min) {load['start']:.1f} at the start, {load['end']:.1f} at the end.", "",
-             "| variant | combination | MACs | clients | req/s | p50 ms | p95 ms | p99 ms | server execute p50 ms "
-             "| errors |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for cell in r["http"]:
-        lines.append(f"| {cell['variant']} | {cell['combination']} | {cell['macs']} | {cell['clients']} | "
-                     f"{cell['rps']:.0f} | {cell['p50_ms']:.3f} | {cell['p95_ms']:.3f} | {cell['p99_ms']:.3f} | "
-                     f"{cell['server_execute_p50_ms']:.3f} | {cell['errors']} |")
-    variants = [v for v in ("reference", "service", "service+batching", "service+union") if v in c["variants"]]
-    lines += ["", "| combination | direct execute p50 ms | direct calls/s | "
-              + " | ".join(f"{v}: HTTP overhead p50 ms | {v}: 8 clients ÷ direct" for v in variants)
-              + " | service ÷ reference (8 clients) | service+batching ÷ reference (8) | batching gain 1/8/32 |",
-              "| --- | ---: | ---: | " + " | ".join("---: | ---:" for _ in variants) + " | ---: | ---: | --- |"]
-    for m, s in r["summary"].items():
-        gain = s.get("batching_gain") or {}
-        lines.append(
-            f"| {m} | {s['direct_execute_p50_ms']:.3f} | {s['direct_rps']:.0f} | "
-            + " | ".join(f"{_ms(s[v]['http_overhead_p50_ms'])} | {_pct(s[v]['rps_8_over_direct'])}" for v in variants)
-            + f" | {_pct(s.get('service', {}).get('rps_8_over_reference'))} | "
-              f"{_pct(s.get('service+batching', {}).get('rps_8_over_reference'))} | "
-            + " / ".join("n/a" if g is None else f"{g:.2f}x" for g in gain.values()) + " |")
-    if r.get("mix"):
-        lines += ["", "Concurrent requests for different combinations (client i asks combination i mod k): "
-                  "MACs spent per request (of the method that ran, x rows) against requests per second.", "",
-                  "| variant | combinations | clients | req/s | p50 ms | MACs per request | errors |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-        for cell in r["mix"]:
-            mpr = cell.get("macs_per_request")
-            lines.append(f"| {cell['variant']} | {cell['combination'][4:]} | {cell['clients']} | {cell['rps']:.0f} | "
-                         f"{cell['p50_ms']:.3f} | {'n/a' if mpr is None else f'{mpr:,.0f}'} | {cell['errors']} |")
-    lines += ["", "| server | RSS ready MB | after the cells MB | after large requests MB | statuses of the large "
-                  "requests | alive |", "| --- | ---: | ---: | ---: | --- | --- |"]
-    for sv in r.get("servers", []):
-        after = sv.get("rss_after_attacks_mb")
-        lines.append(f"| {sv['variant']} | {sv['rss_ready_mb']:.0f} | {sv['rss_end_mb']:.0f} | "
-                     f"{'n/a' if after is None else f'{after:.0f}'} | {sv.get('attack_statuses', 'n/a')} | "
-                     f"{sv.get('alive_after_attacks', 'n/a')} |")
-    return "\n".join(lines) + "\n"

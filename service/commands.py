@@ -100,14 +100,14 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.logging import configure
-    from service.runtime_pool import verify_bundle
+    from service.model_loading import check_bundle
 
     settings = settings_from_args(args)
     configure(settings.log_format, settings.log_level)
     bundle = settings.bundle_dir
     print(f"pam serve: checking {bundle} (manifest, sha256{', child-process probe' if settings.probe else ''})",
           file=sys.stderr, flush=True)
-    manifest = verify_bundle(bundle, settings)  # a bad bundle stops here with a clean message
+    manifest = check_bundle(bundle, settings)  # a bad bundle stops here with a clean message
     # The probe is done: a single worker loads straight away. Several workers keep probing, because
     # uvicorn restarts them (SIGHUP to the master, or a crash) and the bundle may have changed since.
     probe_again = settings.probe and settings.workers > 1

@@ -26,11 +26,11 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from mobile_export.errors import ExportError
-from service import fastjson, metrics, preprocess
+from service import fastjson, metrics, preprocess, v2_binary, v2_protocol
 from service.combinations import Resolved, resolve, split_tasks
 from service.errors import ServiceError
 from service.logging import log_request
-from service.middleware import TRIM_AFTER_BYTES, _trim_heap
+from service.middleware import TRIM_AFTER_BYTES, trim_heap
 
 log = logging.getLogger("pam.service")
 _JSON = (b"content-type", b"application/json")
@@ -60,16 +60,6 @@ def _request_id(headers: dict[bytes, bytes]) -> str:
     if rid:
         return rid.decode("latin-1")[:64]
     return f"{_RID_PREFIX}{next(_rid_counter):012x}"  # unique per process; uuid4/urandom cost 3 % (profiled)
-
-
-def v2_target(path: str) -> tuple[str, str | None] | None:
-    """``/v2/models/{name}/infer`` or ``/v2/models/{name}/versions/{version}/infer`` -> (name, version)."""
-    parts = path[len("/v2/models/"):-len("/infer")].split("/")
-    if len(parts) == 1 and parts[0]:
-        return parts[0], None
-    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
-        return parts[0], parts[2]
-    return None
 
 
 def strict_value(raw: str | None, default: bool) -> bool:
@@ -145,7 +135,7 @@ class HotPath:
             self.pool.stats.request(ctx.method, ok=status == 200, images=ctx.batch or 0, total_s=total,
                                     queue_s=queue / 1e3, preprocess_s=pre / 1e3, postprocess_s=post / 1e3)
         if ctx.received > TRIM_AFTER_BYTES:
-            _trim_heap()
+            trim_heap()
         log_request({
             "request_id": ctx.rid, "http_method": scope.get("method"), "path": scope.get("path"), "status": status,
             "combination": ctx.combination, "method": ctx.method, "batch": ctx.batch,
@@ -261,14 +251,11 @@ class HotPath:
     # ------------------------------------------------------------------------------ V2
     async def _v2(self, scope: dict[str, Any], receive: Any, headers: dict[bytes, bytes],
                   ctx: Ctx) -> tuple[int, bytes, dict[str, str] | None]:
-        from service import v2_binary
-        from service.api.routes.v2 import model_named, parse_v2
-
         t0 = time.perf_counter()
-        target = v2_target(scope["path"])
+        target = v2_protocol.infer_target(scope["path"])
         if target is None:
             raise ServiceError(404, "not_found", "Not Found")
-        model = model_named(self.pool, *target)
+        model = v2_protocol.model_named(self.pool, *target)
         manifest = model.manifest
         ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower().decode("latin-1")
         if ctype not in ("application/json", "application/octet-stream", ""):
@@ -278,8 +265,8 @@ class HotPath:
             raise ServiceError(415, "unsupported_encoding", "compressed requests are not accepted; send identity")
         body = await self._body(receive, headers, preprocess.json_body_limit(manifest, self.max_body), ctx)
         hl = headers.get(v2_binary.HEADER.encode())
-        req = await preprocess.off_loop(parse_v2, body, None if hl is None else hl.decode("latin-1"), manifest,
-                                        size=len(body))
+        req = await preprocess.off_loop(v2_protocol.parse_v2, body, None if hl is None else hl.decode("latin-1"),
+                                        manifest, size=len(body))
         strict = req.strict if req.strict is not None else self.settings.strict_combinations
         resolved = resolve(manifest, req.tasks, strict=strict)
         ctx.combination, ctx.method = resolved.combination, resolved.method.name
@@ -287,22 +274,7 @@ class HotPath:
                                       size=len(body))
         t1 = time.perf_counter()
         ex = await self._run(model, resolved.method.name, x, resolved.tasks, strict, ctx)
-        by_task = dict(zip(ex.tasks, ex.outputs, strict=True))
-        outputs: list[dict[str, Any]] = []
-        binaries: list[bytes] = []
-        order = list(dict.fromkeys(req.tasks)) if req.tasks else resolved.tasks
-        for task_name in order:
-            kind, _labels = model.task_info[task_name]
-            probs = finite_scores(kind, by_task[task_name], task_name).astype("<f4")
-            entry: dict[str, Any] = {"name": task_name, "shape": list(probs.shape), "datatype": "FP32"}
-            binary = req.binary.get(task_name)
-            if binary if binary is not None else req.binary_all:
-                raw = probs.tobytes()
-                entry["parameters"] = {"binary_data_size": len(raw)}
-                binaries.append(raw)
-            else:
-                entry["data"] = probs.reshape(-1) if fastjson.NUMPY else probs.reshape(-1).tolist()
-            outputs.append(entry)
+        outputs, binaries = v2_protocol.infer_outputs(model, req, resolved.tasks, ex)
         t2 = time.perf_counter()
         timings = {"preprocess": round((t1 - t0) * 1e3, 4), "queue": round(ex.queue_s * 1e3, 4),
                    "execute": round(ex.execute_s * 1e3, 4), "total": round((t2 - t0) * 1e3, 4)}
@@ -319,15 +291,6 @@ class HotPath:
         return 200, raw, hdrs
 
 
-def finite_scores(kind: str, logits: np.ndarray, task_name: str) -> np.ndarray:
-    """The task's probabilities, or a 422 when the network's output is not finite (never null scores)."""
-    probs = preprocess.scores_of(kind, logits)
-    if not np.isfinite(probs).all():
-        raise ServiceError(422, "non_finite_output", f"the network's output for task {task_name!r} is not finite "
-                                                     f"on this input (Inf/NaN); send preprocessed inputs")
-    return probs
-
-
 def predictions(model: Any, tasks: list[str], ran: list[str], outputs: list[np.ndarray]) -> list[dict[str, Any]]:
     """Per image, the requested ``tasks`` only (the extra outputs of a superset method are dropped)."""
     by_task = dict(zip(ran, outputs, strict=True))
@@ -335,7 +298,7 @@ def predictions(model: Any, tasks: list[str], ran: list[str], outputs: list[np.n
     per_item: list[dict[str, Any]] = [{} for _ in range(n)]
     for task_name in tasks:
         kind, labels = model.task_info[task_name]
-        probs = finite_scores(kind, by_task[task_name], task_name)
+        probs = preprocess.finite_scores(kind, by_task[task_name], task_name)
         rows = probs.tolist()
         if kind == "classes":
             best = probs.argmax(axis=1).tolist()

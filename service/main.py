@@ -19,11 +19,13 @@ from service.api import errors
 from service.api.errors import ERROR_RESPONSES
 from service.api.routes import admin, meta, v2
 from service.core.config import Settings
-from service.hotpath import HotPath, v2_target
+from service.hotpath import HotPath
 from service.logging import configure
 from service.middleware import RequestObserver
+from service.model_loading import LoadedModel
 from service.openapi_doc import add_hot_routes
-from service.runtime_pool import LoadedModel, RuntimePool
+from service.runtime_pool import RuntimePool
+from service.v2_protocol import infer_target
 
 log = logging.getLogger("pam.service")
 
@@ -42,7 +44,7 @@ class PamApp(FastAPI):
             if path == "/infer":
                 await self.hot.infer(scope, receive, send)
                 return
-            if path.startswith("/v2/models/") and path.endswith("/infer") and v2_target(path) is not None:
+            if path.startswith("/v2/models/") and path.endswith("/infer") and infer_target(path) is not None:
                 await self.hot.v2_infer(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)

@@ -20,7 +20,6 @@ from service import metrics
 from service.errors import ServiceError
 from service.logging import log_request
 
-INFERENCE_PATHS = ("/infer", "/v2/models/")  # requests that count in the latency metrics
 log = logging.getLogger("pam.service")
 
 
@@ -40,7 +39,7 @@ _TRIM_MIN_INTERVAL_S = 1.0
 _last_trim = 0.0
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """glibc keeps freed arenas of large requests (measured: RSS 393 -> 481 MB after large bodies and
     stayed there); ``malloc_trim(0)`` returns them. At most once a second; a no-op elsewhere."""
     global _last_trim
@@ -65,6 +64,9 @@ async def send_json(send: Send, status: int, body: dict[str, Any], headers: dict
 
 
 class RequestObserver:
+    """Request id, body limits, in-flight gauge, metrics and log line around the FastAPI stack
+    (``service.hotpath`` does the same itself for the inference requests it takes before that stack)."""
+
     def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -136,28 +138,35 @@ class RequestObserver:
         finally:
             if counted:
                 metrics.IN_FLIGHT.dec()
-            total = time.perf_counter() - started
-            combination = state.get("combination") or metrics.NO_COMBINATION
-            timings = state.get("timings_ms") or {}
-            if counted:
-                execute_ms = timings.get("execute")
-                metrics.observe(combination, status, total, None if execute_ms is None else execute_ms / 1000.0)
-                method = state.get("method")
-                pool = getattr(getattr(scope.get("app"), "state", None), "pool", None)
-                if method and pool is not None:
-                    pool.stats.request(method, ok=status == 200, images=int(state.get("batch") or 0), total_s=total,
-                                       queue_s=(timings.get("queue") or 0.0) / 1e3,
-                                       preprocess_s=(timings.get("preprocess") or 0.0) / 1e3,
-                                       postprocess_s=max(0.0, ((timings.get("total") or 0.0)
-                                                               - (timings.get("preprocess") or 0.0)
-                                                               - (timings.get("queue") or 0.0)
-                                                               - (timings.get("execute") or 0.0)) / 1e3))
-            if received > TRIM_AFTER_BYTES:
-                _trim_heap()
-            log_request({
-                "request_id": rid, "http_method": scope.get("method"), "path": path, "status": status,
-                "combination": state.get("combination"), "method": state.get("method"), "batch": state.get("batch"),
-                "executed_batch": state.get("executed_batch"),
-                "error": state.get("error"),
-                "timings_ms": {**timings, "server_total": round(total * 1000.0, 3)},
-            })
+            _observe(scope, state, rid, status, time.perf_counter() - started, received, counted)
+
+
+def _observe(scope: Scope, state: dict[str, Any], rid: str, status: int, total: float, received: int,
+             counted: bool) -> None:
+    """After the response: the latency metrics and per-method statistics (inference paths only), the
+    heap trim after a large body, and the request's log line."""
+    path: str = scope.get("path", "")
+    combination = state.get("combination") or metrics.NO_COMBINATION
+    timings = state.get("timings_ms") or {}
+    if counted:
+        execute_ms = timings.get("execute")
+        metrics.observe(combination, status, total, None if execute_ms is None else execute_ms / 1000.0)
+        method = state.get("method")
+        pool = getattr(getattr(scope.get("app"), "state", None), "pool", None)
+        if method and pool is not None:
+            pool.stats.request(method, ok=status == 200, images=int(state.get("batch") or 0), total_s=total,
+                               queue_s=(timings.get("queue") or 0.0) / 1e3,
+                               preprocess_s=(timings.get("preprocess") or 0.0) / 1e3,
+                               postprocess_s=max(0.0, ((timings.get("total") or 0.0)
+                                                       - (timings.get("preprocess") or 0.0)
+                                                       - (timings.get("queue") or 0.0)
+                                                       - (timings.get("execute") or 0.0)) / 1e3))
+    if received > TRIM_AFTER_BYTES:
+        trim_heap()
+    log_request({
+        "request_id": rid, "http_method": scope.get("method"), "path": path, "status": status,
+        "combination": state.get("combination"), "method": state.get("method"), "batch": state.get("batch"),
+        "executed_batch": state.get("executed_batch"),
+        "error": state.get("error"),
+        "timings_ms": {**timings, "server_total": round(total * 1000.0, 3)},
+    })

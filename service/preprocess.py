@@ -211,3 +211,12 @@ def scores_of(kind: str, logits: np.ndarray) -> np.ndarray:
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
     return 1.0 / (1.0 + np.exp(-z))
+
+
+def finite_scores(kind: str, logits: np.ndarray, task_name: str) -> np.ndarray:
+    """The task's probabilities, or a 422 when the network's output is not finite (never null scores)."""
+    probs = scores_of(kind, logits)
+    if not np.isfinite(probs).all():
+        raise ServiceError(422, "non_finite_output", f"the network's output for task {task_name!r} is not finite "
+                                                     f"on this input (Inf/NaN); send preprocessed inputs")
+    return probs

@@ -25,145 +25,21 @@ import concurrent.futures
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from mobile_export.errors import ExportError
-from mobile_export.manifest import Manifest
 from service import metrics
+from service.batching import Execution, Waiting, plan_batch
 from service.core.config import Settings
 from service.errors import ServiceError
+from service.model_loading import LoadedModel, check_files, load_bundle
 from service.stats import Statistics
 
-if TYPE_CHECKING:
-    from service.bundle_guard import VerifiedManifest
-
 log = logging.getLogger("pam.service")
-
-
-@dataclass
-class LoadedModel:
-    """One bundle, loaded: what a request needs, swapped as a whole on reload."""
-
-    bundle_dir: Path
-    manifest: Manifest
-    runtime: Any  # mobile_export.runtime.BundleRuntime
-    loaded_at: float = field(default_factory=time.time)
-    # measured at load (``calibrate``): seconds of one execute per method, (at 1 row, per extra row)
-    costs: dict[str, tuple[float, float]] = field(default_factory=dict)
-    tasks_of: dict[str, list[str]] = field(default_factory=dict)  # method -> its tasks, output order
-
-    entries: dict[str, Any] = field(default_factory=dict)  # method -> MethodEntry
-    task_info: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # task -> (kind, labels)
-
-    def __post_init__(self) -> None:
-        self.tasks_of = {m.name: list(m.tasks) for m in self.manifest.methods}
-        self.entries = {m.name: m for m in self.manifest.methods}
-        self.task_info = {t.name: (t.kind, list(t.labels)) for t in self.manifest.tasks}
-
-    def cost(self, method: str, rows: int) -> float | None:
-        c = self.costs.get(method)
-        return None if c is None else c[0] + c[1] * max(0, rows - 1)
-
-
-@dataclass
-class Execution:
-    outputs: list[np.ndarray]  # one (N, K) array per task of the method that ran, manifest order
-    queue_s: float  # from admission to the start of the execute that served this request
-    execute_s: float  # that execute (the whole batch when batched)
-    batch_rows: int = 0  # rows of that execute (this request's own rows when not batched)
-    method: str = ""  # the method that ran (a cheaper union method when batching joined combinations)
-    tasks: list[str] = field(default_factory=list)  # its tasks, one per output
-
-
-@dataclass(eq=False)
-class _Waiting:
-    """A request waiting for the batcher."""
-
-    model: LoadedModel
-    method: str
-    x: np.ndarray
-    fut: asyncio.Future[Execution]
-    submitted: float
-    tasks: frozenset[str]  # the tasks this request needs (a union method may answer them)
-    union_ok: bool  # False for strict requests: only their own method may answer
-    timer: asyncio.TimerHandle | None = None
-
-    @property
-    def rows(self) -> int:
-        return int(self.x.shape[0])
-
-
-def calibrate(model: LoadedModel, repeats: int = 3) -> None:
-    """Time every loaded method at 1 row and at 2 rows (best of ``repeats``): the executor choice
-    (``auto``) and the union batching decision read these figures."""
-    import torch
-
-    spec = model.manifest.input
-    x1 = torch.zeros((1, *spec.shape), dtype=torch.float32)
-    x2 = torch.zeros((min(2, spec.max_batch), *spec.shape), dtype=torch.float32)
-    for name in model.runtime.loaded_methods():
-        t = []
-        for x in (x1, x2):
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                model.runtime.run(name, x)
-                best = min(best, time.perf_counter() - t0)
-            t.append(best)
-        per_row = max(0.0, t[1] - t[0]) / max(1, int(x2.shape[0]) - 1) if x2.shape[0] > 1 else t[0]
-        model.costs[name] = (t[0], per_row)
-
-
-def public_key(settings: Settings) -> Any | None:
-    """The configured Ed25519 key (``PAM_MANIFEST_PUBLIC_KEY``), or None when manifests are not signed."""
-    if not settings.manifest_public_key:
-        return None
-    from service.bundle_guard import load_public_key
-
-    try:
-        return load_public_key(settings.manifest_public_key)
-    except ValueError as e:
-        raise ExportError("bad_public_key", f"PAM_MANIFEST_PUBLIC_KEY: {e}") from e
-
-
-def check_files(bundle_dir: Path, settings: Settings) -> VerifiedManifest:
-    """The guard's checks (regular files, size caps, the signature when a key is set) and the manifest."""
-    from service.bundle_guard import verify_manifest
-
-    return verify_manifest(bundle_dir, max_manifest_bytes=settings.max_manifest_bytes,
-                           max_program_bytes=settings.max_program_bytes, public_key=public_key(settings))
-
-
-def verify_bundle(bundle_dir: Path, settings: Settings) -> Manifest:
-    """Files (guard + signature), manifest schema, program magic + sha256, and (optionally) a crash-safe
-    child-process probe."""
-    from mobile_export.runtime import check_program, probe_bundle
-
-    manifest = check_files(bundle_dir, settings).manifest
-    check_program(bundle_dir / manifest.program, manifest.program_sha256)
-    if settings.probe:
-        result = probe_bundle(bundle_dir, timeout_s=settings.probe_timeout_s)
-        if not result.ok:
-            raise ExportError("probe_failed", result.error or f"probe of {bundle_dir} failed")
-    return manifest
-
-
-def load_model(bundle_dir: Path, settings: Settings, *, probe: bool) -> LoadedModel:
-    """Verify then load a bundle (blocking; call it off the event loop)."""
-    from mobile_export.runtime import BundleRuntime
-
-    manifest = verify_bundle(bundle_dir, settings.model_copy(update={"probe": probe}))
-    runtime = BundleRuntime(bundle_dir, lazy=settings.lazy, max_loaded=settings.max_loaded)
-    if runtime.manifest != manifest:  # replaced between the check and the load: the checked one is authentic
-        raise ExportError("bundle_changed", "the manifest changed while the bundle was loading; not taken")
-    model = LoadedModel(bundle_dir=bundle_dir, manifest=runtime.manifest, runtime=runtime)
-    if not settings.lazy:
-        calibrate(model)
-    return model
 
 
 @dataclass
@@ -194,7 +70,7 @@ class RuntimePool:
         self.executes = 0  # executes run (a batch counts once)
         self.union_executes = 0  # executes of a union method that answered several combinations
         self._batching = settings.batching
-        self._queue: collections.deque[_Waiting] = collections.deque()
+        self._queue: collections.deque[Waiting] = collections.deque()
         self._busy = False
         self._scheduled = False
         self._window_timer: asyncio.TimerHandle | None = None
@@ -214,7 +90,7 @@ class RuntimePool:
             if not self._threads_set:
                 set_threads(self.settings.threads)  # only possible before the first program load
                 self._threads_set = True
-            model = load_model(bundle_dir, self.settings, probe=self.settings.probe)
+            model = load_bundle(bundle_dir, self.settings, probe=self.settings.probe)
         except (ExportError, OSError) as e:
             self.state, self.error = "failed", str(e)
             log.error("bundle %s failed to load: %s", bundle_dir, e)
@@ -303,7 +179,7 @@ class RuntimePool:
         loop = asyncio.get_running_loop()
         want = (frozenset(tasks) if tasks else frozenset(model.tasks_of[method])) if self.settings.batch_union \
             else frozenset()
-        item = _Waiting(model, method, x, loop.create_future(), submitted, want, not strict)
+        item = Waiting(model, method, x, loop.create_future(), submitted, want, not strict)
         item.timer = loop.call_later(self.settings.request_timeout_s, self._expire, item)
         self._queue.append(item)
         self._schedule(loop)
@@ -312,7 +188,7 @@ class RuntimePool:
         finally:
             item.timer.cancel()
 
-    def _expire(self, item: _Waiting) -> None:
+    def _expire(self, item: Waiting) -> None:
         if not item.fut.done():  # still waiting (or its batch still runs): the caller gets 504
             item.fut.set_exception(self._timeout())
 
@@ -321,40 +197,6 @@ class RuntimePool:
         if not self._scheduled and not self._busy:
             self._scheduled = True
             loop.call_soon(self._dispatch)
-
-    def _plan(self, head: _Waiting) -> tuple[str, list[_Waiting]]:
-        """The method to run and the requests it answers: the head's method with every waiting request
-        for it, or, with ``batch_union``, one execute of the cheapest method covering the tasks of
-        several combinations when the measured costs say it beats one execute per method."""
-        model, limit = head.model, self.batch_limit(head.model)
-        same: list[_Waiting] = []
-        rows = 0
-        for w in self._queue:
-            if w.method == head.method and w.model is model and not w.fut.done() and rows + w.rows <= limit:
-                same.append(w)
-                rows += w.rows
-        if not (self.settings.batch_union and head.union_ok and model.costs):
-            return head.method, same
-        cand: list[_Waiting] = []
-        rows = 0
-        for w in self._queue:
-            if w.model is model and w.union_ok and not w.fut.done() and rows + w.rows <= limit:
-                cand.append(w)
-                rows += w.rows
-        per_method: dict[str, int] = {}
-        for w in cand:
-            per_method[w.method] = per_method.get(w.method, 0) + w.rows
-        if len(per_method) < 2:
-            return head.method, same
-        need = frozenset().union(*(w.tasks for w in cand))
-        covering = [m.name for m in model.manifest.methods if need <= set(m.tasks) and m.name in model.costs]
-        if not covering:
-            return head.method, same
-        union = min(covering, key=lambda m: model.cost(m, rows) or float("inf"))
-        separate = sum(model.cost(m, r) or float("inf") for m, r in per_method.items())
-        if (model.cost(union, rows) or float("inf")) < separate:
-            return union, cand
-        return head.method, same
 
     def _dispatch(self) -> None:
         """Start the next execute if the runtime is free (called on the event loop)."""
@@ -375,7 +217,7 @@ class RuntimePool:
         if self._window_timer is not None:
             self._window_timer.cancel()
             self._window_timer = None
-        method, batch = self._plan(head)
+        method, batch = plan_batch(self._queue, head, self.batch_limit(head.model), self.settings.batch_union)
         if len(batch) == len(self._queue):
             self._queue.clear()
         else:
@@ -400,7 +242,7 @@ class RuntimePool:
         self._window_timer = None
         self._dispatch()
 
-    def _thread_done(self, batch: list[_Waiting], method: str, cf: concurrent.futures.Future[Any]) -> None:
+    def _thread_done(self, batch: list[Waiting], method: str, cf: concurrent.futures.Future[Any]) -> None:
         try:
             result = cf.result()
         except BaseException as e:
@@ -408,7 +250,7 @@ class RuntimePool:
         else:
             self._finished(batch, method, result, None)
 
-    def _finished(self, batch: list[_Waiting], method: str, result: Any, error: BaseException | None) -> None:
+    def _finished(self, batch: list[Waiting], method: str, result: Any, error: BaseException | None) -> None:
         self._busy = False
         if error is not None:
             for w in batch:
@@ -466,7 +308,7 @@ class RuntimePool:
                                 f"{self.settings.reload_read_timeout_s:g} s", self.model, 422, "read_timeout")
         async with self._reload_lock:
             try:
-                new = await asyncio.to_thread(load_model, Path(target), self.settings, probe=True)
+                new = await asyncio.to_thread(load_bundle, Path(target), self.settings, probe=True)
             except (ExportError, OSError, ValueError) as e:  # ValueError: e.g. a NUL byte in the path
                 msg = str(e) if isinstance(e, ExportError) else type(e).__name__
                 log.warning("reload of %s refused, still serving the previous model: %s", target, msg)

@@ -13,17 +13,6 @@ class ErrorResponse(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- /infer
-class TensorRequest(BaseModel):
-    """A JSON tensor: one image (C, H, W) or a batch (N, C, H, W) in the manifest's input shape,
-    already preprocessed (the network's input, not raw pixels)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    inputs: list = Field(min_length=1,  # type: ignore[type-arg]
-                         description="nested lists of numbers, shape (C,H,W) or (N,C,H,W)")
-    dtype: Literal["float32"] = "float32"
-
-
 class TaskPrediction(BaseModel):
     label: str | list[str] = Field(description="classes: the most probable label; attributes: the labels with p >= 0.5")
     scores: dict[str, float] = Field(description="classes: softmax probabilities; attributes: sigmoid per label")
@@ -103,39 +92,6 @@ class V2Tensor(BaseModel):
     datatype: V2Datatype
     data: list | None = None  # type: ignore[type-arg]
     parameters: dict[str, object] | None = None
-
-
-class V2InputTensor(BaseModel):
-    """What the server accepts as its one input (the published schema; parsing is lenient and answers
-    422 ``bad_dtype``/``bad_shape`` for the rest)."""
-
-    name: str = Field(description="'input'")
-    shape: list[int] = Field(min_length=1, max_length=4, description="(N, C, H, W), (C, H, W) or flat")
-    datatype: Literal["FP32"]
-    data: list[float] | None = Field(default=None, description="values, row-major (absent with binary data)")
-    parameters: dict[str, object] | None = Field(default=None, description="binary_data_size: bytes of raw "
-                                                                           "little-endian FP32 after the JSON header")
-
-
-class V2RequestedOutput(BaseModel):
-    name: str
-    parameters: dict[str, object] | None = None  # binary_data: bool
-
-
-class V2InferRequest(BaseModel):
-    id: str | None = None
-    parameters: dict[str, object] | None = None  # binary_data_output: bool; strict: bool
-    inputs: list[V2Tensor] = Field(min_length=1)
-    outputs: list[V2RequestedOutput] | None = Field(default=None, description="tasks to run; omitted: all tasks")
-
-
-class V2InferRequestDoc(BaseModel):
-    """The documented request: one FP32 input; ``outputs`` name the tasks."""
-
-    id: str | None = None
-    parameters: dict[str, object] | None = None
-    inputs: list[V2InputTensor] = Field(min_length=1, max_length=1)
-    outputs: list[V2RequestedOutput] | None = Field(default=None, description="tasks to run; omitted: all tasks")
 
 
 class V2InferResponse(BaseModel):

@@ -146,11 +146,11 @@ def app_serving(bundle: Path, **settings: object):  # type: ignore[no-untyped-de
     ``httpx.ASGITransport`` tests that need the pool itself (execute counts, settings)."""
     from service.core.config import Settings
     from service.main import create_app
-    from service.runtime_pool import load_model
+    from service.model_loading import load_bundle
 
     s = Settings(bundle_dir=None, probe=False, **settings)  # type: ignore[arg-type]
     app = create_app(s)
-    model = load_model(bundle, s, probe=False)
+    model = load_bundle(bundle, s, probe=False)
     app.state.pool.model, app.state.pool.state = model, "ready"
     app.state.on_model(model)
     return app

@@ -128,6 +128,15 @@ def test_manifest_round_trips_and_describes_the_model() -> None:
     with pytest.raises(ExportError) as e:
         Manifest.load(d)
     assert e.value.code == "bad_manifest"
+    # a method's tasks must be the canonical combination: sorted, distinct, known, not empty
+    for tasks, why in ((["c", "a"], "sorted, distinct"), (["a", "a"], "sorted, distinct"),
+                       (["a", "zz"], "unknown task(s) zz"), ([], "at least one task")):
+        raw = json.loads((path / "manifest.json").read_text())
+        raw["methods"][0]["tasks"] = tasks
+        (d / "manifest.json").write_text(json.dumps(raw))
+        with pytest.raises(ExportError) as e:
+            Manifest.load(d)
+        assert e.value.code == "bad_manifest" and why in e.value.message, (tasks, e.value.message)
 
 
 def test_lite_program_loads_and_matches_eager() -> None:

@@ -16,7 +16,7 @@ from merging.tasks import all_combinations
 from mobile_export.demand import most_requested, read_counts, select_combinations
 from mobile_export.errors import ExportError
 from mobile_export.export import ExportConfig, export_bundle
-from mobile_export.lowering import export_programs, lower_methods, lower_serial, merge_methods
+from mobile_export.lowering import export_method, lower_methods, lower_serial, merge_methods
 from mobile_export.manifest import Manifest
 from mobile_export.runtime import BundleRuntime
 from tests.test_export_fixtures import lenet_net, pruned, scratch
@@ -33,7 +33,8 @@ def test_parallel_lowering_gives_the_serial_program_byte_for_byte() -> None:
     net = pruned(lenet_net(seed=5))  # a removed group, so methods differ in structure
     combos = [("b", "c"), ("a",)]  # not in sorted order: the merge must sort plans as ExecuTorch does
     names = ["+".join(c) for c in combos]
-    serial = lower_serial(export_programs(net, combos, 4))  # ExecuTorch's own one-call lowering
+    programs = {"+".join(c): export_method(net, c, 4) for c in combos}
+    serial = lower_serial(programs)  # ExecuTorch's own one-call lowering
     methods = lower_methods(net, combos, 4, workers=2)  # this process + one worker
     assert [m.name for m in methods] == names  # request order, whoever lowered them
     parallel = merge_methods(methods)

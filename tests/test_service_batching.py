@@ -48,10 +48,11 @@ def test_eight_concurrent_requests_run_as_fewer_executes_with_their_own_answers(
 
 def test_without_a_window_requests_that_queue_while_the_runtime_is_busy_are_batched() -> None:
     from service.core.config import Settings
-    from service.runtime_pool import RuntimePool, load_model
+    from service.model_loading import load_bundle
+    from service.runtime_pool import RuntimePool
 
     settings = Settings(probe=False)
-    model = load_model(digits_bundle(), settings, probe=False)
+    model = load_bundle(digits_bundle(), settings, probe=False)
     xs = normalise(digit_images()[:8], digits_bundle())
 
     async def run(pool: RuntimePool, busy_s: float) -> list:

@@ -180,18 +180,18 @@ def test_a_signed_manifest_is_required_when_a_public_key_is_set(tmp_path: Path) 
 def test_start_up_refuses_a_bundle_whose_signature_does_not_match(tmp_path: Path) -> None:
     from service.bundle_guard import generate_keypair, sign_bundle
     from service.core.config import Settings
-    from service.runtime_pool import verify_bundle
+    from service.model_loading import check_bundle
 
     private, public = generate_keypair()
     b = copy_bundle(tmp_path / "b")
     sign_bundle(b, private)
     settings = Settings(probe=False, manifest_public_key=public)
-    assert verify_bundle(b, settings).model_name == "digits"
+    assert check_bundle(b, settings).model_name == "digits"
     _flip_and_rehash(b)
     from mobile_export.errors import ExportError
 
     with pytest.raises(ExportError) as e:
-        verify_bundle(b, settings)
+        check_bundle(b, settings)
     assert e.value.code == "bad_signature"
 
 

@@ -128,7 +128,7 @@ def test_an_unloadable_bundle_is_refused_by_the_start_up_probe(tmp_path: Path) -
 @pytest.fixture(scope="module")
 def loaded_model():
     from mobile_export.runtime import BundleRuntime
-    from service.runtime_pool import LoadedModel
+    from service.model_loading import LoadedModel
 
     rt = BundleRuntime(digits_bundle())
     return LoadedModel(bundle_dir=digits_bundle(), manifest=rt.manifest, runtime=rt)
