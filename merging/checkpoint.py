@@ -17,7 +17,7 @@ from merging.errors import MergingError
 from merging.network import MultitaskNet
 from pam_common.atomic import atomic_write_bytes, atomic_write_json
 
-# atomic_write_* are re-exported: bench, zoo, scale_bench and mobile_export import them from here.
+# atomic_write_* are re-exported: the merging layer and pam_app import them from here.
 __all__ = ["atomic_write_bytes", "atomic_write_json", "load_model", "save_model", "sha256_file"]
 
 
