@@ -47,8 +47,8 @@ def register(sub: Any) -> None:
     c = sub.add_parser("compress", help="merge + prune a zoo by any route the benchmark measures "
                        "(<merger>[+regroup], with the merge ladder and the never-dearer rule)")
     c.add_argument("--zoo", required=True, help="zoo directory (from `pam train`)")
-    c.add_argument("--route", default="pam+regroup",
-                   help="separate | shared | mtz | pam, each optionally +regroup (default pam+regroup)")
+    c.add_argument("--route", default="pam",
+                   help="separate | shared | mtz | pam, each optionally +regroup (default pam)")
     c.add_argument("--out", required=True, help="output stem (writes STEM.json + STEM.pt)")
     c.add_argument("--budget", type=float, default=1.0, help="max accuracy drop per task, in points")
     c.add_argument("--epochs", type=int, default=15, help="training epochs of a shared trunk (route shared)")

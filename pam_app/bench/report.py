@@ -343,8 +343,8 @@ def _routes_table(v: _View) -> list[str]:
         for m, v in summary.items():
             lines.append("| " + " | ".join([m, *(f"{v[k]:.2f}" if k in v else "-" for k in keys)]) + " |")
         b = best_route(summary)
-        if b:
-            lines += ["", f"Best route (closest to the specialist limit on its worst combination): **{b}**."]
+        lines += ["", f"Best route (closest to the specialist limit on its worst combination): **{b}**." if b else
+                  "Best route: none (tied: no route is closer to the specialist limit than another)."]
         lines.append("")
     return lines
 

@@ -151,9 +151,13 @@ def route_summary(rows: list[dict[str, Any]], mergers: Sequence[str]) -> dict[st
 
 
 def best_route(summary: Mapping[str, Mapping[str, float]]) -> str | None:
-    """The route whose worst combination is closest to the specialist limit."""
+    """The route whose worst combination is closest to the specialist limit (None when no route is
+    strictly closer than another: e.g. every route shipped the separately pruned networks)."""
     scored = {m: v["worst_over_spec"] for m, v in summary.items() if "worst_over_spec" in v}
-    return min(scored, key=lambda m: (scored[m], m)) if scored else None
+    if not scored:
+        return None
+    best = min(scored, key=lambda m: (scored[m], m))
+    return best if sum(v == scored[best] for v in scored.values()) == 1 else None
 
 
 def own_networks(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
