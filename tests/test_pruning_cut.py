@@ -16,8 +16,7 @@ from merging.errors import MergingError
 from merging.graph import GroupKey
 from merging.mergers.base import create_merger
 from merging.network import MultitaskNet
-from merging.pruning.cut import cut_channels, removable, removal_closure
-from merging.pruning.surgery import remove_dead_groups
+from merging.pruning.surgery import cut_channels, removable, removal_closure, remove_dead_groups
 from tests.conftest import make_tasks, random_layout, subsets
 from tests.test_families import labelled_by_the_nets, random_family_net, single_nets
 

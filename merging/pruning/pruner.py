@@ -14,7 +14,7 @@ The extension points are small strategy classes named by the config's strings: t
 criterion (``merging.pruning.criteria``), the price rule (``merging.pruning.prices``) and the step
 schedule (``merging.pruning.schedule``). Torch-Pruning's dependency graph is built once per step,
 to score (its group importance sums over a unit's coupled layers); the chosen channels are cut by
-the network itself (``merging.pruning.cut``: ``MultitaskNet.select_channels``), a partial cut and a
+the network itself (``merging.pruning.surgery``: ``MultitaskNet.select_channels``), a partial cut and a
 whole-group removal alike.
 
 The budget check set is the validation split plus ``check_shifts`` copies shifted by one pixel:
@@ -41,12 +41,12 @@ from merging.network import MultitaskNet
 from merging.pruning.budget import Verdict, assess, reference_accuracy, resolution_line
 from merging.pruning.config import PruneConfig
 from merging.pruning.criteria import criterion_of
-from merging.pruning.cut import cut_channels
 from merging.pruning.importance import score_channels, weighted_macs
 from merging.pruning.prices import price_rule_of
 from merging.pruning.regroup import regroup_step
 from merging.pruning.rule import check_set, decision_sets, images_of
 from merging.pruning.schedule import HalvingSchedule
+from merging.pruning.surgery import cut_channels
 from merging.train import Teachers, TrainConfig, fit
 
 START_MISSED = "start network misses the budget; not pruned"

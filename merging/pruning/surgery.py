@@ -1,5 +1,8 @@
-"""Structural edits of a multitask network: removing dead groups (outputs unchanged) and narrowing
-channels' task sets (regrouping's edit: exact against the network with the cut weights zeroed).
+"""Every structural edit of a multitask network, in one place: cutting the channels a prune step chose
+(``cut_channels``, through ``MultitaskNet.select_channels``, which keeps a pruning unit's members
+consistent and slices every dense reader; Torch-Pruning only scores), removing dead groups (outputs
+unchanged), and narrowing channels' task sets (regrouping's edit: exact against the network with the
+cut weights zeroed).
 
 Narrowing channel c of group S to S - {t} moves it to the group of S - {t} in every member of its
 pruning unit (the same channel through depthwise convs and additions), and cuts its weights into
@@ -15,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch import Tensor
 
+from merging.graph import GroupGraph, GroupKey, HeadKey
 from merging.network import MultitaskNet, is_superset
 from merging.pruning.channel_table import ChannelTable, rebuild, table_of
 
@@ -174,3 +179,62 @@ def _expand(table: ChannelTable, start: list[list[int]], space: int, row: int, m
         for q in reads:
             if not is_superset(start[below][q], want):
                 _expand(table, start, below, q, want)
+
+def removal_closure(graph: GroupGraph, key: GroupKey) -> tuple[set[GroupKey], list[HeadKey]]:
+    """What removing ``key``'s unit takes with it: the groups removed (the unit, then every block
+    left reading only removed groups, in turn) and the heads left with no input."""
+    gone = set(graph.unit(key))
+    todo = list(gone)
+    starved: list[HeadKey] = []
+    while todo:
+        for r in graph.readers(todo.pop()):
+            node = r.node
+            if not all(i in gone for i in node.inputs):
+                continue  # it still reads something
+            if isinstance(node.key, HeadKey):
+                if node.key not in starved:
+                    starved.append(node.key)
+            elif node.key not in gone:
+                unit = graph.unit(node.key)
+                gone.update(unit)
+                todo.extend(unit)
+    return gone, starved
+
+
+def removable(graph: GroupGraph, key: GroupKey) -> bool:
+    """Whether removing ``key``'s unit (and whatever is left reading nothing) leaves every head an input."""
+    return not removal_closure(graph, key)[1]
+
+
+def cut_channels(
+    net: MultitaskNet, chosen: Mapping[tuple[int, int], Sequence[int]], importance: Mapping[tuple[int, int], Tensor]
+) -> list[tuple[int, int]]:
+    """Remove channels ``chosen[(layer, mask)]`` of each unit (named by its producer), in place.
+
+    A unit whose every channel is chosen is removed with what reads only it, unless that would
+    leave a head with no input: then it keeps its most important channel (``importance``).
+    Groups left unread are removed too. Returns the (layer, mask) of every group removed.
+    """
+    emptied: list[tuple[int, int]] = []
+    for (l, mask), idxs in chosen.items():
+        width = net.group_width(l, mask)
+        if len(idxs) >= width:
+            emptied.append((l, mask))
+            continue
+        drop = set(idxs)
+        net.select_channels(l, mask, [j for j in range(width) if j not in drop])
+    removed: list[tuple[int, int]] = []
+    for l, mask in sorted(emptied, reverse=True):  # top-down, as a removal cascades upwards
+        if mask not in net.layout[l]:
+            continue  # already removed with a group it read
+        if removable(net.graph(), GroupKey(l, mask)):
+            net.select_channels(l, mask, [])
+            removed.append((l, mask))
+        else:  # the last input of some head, directly or through the blocks above: keep its best channel
+            imp = importance[(l, mask)]
+            drop = set(chosen[(l, mask)])
+            keep = [j for j in range(len(imp)) if j not in drop]
+            net.select_channels(l, mask, keep or [int(imp.argmax())])
+    removed += remove_dead_groups(net)
+    net.check_wiring()
+    return removed
