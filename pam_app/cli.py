@@ -18,8 +18,8 @@ COMMAND_MODULES = (
     "pam_app.commands_merging",
     "pam_app.commands_pam",
     "pam_app.commands_import",
-    "mobile_export.commands",
-    "service.commands",
+    "pam_app.commands_export",
+    "pam_app.commands_serve",
     "pam_app.commands",
 )
 

@@ -142,7 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from merging.pruning import PruneConfig
-    from pam_app.bench.report import combine
+    from pam_app.bench.files import combine
     from pam_app.bench.schedule import BenchConfig, quick_config
     from pam_app.bench.seed import run_bench
 

@@ -12,7 +12,7 @@ from merging.errors import MergingError
 from merging.pruning import PruneConfig
 from merging.references import TpSchedule
 from merging.tasks import all_combinations
-from pam_app.bench.report import write_results
+from pam_app.bench.files import write_results
 from pam_app.bench.rows import wilson
 from pam_app.bench.schedule import ALONE, SPEC, BenchConfig, quick_config
 from pam_app.bench.seed import run_bench
@@ -87,7 +87,7 @@ def test_unknown_merger_is_a_typed_error(tmp_path: Path) -> None:
 
 
 def test_combine_merges_runs_of_distinct_seeds(bench, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from pam_app.bench.report import combine
+    from pam_app.bench.files import combine
 
     rows, out = bench
     other = tmp_path / "other"

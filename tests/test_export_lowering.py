@@ -136,7 +136,7 @@ def test_max_methods_keeps_the_k_most_requested_plus_every_single_task() -> None
 
 
 def test_cli_combinations_from_picks_the_most_requested() -> None:
-    from mobile_export.commands import combinations_from
+    from pam_app.commands_export import combinations_from
 
     d = scratch("demand-cli")
     model = save_model(lenet_net(), d / "net")

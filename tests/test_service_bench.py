@@ -17,14 +17,14 @@ def test_bench_serve_measures_reference_service_and_batching_side_by_side(tmp_pa
     import subprocess
     import sys
 
-    from service.bench import BenchConfig
+    from pam_app.bench.serve import BenchConfig
     from tests.service_support import ROOT
 
     cfg = BenchConfig(bundle_dir=digits_bundle(), clients=(1, 4), requests=40, direct_runs=50,
                       attack_rounds=3, out=tmp_path / "serve-test")
     # its own process, as `pam bench-serve` runs: the thread count is fixed once a program is loaded,
     # and other tests in this process may already have loaded one with another count
-    code = ("from pathlib import Path; from service.bench import BenchConfig, run_benchmark; "
+    code = ("from pathlib import Path; from pam_app.bench.serve import BenchConfig, run_benchmark; "
             f"run_benchmark(BenchConfig(bundle_dir=Path({str(cfg.bundle_dir)!r}), clients=(1, 4), requests=40, "
             f"direct_runs=50, attack_rounds=3, out=Path({str(cfg.out)!r})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -52,12 +52,12 @@ def test_the_reference_server_answers_like_the_service(tmp_path: Path) -> None:
     import time
 
     from mobile_export.manifest import Manifest
-    from service.bench import sample_png
+    from pam_app.bench.serve import sample_png
     from tests.service_support import ROOT, serve
 
     png = sample_png(Manifest.load(digits_bundle()))
     port = free_port()
-    ref = subprocess.Popen([sys.executable, "-m", "service.bench_reference", str(digits_bundle()), "--port",
+    ref = subprocess.Popen([sys.executable, "-m", "pam_app.bench.serve_bare", str(digits_bundle()), "--port",
                             str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60

@@ -88,7 +88,7 @@ def test_the_service_imports_nothing_from_merging() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; import service.main, service.commands, service.bench, mobile_export.runtime; "
+    code = ("import sys; import service.main, pam_app.commands_serve, pam_app.bench.serve, mobile_export.runtime; "
             "print(sorted(m for m in sys.modules if m == 'merging' or m.startswith('merging.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]

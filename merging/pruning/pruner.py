@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -173,6 +173,121 @@ def finetune_unfrozen(
             b.copy_(saved)
 
 
+@dataclass
+class _Recorder:
+    """Judges a network on the decision check set and appends the row to the history."""
+
+    checks: Any
+    ref: Mapping[str, float]
+    cfg: PruneConfig
+    confidence: float
+    history: list[dict[str, Any]]
+    on_visit: Callable[[str, MultitaskNet], None] | None
+
+    def __call__(self, kind: str, net: MultitaskNet, **extra: Any) -> tuple[dict[str, Any], Verdict]:
+        # Accept, undo or freeze: rank 0's verdict decides for every rank (identical weights give
+        # identical verdicts; this makes sure of it).
+        if self.on_visit is not None:
+            self.on_visit(kind, net)
+        v = broadcast_object(assess(net, self.checks, self.ref, self.cfg.budget, self.confidence))
+        row = {
+            "kind": kind,
+            "macs_all": combination_cost(net).macs,
+            "weighted_macs": weighted_macs(net),
+            "check_accuracy": v.accuracy,
+            "drop_upper": v.upper,
+            "within_budget": v.ok,
+            "disagreement": v.disagreement,
+            **extra,
+        }
+        self.history.append(row)
+        return row, v
+
+
+def _check_config(cfg: PruneConfig) -> None:
+    if not 0.0 < cfg.step < 1.0 or cfg.min_step <= 0 or cfg.budget < 0 or not 0.5 <= cfg.confidence < 1.0:
+        raise MergingError("bad_argument", "prune: need 0 < step < 1, min_step > 0, budget >= 0, 0.5 <= confidence < 1")
+    if not 0.0 <= cfg.certify_share < 1.0:
+        raise MergingError("bad_argument", "prune: need 0 <= certify_share < 1")
+    criterion_of(cfg), price_rule_of(cfg)  # an unknown name fails now, not after the recovery training
+
+
+def _freeze_failing(
+    net: MultitaskNet, failing: Sequence[str], frozen: int, history: list[dict[str, Any]]
+) -> int | None:
+    """Freeze the tasks that broke the budget (frozen parts never change, so they are live ones);
+    the new frozen mask, or None when nothing is left to prune (the stop is recorded)."""
+    tasks = net.task_names
+    newly = task_mask(net, failing) & ~frozen
+    frozen |= newly
+    history.append(
+        {
+            "kind": "freeze",
+            "tasks": [t for i, t in enumerate(tasks) if newly >> i & 1],
+            "layout": copy.deepcopy(net.layout),
+        }
+    )
+    everyone = (1 << len(tasks)) - 1
+    live_groups = any(not mask & frozen for groups in net.layout for mask in groups)
+    if frozen == everyone or not live_groups:
+        reason = "every task frozen" if frozen == everyone else "no group left that serves only unfrozen tasks"
+        history.append({"kind": "stop", "reason": reason})
+        return None
+    return frozen
+
+
+def _steps(
+    net: MultitaskNet,
+    train: MultitaskData,
+    cfg: PruneConfig,
+    record: _Recorder,
+    teachers: Teachers | None,
+) -> tuple[MultitaskNet, MultitaskNet, list[MultitaskNet]]:
+    """Prune step by step, each step fine-tuned and judged; returns (the current network, the last
+    accepted one, every accepted network oldest first)."""
+    history = record.history
+    best = copy.deepcopy(net)
+    trajectory = [best]  # every accepted network, oldest first: where certification backs off to
+    schedule = HalvingSchedule.from_config(cfg)
+    frozen = 0  # tasks whose budget stopped pruning (mask)
+    bar = tqdm(schedule.steps(), desc="prune", disable=None if cfg.progress else True, leave=False)
+    for k in bar:
+        step_fn = regroup_step if cfg.regroup else prune_step
+        info = step_fn(net, train, replace(cfg, seed=cfg.seed + k), schedule.size, frozen)
+        # Under torchrun every rank computed the step; rank 0's cut (structure and weights) is the one
+        # all ranks go on with, and rank 0's step record with it (a no-op in one process).
+        net = agree_net(net)
+        info = broadcast_object(info)
+        finetune_unfrozen(net, train, cfg, cfg.finetune_epochs, cfg.seed + 1000 + k, frozen, teachers)
+        row, verdict = record("step", net, **info)
+        if not verdict.ok and cfg.retry_epochs > 0:
+            # One more round of fine-tuning before giving up on the step: a short fine-tune after a cut
+            # often leaves a task a fraction of a point short, and rejecting then is mostly noise.
+            finetune_unfrozen(net, train, cfg, cfg.retry_epochs, cfg.seed + 2000 + k, frozen, teachers)
+            row, verdict = record("retry", net, **info)
+        bar.set_postfix(macs=row["macs_all"], step=f"{schedule.size:.3f}")
+        if verdict.ok:
+            best = copy.deepcopy(net)
+            trajectory.append(best)
+            row["accepted"] = True
+            continue
+        row["accepted"] = False
+        net = copy.deepcopy(best)
+        if schedule.rejected():
+            continue
+        if not cfg.per_task_stop:
+            history.append({"kind": "stop", "reason": "step below min_step"})
+            break
+        still = _freeze_failing(net, verdict.failing, frozen, history)
+        if still is None:
+            break
+        frozen = still
+        schedule.restart()
+    else:
+        history.append({"kind": "stop", "reason": "max_steps"})
+    return net, best, trajectory
+
+
 def prune(
     net: MultitaskNet,
     splits: Splits,
@@ -195,11 +310,7 @@ def prune(
     luckiest network of one check set). The history says what the check set can resolve.
     """
     cfg = cfg or PruneConfig()
-    if not 0.0 < cfg.step < 1.0 or cfg.min_step <= 0 or cfg.budget < 0 or not 0.5 <= cfg.confidence < 1.0:
-        raise MergingError("bad_argument", "prune: need 0 < step < 1, min_step > 0, budget >= 0, 0.5 <= confidence < 1")
-    if not 0.0 <= cfg.certify_share < 1.0:
-        raise MergingError("bad_argument", "prune: need 0 <= certify_share < 1")
-    criterion_of(cfg), price_rule_of(cfg)  # an unknown name fails now, not after the recovery training
+    _check_config(cfg)
     tasks = net.task_names
     train = splits.train.select_tasks(tasks)
     full_checks = check_set(splits.val.select_tasks(tasks), cfg.check_shifts, cfg.seed, cfg.shift_below)
@@ -210,29 +321,11 @@ def prune(
     checks, ref, certifier = decision_sets(full_checks, full_ref, cfg)
     teachers = teachers_of(net, full_ref, cfg)
     steer = replace(cfg, confidence=cfg.steer_confidence or cfg.confidence)
-
-    def record(kind: str, **extra: Any) -> tuple[dict[str, Any], Verdict]:
-        # Accept, undo or freeze: rank 0's verdict decides for every rank (identical weights give
-        # identical verdicts; this makes sure of it).
-        if on_visit is not None:
-            on_visit(kind, net)
-        v = broadcast_object(assess(net, checks, ref, cfg.budget, steer.confidence))
-        row = {
-            "kind": kind,
-            "macs_all": combination_cost(net).macs,
-            "weighted_macs": weighted_macs(net),
-            "check_accuracy": v.accuracy,
-            "drop_upper": v.upper,
-            "within_budget": v.ok,
-            "disagreement": v.disagreement,
-            **extra,
-        }
-        history.append(row)
-        return row, v
-
     history: list[dict[str, Any]] = []
+    record = _Recorder(checks, ref, cfg, steer.confidence, history, on_visit)
     start, _ = record(
         "start",
+        net,
         reference={t: full_ref[t] for t in tasks},
         resolution=resolution_line(images_of(checks), steer.confidence, cfg.budget),
         certify_resolution=certifier.describe() if certifier else None,
@@ -243,67 +336,11 @@ def prune(
         # A regrouped network (PAM, MTZ) starts with heads reading zero-initialised weights: retrain
         # it on the joint loss (and its references' outputs), decaying the learning rate round by round.
         _finetune(net, train, cfg, cfg.recover_epochs, cfg.seed + 100 * r, cfg.recover_lr / (1 + r), teachers=teachers)
-        start, _ = record("recover")
+        start, _ = record("recover", net)
     if not start["within_budget"]:
         history.append({"kind": "stop", "reason": START_MISSED})
         return net, history
-    best = copy.deepcopy(net)
-    trajectory = [best]  # every accepted network, oldest first: where certification backs off to
-    schedule = HalvingSchedule.from_config(cfg)
-    frozen = 0  # tasks whose budget stopped pruning (mask)
-    everyone = (1 << len(tasks)) - 1
-    bar = tqdm(schedule.steps(), desc="prune", disable=None if cfg.progress else True, leave=False)
-    for k in bar:
-        step_fn = regroup_step if cfg.regroup else prune_step
-        info = step_fn(net, train, replace(cfg, seed=cfg.seed + k), schedule.size, frozen)
-        # Under torchrun every rank computed the step; rank 0's cut (structure and weights) is the one
-        # all ranks go on with, and rank 0's step record with it (a no-op in one process).
-        net = agree_net(net)
-        info = broadcast_object(info)
-        finetune_unfrozen(net, train, cfg, cfg.finetune_epochs, cfg.seed + 1000 + k, frozen, teachers)
-        row, verdict = record("step", **info)
-        if not verdict.ok and cfg.retry_epochs > 0:
-            # One more round of fine-tuning before giving up on the step: a short fine-tune after a cut
-            # often leaves a task a fraction of a point short, and rejecting then is mostly noise.
-            finetune_unfrozen(net, train, cfg, cfg.retry_epochs, cfg.seed + 2000 + k, frozen, teachers)
-            row, verdict = record("retry", **info)
-        bar.set_postfix(macs=row["macs_all"], step=f"{schedule.size:.3f}")
-        if verdict.ok:
-            best = copy.deepcopy(net)
-            trajectory.append(best)
-            row["accepted"] = True
-            continue
-        row["accepted"] = False
-        net = copy.deepcopy(best)
-        if schedule.rejected():
-            continue
-        if not cfg.per_task_stop:
-            history.append({"kind": "stop", "reason": "step below min_step"})
-            break
-        # Freeze the tasks that broke the budget (frozen parts never change, so they are live ones).
-        newly = task_mask(net, verdict.failing) & ~frozen
-        frozen |= newly
-        history.append(
-            {
-                "kind": "freeze",
-                "tasks": [t for i, t in enumerate(tasks) if newly >> i & 1],
-                "layout": copy.deepcopy(net.layout),
-            }
-        )
-        live_groups = any(not mask & frozen for groups in net.layout for mask in groups)
-        if frozen == everyone or not live_groups:
-            history.append(
-                {
-                    "kind": "stop",
-                    "reason": "every task frozen"
-                    if frozen == everyone
-                    else "no group left that serves only unfrozen tasks",
-                }
-            )
-            break
-        schedule.restart()
-    else:
-        history.append({"kind": "stop", "reason": "max_steps"})
+    net, best, trajectory = _steps(net, train, cfg, record, teachers)
     best = final_finetune(best, train, checks, ref, steer, history, teachers)
     certificate: dict[str, Any] | None = None
     if certifier is not None:

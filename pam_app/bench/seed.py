@@ -24,7 +24,7 @@ from merging.pruning import assess, check_set, missed_at_start, reference_accura
 from merging.references import alone, specialist
 from merging.tasks import combination_name
 from merging.train import TrainConfig, correctness, evaluate, train_single_task
-from pam_app.bench.report import write_results
+from pam_app.bench.files import write_results
 from pam_app.bench.rows import add_ratios, median_rows, wilson
 from pam_app.bench.schedule import (
     ALONE,

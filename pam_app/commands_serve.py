@@ -144,7 +144,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from service.bench import BenchConfig, run_benchmark
+    from pam_app.bench.serve import BenchConfig, run_benchmark
 
     cfg = BenchConfig(
         bundle_dir=Path(args.bundle_dir), clients=tuple(int(c) for c in args.clients.split(",")),

@@ -4,7 +4,7 @@ call as ``POST /infer``, and nothing else (no framework, no middleware, no metri
 It is the Python HTTP limit on this machine against which the service's overhead is judged; it
 is a benchmark instrument, not a server to deploy (no limits, no error handling beyond 400).
 
-    python -m service.bench_reference BUNDLE_DIR --port 8001
+    python -m pam_app.bench.serve_bare BUNDLE_DIR --port 8001
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def _run_child(args: list[str], timeout_s: float = 1800.0) -> dict[str, Any]:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "mobile_export.bench", "--child", *args]
+    cmd = [sys.executable, "-m", "pam_app.bench.export", "--child", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, errors="replace")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("BENCH "):
@@ -287,7 +287,7 @@ def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------------------- entry points
 def run_cli(args: argparse.Namespace) -> int:
-    from mobile_export.bench_cases import build_mobilenetv2_case, build_vgg64_case
+    from pam_app.bench.export_cases import build_mobilenetv2_case, build_vgg64_case
 
     out_dir = Path(args.out)
     if args.case == "vgg64":

@@ -6,7 +6,7 @@ starts, so nothing competes for the cores); then, one after the other, each *var
 process driven by 1/8/32 concurrent keep-alive clients (a minimal asyncio HTTP/1.1 client, so the
 client's own cost stays small next to the server's):
 
-- ``reference``: ``service.bench_reference``, uvicorn + the same decode + the same runtime call,
+- ``reference``: ``pam_app.bench.serve_bare``, uvicorn + the same decode + the same runtime call,
   no framework: the Python HTTP limit on this machine;
 - ``service``: ``pam serve --no-batching``;
 - ``service+batching``: ``pam serve`` with dynamic batching (``--batch-window-us`` as configured).
@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 
 from mobile_export.manifest import Manifest
+from pam_app.bench.serve_client import build_request, drive, percentile
+from pam_app.bench.serve_report import markdown
 from pam_common.atomic import atomic_write_bytes
 from pam_common.combinations import combination_name
-from service.bench_client import build_request, drive, percentile
-from service.bench_report import markdown
 from service.errors import ServiceError
 
 
@@ -118,7 +118,7 @@ def direct_baseline(cfg: BenchConfig, manifest: Manifest, methods: list[str], x:
 
 def server_command(cfg: BenchConfig, port: int, variant: str) -> list[str]:
     if variant == "reference":
-        return [sys.executable, "-m", "service.bench_reference", str(cfg.bundle_dir), "--port", str(port),
+        return [sys.executable, "-m", "pam_app.bench.serve_bare", str(cfg.bundle_dir), "--port", str(port),
                 "--threads", str(cfg.threads)]
     cmd = [sys.executable, "-m", "pam_app", "serve", str(cfg.bundle_dir), "--port", str(port),
            "--threads", str(cfg.threads), "--workers", str(cfg.workers), "--executor", cfg.executor,

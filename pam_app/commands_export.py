@@ -225,6 +225,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mobile_export.bench import run_cli
+    from pam_app.bench.export import run_cli
 
     return run_cli(args)
