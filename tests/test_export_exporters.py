@@ -3,7 +3,6 @@ over one state; the export layer has no import cycle and no oversized module or 
 
 from __future__ import annotations
 
-import ast
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,60 +154,3 @@ def test_lite_and_executorch_methods_agree_with_eager_and_each_other() -> None:
                 torch.testing.assert_close(et, eager[task], atol=1e-4, rtol=0)
                 torch.testing.assert_close(lt, eager[task], atol=1e-4, rtol=0)
                 torch.testing.assert_close(et, lt, atol=1e-4, rtol=0)
-
-
-# ------------------------------------------------------------------ structure of the export layer
-def _modules(pkg: str) -> dict[str, Path]:
-    return {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-            for p in (ROOT / pkg).rglob("*.py")}
-
-
-def _imports(path: Path, name: str) -> set[str]:
-    """Every module imported anywhere in the file (function-level imports too)."""
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)
-    return out
-
-
-def test_export_layer_has_no_import_cycle() -> None:
-    mods = {**_modules("mobile_export"), **_modules("pam_common")}
-    graph = {m: {i for i in _imports(p, m) if i in mods and i != m} for m, p in mods.items()}
-    # a package's __init__ re-exporting its own modules is not a cycle of the modules themselves
-    graph = {m: {i for i in deps if not (m == i.rsplit(".", 1)[0] and p.name == "__init__.py")}
-             for (m, deps), p in zip(graph.items(), mods.values(), strict=True)}
-    state: dict[str, int] = {}
-
-    def visit(m: str, stack: list[str]) -> None:
-        state[m] = 1
-        for n in sorted(graph[m]):
-            if state.get(n) == 1:
-                pytest.fail("import cycle: " + " -> ".join([*stack[stack.index(n):], n]))
-            if n not in state:
-                visit(n, [*stack, n])
-        state[m] = 2
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m, [m])
-    assert "mobile_export.export" not in graph["mobile_export.verify"]
-    assert not any(m.startswith("mobile_export") for d in (graph[m] for m in mods if m.startswith("pam_common"))
-                   for m in d)
-
-
-def test_export_layer_modules_and_functions_stay_small() -> None:
-    big = {}
-    for pkg in ("mobile_export", "pam_common"):
-        for m, p in _modules(pkg).items():
-            lines = p.read_text().count("\n")
-            if lines > 400:
-                big[m] = lines
-            for node in ast.walk(ast.parse(p.read_text())):
-                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None:
-                    if node.end_lineno - node.lineno + 1 > 80:
-                        big[f"{m}.{node.name}"] = node.end_lineno - node.lineno + 1
-    assert not big, big

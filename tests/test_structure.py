@@ -94,6 +94,7 @@ def test_every_layer_imports_only_the_layers_below_it_and_has_no_cycle() -> None
         graph = _graph(pkg)
         assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
     assert not upward, upward
+    assert "mobile_export.export" not in _graph("mobile_export")["mobile_export.verify"]  # verify checks exports
 
 
 def test_modules_and_functions_stay_small() -> None:
