@@ -5,7 +5,12 @@ route, modules stay under ~400 lines and functions under ~80. Pure ``ast``: runs
 from __future__ import annotations
 
 import ast
+import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,35 +75,26 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_service_has_no_import_cycle_and_no_module_below_the_routes_imports_one() -> None:
-    graph = _graph()
-    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
-    below = {
-        m: d
-        for m, deps in graph.items()
+def _facts() -> dict[str, Any]:
+    """Everything the tests assert, computed from the sources."""
+    service = _graph("service")
+    below = sorted(
+        f"{m} -> {d}"
+        for m, deps in service.items()
         if not m.startswith("service.api") and m != "service.main"
         for d in deps
         if d.startswith("service.api.routes")
-    }
-    assert not below, below
-
-
-def test_every_layer_imports_only_the_layers_below_it_and_has_no_cycle() -> None:
-    upward = {}
+    )
+    upward: dict[str, list[str]] = {}
+    cycles: dict[str, list[str] | None] = {}
     for k, pkg in enumerate(LAYERS):
         above = set(LAYERS[k + 1 :])
         for m, p in _modules(pkg).items():
             bad = sorted(i for i in _imports(p) if i.split(".")[0] in above)
             if bad:
                 upward[m] = bad
-        graph = _graph(pkg)
-        assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
-    assert not upward, upward
-    assert "mobile_export.export" not in _graph("mobile_export")["mobile_export.verify"]  # verify checks exports
-
-
-def test_modules_and_functions_stay_small() -> None:
-    big = {}
+        cycles[pkg] = _cycle(_graph(pkg))
+    big: dict[str, int] = {}
     for m, p in {k: v for pkg in LAYERS for k, v in _modules(pkg).items()}.items():
         text = p.read_text()
         if text.count("\n") > 400:
@@ -107,4 +103,39 @@ def test_modules_and_functions_stay_small() -> None:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None:
                 if node.end_lineno - node.lineno + 1 > 80:
                     big[f"{m}.{node.name}"] = node.end_lineno - node.lineno + 1
-    assert not big, big
+    verify_imports_export = "mobile_export.export" in _graph("mobile_export")["mobile_export.verify"]
+    return {
+        "below": below,
+        "upward": upward,
+        "cycles": cycles,
+        "big": big,
+        "verify_imports_export": verify_imports_export,
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _facts_in_child() -> dict[str, Any]:
+    # In a fresh interpreter: after other tests change the recursion limit (hypothesis does), CPython
+    # 3.11's ast.parse can fail with "AST constructor recursion depth mismatch".
+    code = "import json, tests.test_structure as t; print(json.dumps(t._facts()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_service_has_no_import_cycle_and_no_module_below_the_routes_imports_one() -> None:
+    facts = _facts_in_child()
+    assert facts["cycles"]["service"] is None, facts["cycles"]["service"]
+    assert not facts["below"], facts["below"]
+
+
+def test_every_layer_imports_only_the_layers_below_it_and_has_no_cycle() -> None:
+    facts = _facts_in_child()
+    assert not {k: v for k, v in facts["cycles"].items() if v}, facts["cycles"]
+    assert not facts["upward"], facts["upward"]
+    assert not facts["verify_imports_export"]  # verify checks exports; it must not import the exporter
+
+
+def test_modules_and_functions_stay_small() -> None:
+    facts = _facts_in_child()
+    assert not facts["big"], facts["big"]
