@@ -12,7 +12,7 @@ from merging.pruning import PruneConfig, prune, prune_step
 from merging.pruning.criteria import CRITERIA, Criterion, Term, criterion_of
 from merging.pruning.importance import ChannelScores, score_channels
 from merging.pruning.prices import PRICES, PriceRule, price_rule_of
-from merging.pruning.schedule import HalvingSchedule
+from merging.pruning.schedule import HalvingSchedule, ReboundSchedule, schedule_of
 from tests.test_families import random_family_net, random_labelled
 
 
@@ -115,3 +115,19 @@ def test_the_schedule_halves_after_a_rejection_and_restarts_at_full_step() -> No
     assert [(s.rejected(), s.size) for _ in range(3)] == [(True, 0.05), (True, 0.025), (False, 0.0125)]
     s.restart()
     assert s.size == 0.1
+
+
+def test_the_rebound_schedule_grows_back_after_an_acceptance_so_only_rejections_in_a_row_stop() -> None:
+    s = schedule_of(PruneConfig(step=0.16, min_step=0.04, max_steps=9, schedule="rebound"))
+    assert isinstance(s, ReboundSchedule)
+    s.rejected(), s.rejected()  # 0.08, 0.04
+    s.accepted()
+    assert s.size == 0.08
+    s.accepted(), s.accepted()
+    assert s.size == 0.16  # never above the start
+    assert [s.rejected() for _ in range(3)] == [True, True, False]
+    h = schedule_of(PruneConfig(step=0.16, min_step=0.04))
+    h.rejected(), h.accepted()
+    assert h.size == 0.08  # halving never grows back
+    with pytest.raises(MergingError):
+        schedule_of(PruneConfig(schedule="fibonacci"))

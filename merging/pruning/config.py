@@ -12,6 +12,7 @@ class PruneConfig:
     step: float = 0.1  # fraction of the combination-weighted MACs removed per prune step
     min_step: float = 0.02  # after a rejected step the step halves; below this, pruning stops (or freezes)
     max_steps: int = 40  # hard cap on prune steps (accepted or not)
+    schedule: str = "halving"  # step schedule: a name in ``merging.pruning.schedule.SCHEDULES``
     finetune_epochs: int = 5  # joint-loss fine-tuning after every prune step
     retry_epochs: int = 5  # a step that misses the budget gets this much more fine-tuning before it is undone
     final_epochs: int = 10  # a longer fine-tune of the accepted network at the end (kept if within budget)

@@ -45,7 +45,7 @@ from merging.pruning.importance import score_channels, weighted_macs
 from merging.pruning.prices import price_rule_of
 from merging.pruning.regroup import regroup_step
 from merging.pruning.rule import check_set, decision_sets, images_of
-from merging.pruning.schedule import HalvingSchedule
+from merging.pruning.schedule import schedule_of
 from merging.pruning.surgery import cut_channels
 from merging.train import Teachers, TrainConfig, fit
 
@@ -209,7 +209,7 @@ def _check_config(cfg: PruneConfig) -> None:
         raise MergingError("bad_argument", "prune: need 0 < step < 1, min_step > 0, budget >= 0, 0.5 <= confidence < 1")
     if not 0.0 <= cfg.certify_share < 1.0:
         raise MergingError("bad_argument", "prune: need 0 <= certify_share < 1")
-    criterion_of(cfg), price_rule_of(cfg)  # an unknown name fails now, not after the recovery training
+    criterion_of(cfg), price_rule_of(cfg), schedule_of(cfg)  # an unknown name fails now, not after the recovery training
 
 
 def _freeze_failing(
@@ -248,7 +248,7 @@ def _steps(
     history = record.history
     best = copy.deepcopy(net)
     trajectory = [best]  # every accepted network, oldest first: where certification backs off to
-    schedule = HalvingSchedule.from_config(cfg)
+    schedule = schedule_of(cfg)
     frozen = 0  # tasks whose budget stopped pruning (mask)
     bar = tqdm(schedule.steps(), desc="prune", disable=None if cfg.progress else True, leave=False)
     for k in bar:
@@ -270,6 +270,7 @@ def _steps(
             best = copy.deepcopy(net)
             trajectory.append(best)
             row["accepted"] = True
+            schedule.accepted()
             continue
         row["accepted"] = False
         net = copy.deepcopy(best)
