@@ -29,12 +29,13 @@ from merging.mergers.base import Merger
 from merging.network import MultitaskNet
 from merging.pruning import PruneConfig, missed_at_start, prune
 
-REGROUP = "+regroup"  # route suffix: the same merger, pruned with regrouping (PruneConfig.regroup)
+REGROUP = "+regroup"  # route suffix: the same merger, pruned with regrouping (PruneConfig.removes = "pairs")
 
 
-def split_route(name: str) -> tuple[str, bool]:
-    """A route's merger and whether it prunes with regrouping: ``"pam+regroup"`` -> ("pam", True)."""
-    return (name[: -len(REGROUP)], True) if name.endswith(REGROUP) else (name, False)
+def split_route(name: str) -> tuple[str, str]:
+    """A route's merger and what its prune steps remove (``PruneConfig.removes``):
+    ``"pam+regroup"`` -> ("pam", "pairs"), ``"pam"`` -> ("pam", "channels")."""
+    return (name[: -len(REGROUP)], "pairs") if name.endswith(REGROUP) else (name, "channels")
 
 
 @dataclass

@@ -43,9 +43,9 @@ def route_jobs(
     with_specialist: bool = False,
 ) -> list[tuple[Any, ...]]:
     """The route first (the longest job), the all-task specialist if asked, then each task alone."""
-    base, regroup = split_route(route)
-    single = replace(cfg, regroup=False, progress=False)
-    jobs: list[tuple[Any, ...]] = [("route", base, nets, splits, replace(cfg, regroup=regroup, progress=False), ref,
+    base, removes = split_route(route)
+    single = replace(cfg, removes="channels", progress=False)
+    jobs: list[tuple[Any, ...]] = [("route", base, nets, splits, replace(cfg, removes=removes, progress=False), ref,
                                     epochs, seed)]
     if with_specialist:
         jobs.append(("spec", nets, splits, single, ref, epochs, seed))

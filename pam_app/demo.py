@@ -70,9 +70,9 @@ def run_demo(args: argparse.Namespace) -> int:
     splits = load_dataset(dataset)
     arch = create_arch("lenet", in_channels=splits.preprocessing.channels, input_size=splits.preprocessing.size)
     route = getattr(args, "route", None) or DEMO_ROUTE
-    _, regroup = split_route(route)
+    _, removes = split_route(route)
     # The benchmark's schedule (coarser than the library default) keeps the demo within minutes.
-    cfg = replace(schedule_for(BENCH_PRUNE, splits, args.seed), regroup=regroup, progress=True)
+    cfg = replace(schedule_for(BENCH_PRUNE, splits, args.seed), removes=removes, progress=True)
     print(f"== 1/5 single-task zoo on {splits.name}: {len(splits.train):,} train / {len(splits.val):,} val / "
           f"{len(splits.test):,} test images; tasks {', '.join(t.name for t in splits.tasks)}; "
           f"{args.epochs} epochs, {args.workers or 'one per core'} worker(s)", flush=True)

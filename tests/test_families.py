@@ -16,7 +16,7 @@ from merging.graph import GroupKey
 from merging.mergers.base import create_merger
 from merging.network import MultitaskNet
 from merging.pruning.config import PruneConfig
-from merging.pruning.pruner import prune_step
+from merging.pruning.steps import prune_step
 from merging.pruning.surgery import remove_dead_groups
 from tests.conftest import assert_bundle_matches_eager, make_tasks, subsets
 from tests.test_cost import counted_macs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch_pruning as tp
@@ -131,3 +133,15 @@ def test_the_rebound_schedule_grows_back_after_an_acceptance_so_only_rejections_
     assert h.size == 0.08  # halving never grows back
     with pytest.raises(MergingError):
         schedule_of(PruneConfig(schedule="fibonacci"))
+
+
+def test_what_a_step_removes_is_named_by_the_config_and_a_route_names_it() -> None:
+    from merging.pipeline import split_route
+    from merging.pruning.regroup import regroup_step
+    from merging.pruning.steps import step_of
+
+    assert step_of(PruneConfig()) is prune_step
+    assert step_of(replace(PruneConfig(), removes=split_route("pam+regroup")[1])) is regroup_step
+    assert split_route("mtz") == ("mtz", "channels")
+    with pytest.raises(MergingError):
+        step_of(PruneConfig(removes="filters"))

@@ -24,7 +24,7 @@ from tests.pam_support import tiny_zoo
 from tests.test_cost import counted_macs
 from tests.test_families import random_family_net, random_labelled, small_arch
 
-CFG = PruneConfig(taylor_batches=2, progress=False, regroup=True)
+CFG = PruneConfig(taylor_batches=2, progress=False, removes="pairs")
 
 
 def _flops_macs(net: MultitaskNet, combo: tuple[str, ...]) -> int:

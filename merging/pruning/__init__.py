@@ -6,10 +6,10 @@ from merging.pruning.pruner import (
     check_set,
     missed_at_start,
     prune,
-    prune_step,
     reference_accuracy,
     within_budget,
 )
+from merging.pruning.steps import prune_step
 from merging.pruning.surgery import remove_dead_groups
 
 __all__ = [

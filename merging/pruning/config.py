@@ -34,7 +34,8 @@ class PruneConfig:
     steer_confidence: float | None = None  # the step decisions' confidence (None: ``confidence``)
     distill: float = 0.0  # weight of the reference networks' outputs in fine-tuning losses (0: labels only;
     # results/distill.md: on a PAM merge they did not lower the drop bounds, on digits they raised them)
-    regroup: bool = False  # prune (channel, task) pairs: a channel leaves a task's set before it goes (regroup.py)
+    removes: str = "channels"  # what a step removes: a name in ``merging.pruning.steps.STEPS`` (channels |
+    # pairs: (channel, task) pairs, a channel leaves a task's set before it goes, regroup.py)
     per_task_stop: bool = True  # a task whose budget stops pruning freezes what serves it; the rest go on
     seed: int = 0  # seeds fine-tuning, the check set's shifts and the Taylor batches
     progress: bool = True  # tqdm bar over prune steps

@@ -41,12 +41,11 @@ from merging.network import MultitaskNet
 from merging.pruning.budget import Verdict, assess, reference_accuracy, resolution_line
 from merging.pruning.config import PruneConfig
 from merging.pruning.criteria import criterion_of
-from merging.pruning.importance import score_channels, weighted_macs
+from merging.pruning.importance import weighted_macs
 from merging.pruning.prices import price_rule_of
-from merging.pruning.regroup import regroup_step
 from merging.pruning.rule import check_set, decision_sets, images_of
 from merging.pruning.schedule import schedule_of
-from merging.pruning.surgery import cut_channels
+from merging.pruning.steps import step_of
 from merging.train import Teachers, TrainConfig, fit
 
 START_MISSED = "start network misses the budget; not pruned"
@@ -97,39 +96,6 @@ def teachers_of(net: MultitaskNet, ref: Mapping[str, float], cfg: PruneConfig) -
 
 def task_mask(net: MultitaskNet, tasks: Sequence[str]) -> int:
     return sum(1 << net.task_names.index(t) for t in set(tasks))
-
-
-def prune_step(
-    net: MultitaskNet, data: MultitaskData, cfg: PruneConfig, fraction: float, frozen: int = 0
-) -> dict[str, Any]:
-    """Remove about ``fraction`` of the expected MACs of the groups serving no ``frozen`` task
-    (a task mask), lowest importance per unit cost first (in place)."""
-    price = price_rule_of(cfg)
-    scores = score_channels(net, data, cfg)
-    everything = float(sum(float(sc.cost.sum()) for sc in scores)) or 1.0
-    scores = [sc for sc in scores if not sc.mask & frozen]
-    prunable = float(sum(float(sc.cost.sum()) for sc in scores))
-    entries: list[tuple[float, float, int, int, int]] = []  # (score, cost, layer, mask, index)
-    for sc in scores:
-        ratio = sc.importance / price(sc, scores)
-        entries.extend((float(ratio[j]), float(sc.cost[j]), sc.layer, sc.mask, j) for j in range(len(ratio)))
-    entries.sort(key=lambda e: (e[0], e[2], e[3], e[4]))
-    target = fraction * weighted_macs(net) * prunable / everything
-    chosen: dict[tuple[int, int], list[int]] = {}
-    removed = 0.0
-    for _, cost, l, mask, j in entries:
-        if removed >= target:
-            break
-        chosen.setdefault((l, mask), []).append(j)
-        removed += cost
-    chosen = broadcast_object(chosen)  # which channels go: rank 0 decides for every rank
-    removed_groups = cut_channels(net, chosen, {(sc.layer, sc.mask): sc.importance for sc in scores})
-    return {
-        "fraction": fraction,
-        "channels": sum(len(v) for v in chosen.values()),
-        "removed_groups": removed_groups,
-        "frozen": frozen,
-    }
 
 
 def _freeze(net: MultitaskNet, frozen: int) -> list[torch.nn.Parameter]:
@@ -209,7 +175,8 @@ def _check_config(cfg: PruneConfig) -> None:
         raise MergingError("bad_argument", "prune: need 0 < step < 1, min_step > 0, budget >= 0, 0.5 <= confidence < 1")
     if not 0.0 <= cfg.certify_share < 1.0:
         raise MergingError("bad_argument", "prune: need 0 <= certify_share < 1")
-    criterion_of(cfg), price_rule_of(cfg), schedule_of(cfg)  # an unknown name fails now, not after the recovery training
+    # An unknown strategy name fails now, not after the recovery training.
+    criterion_of(cfg), price_rule_of(cfg), schedule_of(cfg), step_of(cfg)
 
 
 def _freeze_failing(
@@ -249,10 +216,10 @@ def _steps(
     best = copy.deepcopy(net)
     trajectory = [best]  # every accepted network, oldest first: where certification backs off to
     schedule = schedule_of(cfg)
+    step_fn = step_of(cfg)
     frozen = 0  # tasks whose budget stopped pruning (mask)
     bar = tqdm(schedule.steps(), desc="prune", disable=None if cfg.progress else True, leave=False)
     for k in bar:
-        step_fn = regroup_step if cfg.regroup else prune_step
         info = step_fn(net, train, replace(cfg, seed=cfg.seed + k), schedule.size, frozen)
         # Under torchrun every rank computed the step; rank 0's cut (structure and weights) is the one
         # all ranks go on with, and rank 0's step record with it (a no-op in one process).

@@ -157,10 +157,10 @@ class _SeedRun:
 
     def merge_and_prune(self, name: str) -> MergePruneResult | str:
         """The route's result, or why it failed (one broken merger must not sink the others)."""
-        base, regroup = split_route(name)
+        base, removes = split_route(name)
         try:
             merger = create_merger(base, **_merger_options(self.cfg, base, self.epochs))
-            pcfg = replace(self.pcfg, regroup=regroup)
+            pcfg = replace(self.pcfg, removes=removes)
             return merge_and_prune(merger, self.nets, self.splits, pcfg, self.ref, seed=self.seed, log=self.log)
         except (MergingError, RuntimeError, ValueError) as e:
             return f"{type(e).__name__}: {e}"
