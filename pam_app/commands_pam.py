@@ -185,6 +185,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg = replace(cfg, workers=args.workers)
         if args.library_pruner:
             cfg = replace(cfg, prune=PruneConfig(progress=False))
+        if args.save_models:
+            cfg = replace(cfg, save_models=Path(args.save_models))
         run_bench(cfg)
     return 0
 
@@ -248,6 +250,8 @@ def register(sub: Any) -> None:
                    "(default results/, or results/quick/ with --quick)")
     p.add_argument("--workers", type=int, default=None, help="processes for a seed's independent jobs "
                    "(default: one per core)")
+    p.add_argument("--save-models", default=None, help="directory for every seed's pruned networks "
+                   "(seed<k>-<route>[-own], seed<k>-separate), to export or serve the winner afterwards")
     add_data_options(p.add_argument_group("data (--dataset folder | celeba: your own images)"), tasks=False)
     add_scale_args(p)
     p.set_defaults(func=cmd_bench)

@@ -25,9 +25,22 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
                      final_epochs=0, taylor_batches=1, check_shifts=1, progress=False, confidence=0.5)
     cfg = BenchConfig(dataset="digits", tasks=("parity", "loop"), mergers=("pam", "separate"), seeds=(0,),
                       zoo_epochs=3, prune=pc, out_dir=out, progress=False, width_grid=(0.5, 1.0),
-                      tp_schedule=TpSchedule(iterative_steps=2, finetune_epochs=1, retry_epochs=0))
+                      tp_schedule=TpSchedule(iterative_steps=2, finetune_epochs=1, retry_epochs=0),
+                      save_models=out / "models")
     rows = run_bench(cfg, log=lambda _: None)
     return rows, out
+
+
+def test_saved_networks_are_the_ones_the_rows_measure(bench) -> None:  # type: ignore[no-untyped-def]
+    from merging.checkpoint import load_model
+    from merging.cost import cost_table
+
+    rows, out = bench
+    for merger in ("pam", "separate"):
+        net = load_model(out / "models" / f"seed0-{merger}.json")
+        want = {r["combination"]: r["macs"] for r in rows if r["merger"] == merger and r["seed"] == 0}
+        assert {c: k.macs for c, k in cost_table(net).items()} == want
+        assert net.meta["preprocessing"]["size"] == [8, 8]
 
 
 def test_rows_cover_every_merger_and_combination(bench) -> None:  # type: ignore[no-untyped-def]

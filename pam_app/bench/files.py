@@ -135,6 +135,7 @@ def write_results(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequenc
     plot(cfg, rows, mergers, stem(".png"))
     config = asdict(cfg)
     config["out_dir"] = str(cfg.out_dir)
+    config["save_models"] = str(cfg.save_models) if cfg.save_models else None
     atomic_write_json(stem(".config.json"), {"config": config, "mergers": list(mergers), "seconds": round(elapsed, 1)})
 
 

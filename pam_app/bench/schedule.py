@@ -64,6 +64,7 @@ class BenchConfig:
     progress: bool = True
     workers: int | None = None  # processes for a seed's independent jobs (None: one per core)
     dataset_args: dict[str, Any] = field(default_factory=dict)  # load_dataset options (the user's folder/CelebA)
+    save_models: Path | None = None  # where each seed's pruned networks go (None: nowhere)
 
     @property
     def stem(self) -> str:

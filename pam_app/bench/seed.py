@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from merging.arch import create_arch
+from merging.checkpoint import save_model
 from merging.cost import cost_table
 from merging.data import load_dataset
 from merging.data.base import Splits
@@ -93,6 +94,7 @@ class _SeedRun:
                 self.record_route(str(what), out)
         if BASELINE in mergers:
             self.record(BASELINE, self.separate, merged=self.separate)
+        self.save(BASELINE, self.separate)
         for r in self.rows:
             r.setdefault("seconds_seed", {k: round(v, 1) for k, v in self.timing.items()})
         return self.rows
@@ -170,7 +172,8 @@ class _SeedRun:
             self.log(f"  seed {self.seed} {name:>10}: FAILED: {result}")
             self.rows.append({"dataset": self.splits.name, "merger": name, "seed": self.seed, "error": result})
             return
-        own = cost_table(result.pruned)  # the route's own pruned network, before the never-dearer rule
+        own_net = result.pruned
+        own = cost_table(own_net)  # the route's own pruned network, before the never-dearer rule
         result = never_dearer(result, self.separate, log=self.log)
         extra = {
             "pruned": not result.missed_budget,
@@ -180,6 +183,17 @@ class _SeedRun:
             "own_macs": {c: k.macs for c, k in own.items()},
         }
         self.record(name, result.pruned, merged=result.merged, extra=extra)
+        self.save(name, result.pruned)
+        if result.pruned is not own_net:  # the route's own network, before the never-dearer rule
+            self.save(f"{name}-own", own_net)
+
+    def save(self, name: str, net: MultitaskNet) -> None:
+        """``net`` as ``seed<k>-<name>`` under ``cfg.save_models`` (to export or serve it afterwards)."""
+        if self.cfg.save_models is None:
+            return
+        net.meta["preprocessing"] = self.splits.preprocessing.to_json()
+        self.cfg.save_models.mkdir(parents=True, exist_ok=True)
+        save_model(net, self.cfg.save_models / f"seed{self.seed}-{name}")
 
     def record(
         self,
