@@ -129,3 +129,11 @@ def test_result_files_carry_the_width_in_their_name(bench, tmp_path: Path) -> No
     write_results(cfg, rows, ["separate", "pam"], 1.0)  # the width is part of the name, not a suffix to replace
     assert {p.name for p in tmp_path.iterdir()} == {f"bench-digits-lenet-w0.25{s}" for s in
                                                     (".json", ".md", ".png", ".config.json")}
+
+
+def test_a_recorded_config_from_before_removes_still_reads() -> None:
+    from pam_app.bench.files import _prune_config
+
+    recorded = json.loads(Path("results/bench-digits.config.json").read_text())["config"]["prune"]
+    assert _prune_config(recorded).removes == "channels"
+    assert _prune_config({**recorded, "regroup": True}).removes == "pairs"

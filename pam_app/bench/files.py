@@ -108,6 +108,14 @@ def combine(json_paths: Sequence[Path], out_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _prune_config(d: Mapping[str, Any]) -> PruneConfig:
+    """A recorded pruner config; runs recorded before ``removes`` said ``regroup: bool``."""
+    d = dict(d)
+    if "regroup" in d:
+        d["removes"] = "pairs" if d.pop("regroup") else "channels"
+    return PruneConfig(**d)
+
+
 def _config_from_json(c: Mapping[str, Any], out_dir: Path, seeds: Sequence[int]) -> BenchConfig:
     return BenchConfig(
         dataset=c["dataset"],
@@ -116,7 +124,7 @@ def _config_from_json(c: Mapping[str, Any], out_dir: Path, seeds: Sequence[int])
         zoo_epochs=c["zoo_epochs"],
         width_mult=c.get("width_mult", 1.0),
         tasks=tuple(c.get("tasks", ())),
-        prune=PruneConfig(**c["prune"]),
+        prune=_prune_config(c["prune"]),
         routes=tuple(c.get("routes", ROUTES)),
         spec_sizes=tuple(c.get("spec_sizes", (2, -1))),
         out_dir=out_dir,
