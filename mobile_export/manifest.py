@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -21,7 +21,11 @@ MANIFEST_FILE = "manifest.json"
 PROGRAM_FILE = "model.pte"
 LITE_FILE = "model.ptl"
 REPORT_FILE = "report.json"
-REFERENCE_FILE = "reference.pt"  # sample inputs and eager outputs, for `pam verify` without the model
+EXPECTED_OUTPUTS_FILE = "expected_outputs.pt"  # sample inputs and eager outputs, for `pam verify` without the model
+# What bundles written before issue 21 called the expected outputs: the file (their manifest names it,
+# so it is still read) and the manifest keys (read as the new ones).
+LEGACY_EXPECTED_OUTPUTS_FILE = "reference.pt"
+_LEGACY_KEYS = {"reference": "expected_outputs", "reference_sha256": "expected_outputs_sha256"}
 
 
 class _Strict(BaseModel):
@@ -82,10 +86,22 @@ class Manifest(_Strict):
     preprocessing: Preprocessing
     preprocessing_source: str = "model meta"  # where the preprocessing came from (model, file, data set, default)
     methods: list[MethodEntry] = Field(min_length=1)
-    reference: str | None = None  # tensors-only file of sample inputs and eager outputs (REFERENCE_FILE)
-    reference_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    expected_outputs: str | None = None  # tensors-only file of sample inputs and eager outputs (EXPECTED_OUTPUTS_FILE)
+    expected_outputs_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     accuracy: dict[str, float] = Field(default_factory=dict)  # task -> test accuracy in percent
     provenance: Provenance = Field(default_factory=Provenance)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        """Older bundles name the expected outputs ``reference`` / ``reference_sha256``: read them as the
+        new keys (a manifest carrying both spellings of one key stays an error: extra keys are forbidden)."""
+        if isinstance(data, dict) and any(old in data and new not in data for old, new in _LEGACY_KEYS.items()):
+            data = dict(data)
+            for old, new in _LEGACY_KEYS.items():
+                if old in data and new not in data:
+                    data[new] = data.pop(old)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

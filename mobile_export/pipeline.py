@@ -27,7 +27,7 @@ from mobile_export.errors import ExportError
 from mobile_export.exporters import Artifact, Check, Exporter, ExportJob, exporter_names, get_exporter
 from mobile_export.lowering import default_workers, example_input
 from mobile_export.manifest import (
-    REFERENCE_FILE,
+    EXPECTED_OUTPUTS_FILE,
     REPORT_FILE,
     InputSpec,
     Manifest,
@@ -168,16 +168,16 @@ def measure_size(state: ExportState) -> None:
 
 
 def write_files(state: ExportState) -> None:
-    """A fresh directory next to ``out`` with every produced file and the reference outputs."""
+    """A fresh directory next to ``out`` with every produced file and the expected outputs."""
     state.tmp = Path(tempfile.mkdtemp(prefix=f".{state.out.name}.tmp-", dir=state.out.parent))
     os.chmod(state.tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be read by a service
     for artifact in state.artifacts.values():
         if artifact.data is not None:
             atomic_write_bytes(state.tmp / artifact.file, artifact.data)
-    _write_reference(state)
+    _write_expected_outputs(state)
 
 
-def _write_reference(state: ExportState) -> None:
+def _write_expected_outputs(state: ExportState) -> None:
     """Sample inputs and eager outputs, so ``pam verify`` can check a bundle without the model."""
     x = example_input(state.net, state.cfg.max_batch, seed=state.cfg.seed + 1)
     outputs: dict[str, list[torch.Tensor]] = {}
@@ -186,7 +186,7 @@ def _write_reference(state: ExportState) -> None:
             outputs[combination_name(c)] = [o.detach().clone() for o in state.net.for_combination(c).eval()(x)]
     with tempfile.NamedTemporaryFile(dir=state.bundle, delete=False) as f:
         torch.save({"x": x, "outputs": outputs}, f)
-    os.replace(f.name, state.bundle / REFERENCE_FILE)
+    os.replace(f.name, state.bundle / EXPECTED_OUTPUTS_FILE)
 
 
 def write_manifest(state: ExportState) -> None:
@@ -215,8 +215,8 @@ def write_manifest(state: ExportState) -> None:
         preprocessing=state.preprocessing,
         preprocessing_source=state.preprocessing_source,
         methods=methods,
-        reference=REFERENCE_FILE,
-        reference_sha256=sha256_file(state.bundle / REFERENCE_FILE),
+        expected_outputs=EXPECTED_OUTPUTS_FILE,
+        expected_outputs_sha256=sha256_file(state.bundle / EXPECTED_OUTPUTS_FILE),
         accuracy=state.accuracy,
         provenance=provenance_of(net, state.model_path),
     )

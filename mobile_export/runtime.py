@@ -191,7 +191,7 @@ class BundleRuntime:
                 return self._loaded[name]
             while self.max_loaded is not None and len(self._loaded) >= self.max_loaded:
                 old, _ = self._loaded.popitem(last=False)
-                # Program caches every loaded method and offers no release; drop its reference
+                # Program caches every loaded method and offers no release; clear its cache entry
                 # so the method (and its packed XNNPACK weights) is freed with ours.
                 self._program._methods[old] = None
             try:

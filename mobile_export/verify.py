@@ -1,7 +1,8 @@
 """Verification of a bundle: every method through the real ExecuTorch runtime against eager.
 
-Against the model itself when it is given, else against the reference outputs stored in the
-bundle at export time (``reference.pt``, tensors only, checked against the manifest's sha256).
+Against the model itself when it is given, else against the expected outputs stored in the
+bundle at export time (``expected_outputs.pt``, ``reference.pt`` in bundles written before issue 21;
+tensors only, checked against the manifest's sha256).
 """
 
 from __future__ import annotations
@@ -35,29 +36,38 @@ def _expected(
         with torch.no_grad():
             exp = {m.name: [list(net.for_combination(m.tasks).eval()(x)) for x in xs] for m in manifest.methods}
         return xs, exp
-    if manifest.reference is None:
-        raise ExportError("no_reference", "the bundle has no reference outputs; pass the model to verify against")
-    ref_path = bundle / manifest.reference
-    import hashlib
-
-    try:
-        data = ref_path.read_bytes()
-    except OSError as e:
-        raise ExportError("no_reference", f"cannot read {ref_path}: {e}") from e
-    if manifest.reference_sha256 and hashlib.sha256(data).hexdigest() != manifest.reference_sha256:
-        raise ExportError("sha256_mismatch", f"{ref_path} does not match the sha256 in the manifest")
-    try:
-        ref = torch.load(ref_path, map_location="cpu", weights_only=True)
-        x = ref["x"]
-        outs = ref["outputs"]
-    except Exception as e:  # torch.load raises many types on bad files
-        raise ExportError("bad_reference", f"{ref_path} is not a reference file: {type(e).__name__}: {e}") from e
-    missing = [n for n in names if n not in outs]
-    if missing:
-        raise ExportError("bad_reference", f"{ref_path} lacks outputs for {missing}")
-    xs = [x[:1], x] if len(x) > 1 else [x]
+    xs, outs = _stored_expected_outputs(manifest, bundle, names)
     exp = {n: [[o[: len(xi)] for o in outs[n]] for xi in xs] for n in names}
     return xs, exp
+
+
+def _stored_expected_outputs(
+    manifest: Manifest, bundle: Path, names: list[str]
+) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """The inputs (batch 1 and the whole sample) and eager outputs stored at export time. An older
+    bundle's manifest names ``reference.pt`` (its legacy key is read as ``expected_outputs``)."""
+    import hashlib
+
+    if manifest.expected_outputs is None:
+        raise ExportError("no_expected_outputs", "the bundle has no expected outputs; pass the model to verify against")
+    path = bundle / manifest.expected_outputs
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ExportError("no_expected_outputs", f"cannot read {path}: {e}") from e
+    if manifest.expected_outputs_sha256 and hashlib.sha256(data).hexdigest() != manifest.expected_outputs_sha256:
+        raise ExportError("sha256_mismatch", f"{path} does not match the sha256 in the manifest")
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: never unpickle code
+        x = stored["x"]
+        outs = stored["outputs"]
+    except Exception as e:  # torch.load raises many types on bad files
+        raise ExportError("bad_expected_outputs", f"{path} is not an expected-outputs file: "
+                          f"{type(e).__name__}: {e}") from e
+    missing = [n for n in names if n not in outs]
+    if missing:
+        raise ExportError("bad_expected_outputs", f"{path} lacks outputs for {missing}")
+    return ([x[:1], x] if len(x) > 1 else [x]), outs
 
 
 def _argmax_agrees(got: torch.Tensor, want: torch.Tensor, kind: str) -> bool:
@@ -107,7 +117,7 @@ def verify_bundle(
             on_method(m.name)
     report = {
         "ok": not failures,
-        "against": "model" if net is not None else "reference outputs",
+        "against": "model" if net is not None else "expected outputs",
         "batches": [len(x) for x in xs],
         "tolerance": TOLERANCE,
         "program_sha256_ok": True,

@@ -94,7 +94,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 def _add_verify(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     v = sub.add_parser("verify", help="check a bundle: sha256, every method through ExecuTorch against eager")
     v.add_argument("bundle", help="bundle directory")
-    v.add_argument("--model", default=None, help="the model to compare with (default: the bundle's reference outputs)")
+    v.add_argument("--model", default=None, help="the model to compare with (default: the bundle's expected outputs)")
     v.add_argument("--probe", action="store_true", help="also load and run it in a child process first")
     v.set_defaults(func=cmd_verify)
 

@@ -213,8 +213,8 @@ def register(sub: Any) -> None:
     b.add_argument("--lazy", action="store_true", help="serve with lazy method loading")
     b.add_argument("--max-loaded", type=int, default=None, help="with --lazy: methods kept loaded")
     b.add_argument("--direct-runs", type=int, default=2000, help="runtime calls per combination, direct baseline")
-    b.add_argument("--variants", default="reference,service,service+batching",
-                   help="servers to measure side by side: reference (bare ASGI), service (no batching), "
+    b.add_argument("--variants", default="bare,service,service+batching",
+                   help="servers to measure side by side: bare (a bare ASGI app), service (no batching), "
                         "service+batching, service+union (batching across combinations)")
     b.add_argument("--batch-window-us", type=int, default=0, help="batching window of the service+batching variant")
     b.add_argument("--mix", default=None,

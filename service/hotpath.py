@@ -1,13 +1,14 @@
 """The two inference endpoints as plain ASGI callables: ``POST /infer`` and the V2 infer route.
 
 Profiled under 8 clients (``results/serve-profile.md``), the FastAPI route spent about as much per
-request as the whole bare ASGI reference: routing through every route's regex, dependency solving,
-query validation, a ``Request`` object, two middleware wrappers around ``receive``/``send``, a
-pydantic response model, ``labels()`` on three metrics, a ``LogRecord`` formatted and written on the
-loop, ``uuid4`` and the hop to the runtime thread. Here one function per request does only what the
-service promises: limits (413/408), the resolved combination (cached per query string), the
-decode, the runtime call, the JSON answer (orjson), then the observations (metric children bound
-once, the log line queued for the listener thread). Every refusal is the same JSON as elsewhere.
+request as the whole bare ASGI app (``pam bench-serve``'s ``bare`` variant): routing through every
+route's regex, dependency solving, query validation, a ``Request`` object, two middleware wrappers
+around ``receive``/``send``, a pydantic response model, ``labels()`` on three metrics, a
+``LogRecord`` formatted and written on the loop, ``uuid4`` and the hop to the runtime thread. Here
+one function per request does only what the service promises: limits (413/408), the resolved
+combination (cached per query string), the decode, the runtime call, the JSON answer (orjson), then
+the observations (metric children bound once, the log line queued for the listener thread). Every
+refusal is the same JSON as elsewhere.
 
 ``PamApp.__call__`` (service/main.py) sends ``POST /infer`` and ``POST /v2/models/.../infer``
 here before FastAPI's stack; the same callables are also mounted as Starlette routes.

@@ -4,6 +4,7 @@ cleanly. Bundles come from ``test_export_fixtures`` (built once per session)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -19,10 +20,19 @@ from merging.network import MultitaskNet
 from merging.tasks import TaskSpec, all_combinations
 from mobile_export.errors import ExportError
 from mobile_export.export import ExportConfig, export_bundle
-from mobile_export.manifest import Manifest
+from mobile_export.manifest import EXPECTED_OUTPUTS_FILE, LEGACY_EXPECTED_OUTPUTS_FILE, Manifest
 from mobile_export.runtime import BundleRuntime
 from mobile_export.selection import parse_combinations, resolve_combinations
-from tests.test_export_fixtures import COMBINATIONS, MAX_BATCH, TASKS, bundle, lenet_net, prefetch, scratch
+from tests.test_export_fixtures import (
+    COMBINATIONS,
+    MAX_BATCH,
+    TASKS,
+    bundle,
+    lenet_net,
+    prefetch,
+    scratch,
+    written_before_the_rename,
+)
 
 DEFAULT_KINDS = ["lenet", "vgg-pruned-3"]
 SLOW_KINDS = ["lenet-pruned", "vgg", "vgg-pruned"]
@@ -155,11 +165,11 @@ def test_lite_program_loads_and_matches_eager() -> None:
             torch.testing.assert_close(out, eager[task], atol=1e-4, rtol=0)
 
 
-def test_verify_command_against_model_and_reference() -> None:
+def test_verify_command_against_model_and_expected_outputs() -> None:
     from pam_app.cli import main
 
     net, path = _bundle("vgg-pruned-3")
-    assert main(["verify", str(path)]) == 0  # against the stored reference outputs
+    assert main(["verify", str(path)]) == 0  # against the stored expected outputs
     model = save_model(net, scratch("model") / "vgg_pruned")
     assert main(["verify", str(path), "--model", str(model)]) == 0
     # a model with other weights is a verification failure (exit 2), not a crash
@@ -169,15 +179,64 @@ def test_verify_command_against_model_and_reference() -> None:
     assert main(["verify", str(path), "--model", str(wrong)]) == 2
 
 
-def test_verify_refuses_tampered_reference() -> None:
+def test_the_expected_outputs_are_written_under_their_name() -> None:
+    """``expected_outputs.pt`` (manifest keys ``expected_outputs*``) holds eager's outputs on its inputs."""
+    net, path = _bundle("vgg-pruned-3")
+    assert not (path / LEGACY_EXPECTED_OUTPUTS_FILE).exists()
+    raw = json.loads((path / "manifest.json").read_text())
+    assert "reference" not in raw and "reference_sha256" not in raw
+    assert raw["expected_outputs"] == EXPECTED_OUTPUTS_FILE == "expected_outputs.pt"
+    data = (path / EXPECTED_OUTPUTS_FILE).read_bytes()
+    assert raw["expected_outputs_sha256"] == hashlib.sha256(data).hexdigest()
+    stored = torch.load(path / EXPECTED_OUTPUTS_FILE, weights_only=True)
+    assert stored["x"].shape[0] == MAX_BATCH
+    assert sorted(stored["outputs"]) == sorted(COMBINATIONS["vgg-pruned-3"] or [])
+    with torch.no_grad():
+        for name, outs in stored["outputs"].items():
+            eager = net(stored["x"], name.split("+"))
+            for task, out in zip(name.split("+"), outs, strict=True):
+                torch.testing.assert_close(out, eager[task], atol=1e-6, rtol=0)
+
+
+def test_a_bundle_written_before_the_rename_loads_and_verifies() -> None:
+    from mobile_export.verify import verify_bundle
+    from pam_app.cli import main
+
+    _, path = _bundle("vgg-pruned-3")
+    old = written_before_the_rename(path, scratch("legacy") / "b")
+    assert Manifest.load(old).expected_outputs == LEGACY_EXPECTED_OUTPUTS_FILE
+    assert Manifest.load(old).methods == Manifest.load(path).methods
+    assert main(["verify", str(old)]) == 0
+    # the old file is what it verifies against: other outputs (sha256 rewritten to match) fail
+    stored = torch.load(old / "reference.pt", weights_only=True)
+    stored["outputs"]["b"][0] += 1.0
+    torch.save(stored, old / "reference.pt")
+    with pytest.raises(ExportError) as e:
+        verify_bundle(old)
+    assert e.value.code == "sha256_mismatch"
+    raw = json.loads((old / "manifest.json").read_text())
+    raw["reference_sha256"] = hashlib.sha256((old / "reference.pt").read_bytes()).hexdigest()
+    (old / "manifest.json").write_text(json.dumps(raw))
+    rep = verify_bundle(old, strict=False)
+    assert not rep["ok"] and rep["against"] == "expected outputs"
+    assert [n for n, m in rep["methods"].items() if not m["ok"]] == ["b"]
+    # both spellings of one key at once is not a bundle any version wrote
+    raw["expected_outputs"] = raw["reference"]
+    (old / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ExportError) as e:
+        Manifest.load(old)
+    assert e.value.code == "bad_manifest"
+
+
+def test_verify_refuses_tampered_expected_outputs() -> None:
     from mobile_export.verify import verify_bundle
 
     _, path = _bundle("vgg-pruned-3")
-    d = scratch("tampered-ref") / "b"
+    d = scratch("tampered-expected") / "b"
     shutil.copytree(path, d)
-    ref = torch.load(d / "reference.pt", weights_only=True)
-    ref["outputs"]["b"][0] += 1.0
-    torch.save(ref, d / "reference.pt")
+    stored = torch.load(d / EXPECTED_OUTPUTS_FILE, weights_only=True)
+    stored["outputs"]["b"][0] += 1.0
+    torch.save(stored, d / EXPECTED_OUTPUTS_FILE)
     with pytest.raises(ExportError) as e:
         verify_bundle(d)
     assert e.value.code == "sha256_mismatch"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -140,6 +141,18 @@ def bundle(kind: str) -> tuple[MultitaskNet, Path]:
     else:
         _export(kind, out)
     return NETS[kind](), out
+
+
+def written_before_the_rename(src: Path, dst: Path) -> Path:
+    """A copy of bundle ``src`` as versions before issue 21 wrote it: the expected outputs in
+    ``reference.pt``, named by the manifest keys ``reference`` / ``reference_sha256``."""
+    shutil.copytree(src, dst)
+    (dst / "expected_outputs.pt").rename(dst / "reference.pt")
+    raw = json.loads((dst / "manifest.json").read_text())
+    assert raw.pop("expected_outputs") == "expected_outputs.pt"
+    raw["reference"], raw["reference_sha256"] = "reference.pt", raw.pop("expected_outputs_sha256")
+    (dst / "manifest.json").write_text(json.dumps(raw, indent=2))
+    return dst
 
 
 def scratch(name: str) -> Path:

@@ -83,10 +83,10 @@ def test_png_upload_is_preprocessed_as_the_manifest_says(server: Server, runtime
         r = httpx.post(server.url + "/infer?tasks=digit", content=png, headers={"content-type": "image/png"},
                        timeout=30)
     assert r.status_code == 200, r.text
-    # reference: the same 8-bit pixels normalised independently, run on the runtime directly
+    # expected: the same 8-bit pixels normalised independently, run on the runtime directly
     x = normalise(np.round(imgs * 255) / 255, server.bundle)
-    ref = softmax(runtime.run("digit", torch.from_numpy(x))[0].numpy())
-    np.testing.assert_allclose(scores(r.json(), "digit"), ref, rtol=1e-4, atol=1e-5)
+    expected = softmax(runtime.run("digit", torch.from_numpy(x))[0].numpy())
+    np.testing.assert_allclose(scores(r.json(), "digit"), expected, rtol=1e-4, atol=1e-5)
 
 
 def _truncated_png() -> bytes:

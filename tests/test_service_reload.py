@@ -125,6 +125,39 @@ def test_an_unloadable_bundle_is_refused_by_the_start_up_probe(tmp_path: Path) -
     assert "probe" in r.stderr and "ExecuTorch refused" in r.stderr
 
 
+def test_a_bundle_written_before_the_rename_is_checked_and_served(tmp_path: Path) -> None:
+    """Manifests from before issue 21 name the expected outputs ``reference`` / ``reference_sha256``:
+    the service still takes them, signature included (it covers the bytes as written)."""
+    from service.bundle_guard import generate_keypair, sign_bundle
+    from tests.service_support import app_serving
+    from tests.test_export_fixtures import written_before_the_rename
+
+    private, public = generate_keypair()
+    root = tmp_path / "root"
+    root.mkdir()
+    current = copy_bundle(root / "current")
+    old = written_before_the_rename(digits_bundle(), root / "old")
+    assert b'"reference_sha256"' in (old / "manifest.json").read_bytes()
+    for b in (current, old):
+        sign_bundle(b, private)
+    x = normalise(digit_images()[:2], digits_bundle())
+    app = app_serving(current, admin_token="t0ken", manifest_public_key=public)
+
+    async def go(method: str, url: str, **kw: object) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            return await c.request(method, url, **kw)  # type: ignore[arg-type]
+
+    try:
+        before = asyncio.run(go("POST", "/infer?tasks=digit,parity", json={"inputs": x.tolist()})).json()
+        r = asyncio.run(go("POST", "/admin/reload", json={"bundle_dir": str(old)}, headers={"x-admin-token": "t0ken"}))
+        assert r.status_code == 200 and r.json()["reloaded"] is True, r.text
+        assert Path(r.json()["bundle_dir"]).resolve() == old.resolve()
+        after = asyncio.run(go("POST", "/infer?tasks=digit,parity", json={"inputs": x.tolist()})).json()
+    finally:
+        app.state.pool.shutdown()
+    assert after["predictions"] == before["predictions"]
+
+
 @pytest.fixture(scope="module")
 def loaded_model():
     from mobile_export.runtime import BundleRuntime
@@ -151,8 +184,8 @@ def test_queue_bound_gives_503_with_retry_after_and_timeouts_504(loaded_model) -
     refused = [r for r in results if isinstance(r, ServiceError)]
     assert len(ok) == 2 and len(refused) == 4
     assert all(r.status == 503 and r.headers["Retry-After"] == "3" for r in refused)
-    ref = loaded_model.runtime.run("digit", __import__("torch").from_numpy(x))[0].numpy()
-    assert all(np.array_equal(r.outputs[0], ref) for r in ok)  # type: ignore[union-attr]
+    direct = loaded_model.runtime.run("digit", __import__("torch").from_numpy(x))[0].numpy()
+    assert all(np.array_equal(r.outputs[0], direct) for r in ok)  # type: ignore[union-attr]
     assert pool.waiting == 0
     pool.shutdown()
 

@@ -1,12 +1,12 @@
 """``pam bench-serve``: the HTTP service on loopback against the runtime called directly and a bare
-ASGI reference, with and without dynamic batching, in one run.
+ASGI app, with and without dynamic batching, in one run.
 
 Measures, per combination: the runtime's own execute (direct, in this process, before any server
 starts, so nothing competes for the cores); then, one after the other, each *variant* in a child
 process driven by 1/8/32 concurrent keep-alive clients (a minimal asyncio HTTP/1.1 client, so the
 client's own cost stays small next to the server's):
 
-- ``reference``: ``pam_app.bench.serve_bare``, uvicorn + the same decode + the same runtime call,
+- ``bare``: ``pam_app.bench.serve_bare``, uvicorn + the same decode + the same runtime call,
   no framework: the Python HTTP limit on this machine;
 - ``service``: ``pam serve --no-batching``;
 - ``service+batching``: ``pam serve`` with dynamic batching (``--batch-window-us`` as configured).
@@ -15,7 +15,7 @@ All servers run at once and every cell is measured on each variant back to back,
 machine's load (it is shared) falls on all variants alike.
 
 Reports RPS, p50/p95/p99, errors, the HTTP overhead (p50 of ``/infer`` at one client minus p50 of
-the direct execute), throughput relative to the direct runtime and to the reference, the batching
+the direct execute), throughput relative to the direct runtime and to the bare app, the batching
 gain, and the server's RSS when ready, after the run and after a burst of large requests.
 """
 
@@ -63,7 +63,7 @@ class BenchConfig:
     max_loaded: int | None = None
     out: Path = Path("results/serve-bench")
     extra_env: dict[str, str] = field(default_factory=dict)
-    variants: tuple[str, ...] = ("reference", "service", "service+batching")
+    variants: tuple[str, ...] = ("bare", "service", "service+batching")
     batch_window_us: int = 0  # the window of the service+batching variant
     attacks: bool = True  # after the cells: large requests, then RSS against its ready value
     attack_rounds: int = 20  # large photos and near-limit bodies sent (each), then 5 oversized heads
@@ -117,7 +117,7 @@ def direct_baseline(cfg: BenchConfig, manifest: Manifest, methods: list[str], x:
 
 
 def server_command(cfg: BenchConfig, port: int, variant: str) -> list[str]:
-    if variant == "reference":
+    if variant == "bare":
         return [sys.executable, "-m", "pam_app.bench.serve_bare", str(cfg.bundle_dir), "--port", str(port),
                 "--threads", str(cfg.threads)]
     cmd = [sys.executable, "-m", "pam_app", "serve", str(cfg.bundle_dir), "--port", str(port),
@@ -130,7 +130,8 @@ def server_command(cfg: BenchConfig, port: int, variant: str) -> list[str]:
     elif variant == "service+union":
         cmd += ["--batch-window-us", str(cfg.batch_window_us), "--batch-union"]
     else:
-        raise ServiceError(2, "bad_variant", f"unknown variant {variant!r}; use reference, service, service+batching")
+        raise ServiceError(2, "bad_variant",
+                           f"unknown variant {variant!r}; use bare, service, service+batching, service+union")
     cmd += list(cfg.server_args)
     if cfg.lazy:
         cmd.append("--lazy")
@@ -236,7 +237,7 @@ def run_variants(cfg: BenchConfig, manifest: Manifest, methods: list[str], png: 
             reqs = [build_request(f"/infer?tasks={c.replace('+', ',')}", cfg.payload, png, x) for c in cfg.mix]
             for c in cfg.clients:
                 for v, (port, _) in servers.items():
-                    if v == "reference":
+                    if v == "bare":
                         continue
                     cell = {"variant": v, "combination": "mix:" + ";".join(cfg.mix), "macs": 0,
                             **asyncio.run(drive(port, reqs, c, max(cfg.requests, 4 * c), count_macs=True))}
@@ -246,7 +247,7 @@ def run_variants(cfg: BenchConfig, manifest: Manifest, methods: list[str], png: 
         for v, (_port, proc) in servers.items():
             out[v]["rss_end_mb"] = server_rss_mb(proc)
         for v, (port, proc) in servers.items():
-            if not cfg.attacks or v == "reference":
+            if not cfg.attacks or v == "bare":
                 continue
             tasks = ",".join(manifest.method_for(methods[0]).tasks)
             out[v]["attack_statuses"] = attack(port, manifest, f"/infer?tasks={tasks}", cfg.attack_rounds)
@@ -310,8 +311,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
             s[v] = {"http_overhead_p50_ms": c1["p50_ms"] - direct[m]["p50_ms"] if c1 else None,
                     "rps_8_over_direct": (c8["rps"] / direct[m]["rps"]) if c8 else None}
         for v in ("service", "service+batching"):
-            if v in cfg.variants and "reference" in cfg.variants:
-                s[v]["rps_8_over_reference"] = ratio(cell(v, m, 8), cell("reference", m, 8))
+            if v in cfg.variants and "bare" in cfg.variants:
+                s[v]["rps_8_over_bare"] = ratio(cell(v, m, 8), cell("bare", m, 8))
         if "service" in cfg.variants and "service+union" in cfg.variants:
             s["union_gain"] = {str(c): ratio(cell("service+union", m, c), cell("service", m, c))
                                for c in cfg.clients}

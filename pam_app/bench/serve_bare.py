@@ -1,4 +1,4 @@
-"""The bare ASGI reference of ``pam bench-serve``: uvicorn + the same decode and the same runtime
+"""The ``bare`` variant of ``pam bench-serve``: uvicorn + the same decode and the same runtime
 call as ``POST /infer``, and nothing else (no framework, no middleware, no metrics, no log line).
 
 It is the Python HTTP limit on this machine against which the service's overhead is judged; it

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
+
+# Results written before issue 21 call the bare ASGI app's variant "reference"; read as "bare".
+_LEGACY_BARE = "reference"
 
 
 def _pct(v: float | None) -> str:
@@ -13,7 +17,27 @@ def _ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def with_current_names(r: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a result with the legacy variant name and ratio key renamed (the current ones win)."""
+    r = copy.deepcopy(r)
+
+    def rename(v: str) -> str:
+        return "bare" if v == _LEGACY_BARE else v
+
+    r["config"]["variants"] = [rename(v) for v in r["config"]["variants"]]
+    for row in [*r.get("http", []), *r.get("mix", []), *r.get("servers", [])]:
+        row["variant"] = rename(row["variant"])
+    for s in r.get("summary", {}).values():
+        if _LEGACY_BARE in s:
+            s.setdefault("bare", s.pop(_LEGACY_BARE))
+        for v in s.values():
+            if isinstance(v, dict) and "rps_8_over_reference" in v:
+                v.setdefault("rps_8_over_bare", v.pop("rps_8_over_reference"))
+    return r
+
+
 def markdown(r: dict[str, Any]) -> str:
+    r = with_current_names(r)
     c = r["config"]
     load = r["machine"].get("load_average_1min", {"start": float("nan"), "end": float("nan")})
     lines = [
@@ -34,12 +58,12 @@ def markdown(r: dict[str, Any]) -> str:
             f"{cell['rps']:.0f} | {cell['p50_ms']:.3f} | {cell['p95_ms']:.3f} | {cell['p99_ms']:.3f} | "
             f"{cell['server_execute_p50_ms']:.3f} | {cell['errors']} |"
         )
-    variants = [v for v in ("reference", "service", "service+batching", "service+union") if v in c["variants"]]
+    variants = [v for v in ("bare", "service", "service+batching", "service+union") if v in c["variants"]]
     lines += [
         "",
         "| combination | direct execute p50 ms | direct calls/s | "
         + " | ".join(f"{v}: HTTP overhead p50 ms | {v}: 8 clients ÷ direct" for v in variants)
-        + " | service ÷ reference (8 clients) | service+batching ÷ reference (8) | batching gain 1/8/32 |",
+        + " | service ÷ bare (8 clients) | service+batching ÷ bare (8) | batching gain 1/8/32 |",
         "| --- | ---: | ---: | " + " | ".join("---: | ---:" for _ in variants) + " | ---: | ---: | --- |",
     ]
     for m, s in r["summary"].items():
@@ -47,8 +71,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {m} | {s['direct_execute_p50_ms']:.3f} | {s['direct_rps']:.0f} | "
             + " | ".join(f"{_ms(s[v]['http_overhead_p50_ms'])} | {_pct(s[v]['rps_8_over_direct'])}" for v in variants)
-            + f" | {_pct(s.get('service', {}).get('rps_8_over_reference'))} | "
-            f"{_pct(s.get('service+batching', {}).get('rps_8_over_reference'))} | "
+            + f" | {_pct(s.get('service', {}).get('rps_8_over_bare'))} | "
+            f"{_pct(s.get('service+batching', {}).get('rps_8_over_bare'))} | "
             + " / ".join("n/a" if g is None else f"{g:.2f}x" for g in gain.values())
             + " |"
         )
