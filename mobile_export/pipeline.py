@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mobile_export.capture import example_input
 from mobile_export.config import PROGRAM_EXPORTER, ExportConfig
 from mobile_export.errors import ExportError
 from mobile_export.exporters import Artifact, Check, Exporter, ExportJob, exporter_names, get_exporter
-from mobile_export.lowering import default_workers, example_input
+from mobile_export.lowering import default_workers
 from mobile_export.manifest import (
     REFERENCE_FILE,
     REPORT_FILE,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mobile_export.lowering import compile_config, example_input, export_method
+from mobile_export.capture import compile_config, example_input, export_method
 
 if TYPE_CHECKING:
     from merging.network import MultitaskNet

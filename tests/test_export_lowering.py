@@ -14,10 +14,11 @@ import torch
 
 from merging.checkpoint import save_model
 from merging.tasks import all_combinations
+from mobile_export.capture import export_method
 from mobile_export.demand import most_requested, read_counts, select_combinations
 from mobile_export.errors import ExportError
 from mobile_export.export import ExportConfig, export_bundle
-from mobile_export.lowering import export_method, lower_methods, lower_serial, merge_methods
+from mobile_export.lowering import lower_methods, lower_serial, merge_methods
 from mobile_export.manifest import Manifest
 from mobile_export.runtime import BundleRuntime
 from tests.test_export_fixtures import lenet_net, pruned, scratch, vgg_net
