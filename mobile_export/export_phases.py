@@ -65,10 +65,11 @@ def family_net(n_tasks: int, seed: int = 0) -> Any:
 def _before(net: Any, out: Path, lite: bool) -> dict[str, Any]:
     """The pre-issue-13 export, phase by phase (same calls as that code)."""
     from merging.tasks import all_combinations
+    from mobile_export.capture import export_method
     from mobile_export.export import ExportConfig
     from mobile_export.exporters import ExportJob
     from mobile_export.exporters.torchscript_lite import TorchScriptLiteExporter
-    from mobile_export.lowering import export_method, lower_serial
+    from mobile_export.lowering import lower_serial
     from mobile_export.phases import Phases
     from mobile_export.verify import measure_memory, verify_bundle
 

@@ -2,15 +2,20 @@
 
 ``to_edge_transform_and_lower({name: program, ...})`` lowers its methods one after another, and
 each costs seconds of fixed work (decompositions, a dozen XNNPACK passes that each retrace the
-graph) however small the network. Every method is independent until emission, so this module
-lowers and emits each method on its own (in this process or in worker processes) and merges the
-emitted single-method programs into one, the way ExecuTorch's own emitter would have:
+graph) however small the network. Two things cut that:
 
-- execution plans in sorted method-name order (``emit_program`` sorts them);
-- delegate blobs stored once, deduplicated by sha256, numbered in order of first use;
-- constant tensors (not delegated) stored once, numbered in order of first use;
-- named data (XNNPACK's weights, keyed by content hash) merged in the order of the methods
-  given (``EdgeProgramManager`` collects it in dict order), so shared weights are stored once.
+- the export and edge conversion are done once per process, for the union of the requested tasks,
+  and each method's edge program is cut out of it (``mobile_export.slicing``); only the XNNPACK
+  partition, lowering and emission run per method;
+- every method is independent until emission, so this module lowers and emits each method on its
+  own (in this process or in worker processes) and merges the emitted single-method programs into
+  one, the way ExecuTorch's own emitter would have:
+
+  - execution plans in sorted method-name order (``emit_program`` sorts them);
+  - delegate blobs stored once, deduplicated by sha256, numbered in order of first use;
+  - constant tensors (not delegated) stored once, numbered in order of first use;
+  - named data (XNNPACK's weights, keyed by content hash) merged in the order of the methods
+    given (``EdgeProgramManager`` collects it in dict order), so shared weights are stored once.
 
 The result is byte-identical to the single ``to_edge_transform_and_lower`` + ``to_executorch``
 call (``lower_serial``); ``tests/test_export_lowering.py`` checks that, and the outputs of every
@@ -34,8 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mobile_export.capture import compile_config
+
 if TYPE_CHECKING:
     from merging.network import MultitaskNet
+    from mobile_export.slicing import EdgeBase
 
 WORKER_MARK = "PAM-LOWERED "  # a worker's line per finished method: MARK name path
 
@@ -47,33 +55,10 @@ class LoweredMethod:
     name: str
     program: Any  # executorch.exir.schema.Program with one execution plan
     named_data: Any  # NamedDataStoreOutput (buffers + key -> buffer index), or None
-    export_s: float = 0.0  # torch.export wall time
-    lower_s: float = 0.0  # to_edge_transform_and_lower wall time
+    export_s: float = 0.0  # torch.export wall time (of the base: only on the method that built it)
+    edge_s: float = 0.0  # the base's edge conversion wall time (idem)
+    lower_s: float = 0.0  # cutting the method out of the base, XNNPACK partition and lowering: wall time
     emit_s: float = 0.0  # to_executorch (passes, memory planning, emission) wall time
-
-
-def example_input(net: MultitaskNet, batch: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    h, w = net.arch.input_size
-    return torch.randn(batch, net.arch.in_channels, h, w, generator=g)
-
-
-def export_method(net: MultitaskNet, combo: Sequence[str], max_batch: int) -> Any:
-    """``torch.export`` of one combination, batch dimension dynamic up to ``max_batch``."""
-    from torch.export import Dim, export
-
-    net.eval()
-    x = example_input(net, min(2, max_batch))  # batch 1 would be specialised
-    dyn = {"x": {0: Dim("batch", min=1, max=max_batch)}} if max_batch > 1 else None
-    return export(net.for_combination(tuple(combo)).eval(), (x,), dynamic_shapes=dyn, strict=False)
-
-
-def _compile_config() -> Any:
-    from executorch.exir import EdgeCompileConfig
-
-    # The IR validity check re-verifies every graph after each pass; it changes nothing in the
-    # program (the tests compare bytes with and without) and costs ~13% of the lowering.
-    return EdgeCompileConfig(_check_ir_validity=False)
 
 
 def lower_serial(programs: dict[str, Any], check_ir: bool = True) -> bytes:
@@ -83,32 +68,53 @@ def lower_serial(programs: dict[str, Any], check_ir: bool = True) -> bytes:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    kw = {} if check_ir else {"compile_config": _compile_config()}
+    kw = {} if check_ir else {"compile_config": compile_config()}
     edge = to_edge_transform_and_lower(dict(programs), partitioner=[XnnpackPartitioner()], **kw)
     return bytes(edge.to_executorch().buffer)
 
 
-def lower_method(net: MultitaskNet, combo: Sequence[str], max_batch: int) -> LoweredMethod:
-    """Export, lower (XNNPACK) and emit one combination as a single-method program."""
+def lower_method(
+    net: MultitaskNet, combo: Sequence[str], max_batch: int, base: EdgeBase | None = None
+) -> LoweredMethod:
+    """Lower (XNNPACK) and emit one combination as a single-method program, cut out of ``base``
+    (the edge program of a combination containing it; made here for ``combo`` alone if not given)."""
     import time
 
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    from mobile_export.slicing import EdgeBase, lower_edge, method_program
 
     name = "+".join(combo)
+    built = base is None
+    if base is None:
+        base = EdgeBase.build(net, combo, max_batch)
     t0 = time.perf_counter()
-    program = export_method(net, combo, max_batch)
+    edge = lower_edge(name, method_program(base, combo), base.config)
     t1 = time.perf_counter()
-    edge = to_edge_transform_and_lower({name: program}, partitioner=[XnnpackPartitioner()],
-                                       compile_config=_compile_config())
-    t2 = time.perf_counter()
     et = edge.to_executorch()
-    t3 = time.perf_counter()
+    t2 = time.perf_counter()
     out = et._emitter_output
     if out.mutable_data is not None or out.external_constant_map:
         raise RuntimeError(f"method {name}: mutable or external data is not supported by the merge")
     named = edge._named_data_store.get_named_data_store_output()
-    return LoweredMethod(name, out.program, named, t1 - t0, t2 - t1, t3 - t2)
+    return LoweredMethod(name, out.program, named, base.export_s if built else 0.0, base.edge_s if built else 0.0,
+                         t1 - t0, t2 - t1)
+
+
+class _Lowerer:
+    """Lowers methods in one process, all cut out of one base built on the first call."""
+
+    def __init__(self, net: MultitaskNet, tasks: Sequence[str], max_batch: int) -> None:
+        self.net, self.tasks, self.max_batch = net, tuple(tasks), max_batch
+        self.base: EdgeBase | None = None
+
+    def lower(self, combo: Sequence[str]) -> LoweredMethod:
+        if self.base is not None:
+            return lower_method(self.net, combo, self.max_batch, self.base)
+        from mobile_export.slicing import EdgeBase
+
+        self.base = EdgeBase.build(self.net, self.tasks, self.max_batch)
+        m = lower_method(self.net, combo, self.max_batch, self.base)
+        m.export_s, m.edge_s = self.base.export_s, self.base.edge_s  # the base's cost, counted once
+        return m
 
 
 # ---------------------------------------------------------------------------- merge
@@ -184,11 +190,12 @@ class _Worker:
     """A child process that lowers the methods it is handed on stdin, one per line, and answers
     ``PAM-LOWERED name path`` with the pickled :class:`LoweredMethod` at ``path``."""
 
-    def __init__(self, model_json: Path, max_batch: int, scratch: Path, log_file: Any) -> None:
+    def __init__(self, model_json: Path, max_batch: int, scratch: Path, base: Sequence[str], log_file: Any) -> None:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, "-m", "mobile_export.lowering", str(model_json), str(max_batch), str(scratch)]
+        cmd = [sys.executable, "-m", "mobile_export.lowering", str(model_json), str(max_batch), str(scratch),
+               "+".join(base)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
                                      text=True, env=env, bufsize=1)
 
@@ -237,9 +244,14 @@ def lower_methods(
     """Every combination lowered and emitted on its own, in ``combos`` order (merge them with
     :func:`merge_methods`).
 
-    With ``workers > 1``, ``workers - 1`` child processes lower methods alongside this one; each
-    takes the next method not yet started, so a slow method does not hold up the others."""
+    Every process cuts its methods out of one base (the union of the tasks of ``combos``), which it
+    exports and converts once. With ``workers > 1``, ``workers - 1`` child processes lower methods
+    alongside this one; each takes the next method not yet started, so a slow method does not hold
+    up the others."""
     from merging.checkpoint import save_model
+    from mobile_export.slicing import base_tasks
+
+    base = base_tasks(combos)
 
     done: dict[str, LoweredMethod] = {}
     pending = list(combos)
@@ -263,7 +275,8 @@ def lower_methods(
         if n_children:
             model_json = save_model(net, Path(d) / "net")
             for i in range(n_children):
-                w = _Worker(model_json, max_batch, Path(d), log_file if log_file is not None else subprocess.DEVNULL)
+                w = _Worker(model_json, max_batch, Path(d), base,
+                            log_file if log_file is not None else subprocess.DEVNULL)
                 children.append(w)
 
                 def feed(w: _Worker = w) -> None:
@@ -278,8 +291,9 @@ def lower_methods(
                 t.start()
                 threads.append(t)
         try:
+            own = _Lowerer(net, base, max_batch)
             while (c := take()) is not None:
-                finish(lower_method(net, c, max_batch))
+                finish(own.lower(c))
         except BaseException as e:
             with lock:
                 errors.append(e)
@@ -293,16 +307,17 @@ def lower_methods(
     return [done["+".join(c)] for c in combos]
 
 
-def _worker_main(model_json: str, max_batch: int, scratch: str) -> int:
+def _worker_main(model_json: str, max_batch: int, scratch: str, base: str) -> int:
     from merging.checkpoint import load_model
 
     torch.set_num_threads(1)
     net = load_model(model_json).eval()
+    lowerer = _Lowerer(net, tuple(base.split("+")), max_batch)
     for line in sys.stdin:
         name = line.strip()
         if not name:
             continue
-        m = lower_method(net, tuple(name.split("+")), max_batch)
+        m = lowerer.lower(tuple(name.split("+")))
         fd, path = tempfile.mkstemp(prefix="method-", suffix=".pkl", dir=scratch)
         with os.fdopen(fd, "wb") as f:
             pickle.dump(m, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -313,4 +328,4 @@ def _worker_main(model_json: str, max_batch: int, scratch: str) -> int:
 if __name__ == "__main__":
     from mobile_export import lowering  # pickle by the importable module's class, not __main__'s
 
-    sys.exit(lowering._worker_main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+    sys.exit(lowering._worker_main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]))

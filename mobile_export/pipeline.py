@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mobile_export.capture import example_input
 from mobile_export.config import PROGRAM_EXPORTER, ExportConfig
 from mobile_export.errors import ExportError
 from mobile_export.exporters import Artifact, Check, Exporter, ExportJob, exporter_names, get_exporter
-from mobile_export.lowering import default_workers, example_input
+from mobile_export.lowering import default_workers
 from mobile_export.manifest import (
     EXPECTED_OUTPUTS_FILE,
     REPORT_FILE,
@@ -43,9 +44,11 @@ if TYPE_CHECKING:
     from merging.network import MultitaskNet
 
 LOG_FILE = "export.log"  # in the bundle: what the libraries printed during the export
-# CPU seconds to export, lower and emit one method of the demo's LeNet (measured: 9-11 s,
-# results/export-phases-*.md), for the estimate printed before a long export.
-SECONDS_PER_METHOD = 10.0
+# CPU seconds, for the estimate printed before a long export (digits demo network, 31 methods,
+# results/export-speed.md): each lowering process first imports, exports and converts the base and
+# warms up (~20 s with its first method), then lowers and emits each further method (~1.5 s).
+SECONDS_PER_PROCESS = 20.0
+SECONDS_PER_METHOD = 1.5
 MIN_METHODS_PER_WORKER = 6  # below this many methods per process, a worker's start-up is not worth it
 
 
@@ -123,17 +126,18 @@ def run(state: ExportState) -> ExportResult:
 def plan(state: ExportState) -> None:
     """How many processes lower, and what the user is told before a long export."""
     n = len(state.combos)
-    # A worker process costs ~20 CPU s (imports, warm-up), about two methods: by default one
-    # process per core, but only with at least MIN_METHODS_PER_WORKER methods each.
+    # A worker process costs ~20 CPU s (SECONDS_PER_PROCESS) before its first method: by default
+    # one process per core, but only with at least MIN_METHODS_PER_WORKER methods each.
     auto = max(1, min(default_workers(), n // MIN_METHODS_PER_WORKER))
     state.workers = min(state.cfg.workers or auto, n)
     names = [combination_name(c) for c in state.combos]
     shown = ", ".join(names) if n <= 8 else ", ".join(names[:7]) + f", ... ({n - 7} more)"
     state.log(f"exporting {n} method(s) with {state.workers} process(es): {shown}")
-    estimate = n * SECONDS_PER_METHOD / state.workers
-    if estimate > 20:
-        state.log(f"  lowering takes about {estimate / 60:.1f} min on free cores ({SECONDS_PER_METHOD:.0f} CPU s per "
-                  f"method; longer when the machine is busy); library messages go to {state.out / LOG_FILE}")
+    estimate = SECONDS_PER_PROCESS + n * SECONDS_PER_METHOD / state.workers
+    if estimate > 60:
+        state.log(f"  lowering takes about {estimate / 60:.1f} min on free cores ({SECONDS_PER_PROCESS:.0f} CPU s per "
+                  f"process, then {SECONDS_PER_METHOD:.1f} per method; longer when the machine is busy); "
+                  f"library messages go to {state.out / LOG_FILE}")
     state.report.update({
         "model_path": str(state.model_path.resolve()) if state.model_path else None,
         "methods": names,

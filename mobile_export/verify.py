@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mobile_export.capture import example_input
 from mobile_export.errors import ExportError
-from mobile_export.lowering import example_input
 from mobile_export.manifest import Manifest
 from mobile_export.runtime import BundleRuntime
 

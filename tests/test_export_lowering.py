@@ -1,6 +1,7 @@
 """Issue 13: lowering over several processes gives the program ExecuTorch itself would build,
 library noise stays off the terminal, ``--combinations-from`` picks what an app asks for, and the
-demo-like network exports every combination."""
+demo-like network exports every combination. Issue 20: methods cut out of one converted base
+program still lower to those bytes."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import torch
 
 from merging.checkpoint import save_model
 from merging.tasks import all_combinations
+from mobile_export.capture import export_method
 from mobile_export.demand import most_requested, read_counts, select_combinations
 from mobile_export.errors import ExportError
 from mobile_export.export import ExportConfig, export_bundle
-from mobile_export.lowering import export_method, lower_methods, lower_serial, merge_methods
+from mobile_export.lowering import lower_methods, lower_serial, merge_methods
 from mobile_export.manifest import Manifest
 from mobile_export.runtime import BundleRuntime
-from tests.test_export_fixtures import lenet_net, pruned, scratch
+from tests.test_export_fixtures import lenet_net, pruned, scratch, vgg_net
 
 
 def _run_all(pte: bytes, names: list[str], x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -50,6 +52,16 @@ def test_parallel_lowering_gives_the_serial_program_byte_for_byte() -> None:
             for task, g, w in zip(c, got[n], want[n], strict=True):
                 torch.testing.assert_close(g, w, atol=0, rtol=0)
                 torch.testing.assert_close(g, eager[task], atol=1e-4, rtol=0)
+
+
+def test_methods_cut_from_the_base_keep_their_own_state_byte_for_byte() -> None:
+    """BatchNorm buffers (the unused batch counter too) of the groups a method runs stay, the other
+    groups' go, and the debug handles are renumbered: each method cut out of the (a, b, c) base
+    lowers to the bytes ExecuTorch gives the method exported alone."""
+    net = pruned(vgg_net())  # BatchNorm after every conv; the first layer's {b} group removed
+    combos = [("b",), ("a", "c")]
+    serial = lower_serial({"+".join(c): export_method(net, c, 4) for c in combos})
+    assert merge_methods(lower_methods(net, combos, 4, workers=1)) == serial
 
 
 def test_library_noise_goes_to_the_log_not_the_terminal(capfd: pytest.CaptureFixture[str],

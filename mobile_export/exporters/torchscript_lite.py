@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mobile_export.capture import example_input
 from mobile_export.exporters.base import Artifact, Check, Exporter, ExportJob
 from mobile_export.exporters.registry import register_exporter
-from mobile_export.lowering import example_input
 from pam_common.combinations import combination_name
 
 TOLERANCE = 1e-4  # max abs error between a lite method and eager
