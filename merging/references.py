@@ -131,23 +131,26 @@ def narrowest_from_scratch(
     return None, None
 
 
-def alone(
+def alone_route(
     net: MultitaskNet, splits: Splits, cfg: PruneConfig, reference: Mapping[str, float], train_cfg: TrainConfig,
-    routes: Sequence[str] = ROUTES, schedule: TpSchedule | None = None, grid: Sequence[float] = WIDTH_GRID,
-) -> AloneResult:
-    """``c_alone`` of a single-task network's task: every route in ``routes``, the smallest wins."""
+    route: str, schedule: TpSchedule | None = None, grid: Sequence[float] = WIDTH_GRID,
+) -> MultitaskNet | None:
+    """One ``c_alone`` route on a single-task network: its smallest network within budget, or None.
+    The routes are independent jobs (the benchmark runs them side by side)."""
+    if route == "project":
+        pruned, history = prune(copy.deepcopy(net), splits, cfg, reference=reference)
+        return None if missed_at_start(history) else pruned
+    if route == "torch-pruning":
+        return prune_with_torch_pruning(net, splits, cfg, reference, schedule)
+    if route == "width-grid":
+        return narrowest_from_scratch(net, splits, cfg, reference, train_cfg, grid)[0]
+    raise ValueError(f"unknown route {route!r}; known: {ROUTES}")
+
+
+def choose_alone(net: MultitaskNet, found: Mapping[str, MultitaskNet | None], routes: Sequence[str]) -> AloneResult:
+    """``c_alone`` of ``net``'s task from each route's network (``found``): the smallest wins."""
     (task,) = net.task_names
-    found: dict[str, MultitaskNet | None] = {}
-    for route in routes:
-        if route == "project":
-            pruned, history = prune(copy.deepcopy(net), splits, cfg, reference=reference)
-            found[route] = None if missed_at_start(history) else pruned
-        elif route == "torch-pruning":
-            found[route] = prune_with_torch_pruning(net, splits, cfg, reference, schedule)
-        elif route == "width-grid":
-            found[route] = narrowest_from_scratch(net, splits, cfg, reference, train_cfg, grid)[0]
-        else:
-            raise ValueError(f"unknown route {route!r}; known: {ROUTES}")
+    found = dict(found)
     macs = {r: combination_cost(n).macs if n is not None else None for r, n in found.items()}
     candidates = {r: m for r, m in macs.items() if m is not None}
     if not candidates:  # cannot happen with "project" (the unpruned network is its own reference)

@@ -22,7 +22,7 @@ from merging.network import MultitaskNet
 from merging.parallel import run_jobs
 from merging.pipeline import REGROUP, MergePruneResult, merge_and_prune, never_dearer, split_route
 from merging.pruning import assess, check_set, missed_at_start, reference_accuracy
-from merging.references import alone, specialist
+from merging.references import ROUTES, alone_route, choose_alone, specialist
 from merging.tasks import combination_name
 from merging.train import TrainConfig, correctness, evaluate, train_single_task
 from pam_app.bench.files import write_results
@@ -74,23 +74,35 @@ class _SeedRun:
             self.ref_test.update(evaluate(net, self.splits.test.select_tasks(net.task_names)))
         self.timing = {"zoo": time.perf_counter() - t0}
         t0 = time.perf_counter()
-        best = self.references()
-        self.timing["alone"] = time.perf_counter() - t0
+        # Every c_alone route of every task, every specialist and every merger's route are independent:
+        # one pool, the long jobs first, so that neither core idles at a phase boundary.
+        combos = spec_combinations(self.splits.train.task_names, self.cfg.spec_sizes)
+        routes = [m for m in mergers if m != BASELINE]
+        alone_jobs = [("alone", self, (i, r)) for r in self.cfg.routes for i in range(len(self.nets))]
+        jobs = (
+            [("route", self, name) for name in routes]
+            + [j for j in alone_jobs if j[2][1] == "width-grid"]
+            + [("spec", self, combo) for combo in combos]
+            + [j for j in alone_jobs if j[2][1] != "width-grid"]
+        )
+        done = run_jobs(_seed_job, jobs, self.cfg.workers)
+        self.timing["routes, specialists, c_alone (wall)"] = time.perf_counter() - t0
+        found: dict[int, dict[str, MultitaskNet | None]] = {i: {} for i in range(len(self.nets))}
+        for (kind, _, what), (out, seconds) in zip(jobs, done, strict=True):
+            if kind == "alone":
+                i, route = what
+                found[i][route] = out
+                self.timing[f"alone {self.nets[i].task_names[0]} {route}"] = seconds
+            else:
+                self.timing[f"{kind} {what if isinstance(what, str) else combination_name(what)}"] = seconds
+        best = self.references(found)
         # No merging, as strong as it gets: each task's smallest network within budget (c_alone).
         self.separate = create_merger(BASELINE).merge(best, self.splits.train, seed=self.seed)
         self.separate.meta["routes"] = {n.task_names[0]: n.meta.get("route", "project") for n in best}
-        t0 = time.perf_counter()
-        # The specialists and every merger's route are independent: side by side on the cores.
-        combos = spec_combinations(self.splits.train.task_names, self.cfg.spec_sizes)
-        routes = [m for m in mergers if m != BASELINE]
-        jobs = [("route", self, name) for name in routes] + [("spec", self, combo) for combo in combos]
-        done = run_jobs(_seed_job, jobs, self.cfg.workers)
-        self.timing["spec+routes"] = time.perf_counter() - t0
-        for (kind, _, what), (out, seconds) in zip(jobs, done, strict=True):
-            self.timing[f"{kind} {what if isinstance(what, str) else combination_name(what)}"] = seconds
+        for (kind, _, what), (out, _) in zip(jobs, done, strict=True):
             if kind == "spec":
                 self.record_specialist(what, *out)
-            else:
+            elif kind == "route":
                 self.record_route(str(what), out)
         if BASELINE in mergers:
             self.record(BASELINE, self.separate, merged=self.separate)
@@ -104,14 +116,12 @@ class _SeedRun:
         state["log"] = print  # a worker process logs to its own stdout
         return state
 
-    def references(self) -> list[MultitaskNet]:
-        """c_alone for every task (three routes, the tasks side by side); returns each task's winning network."""
+    def references(self, found: Mapping[int, Mapping[str, MultitaskNet | None]]) -> list[MultitaskNet]:
+        """c_alone for every task from its routes' networks (``found``: net index -> route -> network);
+        returns each task's winning network."""
         best: list[MultitaskNet] = []
-        jobs = [
-            (net, self.splits, self.pcfg, self.ref, self.train_cfg, self.cfg.routes, self.tp, self.cfg.width_grid)
-            for net in self.nets
-        ]
-        for res in run_jobs(alone, jobs, self.cfg.workers):
+        for i, net in enumerate(self.nets):
+            res = choose_alone(net, found[i], self.cfg.routes)
             res.net.meta["route"] = res.best
             best.append(res.net)
             t = res.task
@@ -243,9 +253,16 @@ class _SeedRun:
 
 
 def _seed_job(kind: str, run: _SeedRun, what: Any) -> tuple[Any, float]:
-    """One independent job of a seed (in a worker process): a route or a specialist; (result, seconds)."""
+    """One independent job of a seed (in a worker process): a route, a specialist or one c_alone route
+    of one task; (result, seconds)."""
     t0 = time.perf_counter()
-    out = run.specialist(what) if kind == "spec" else run.merge_and_prune(what)
+    if kind == "spec":
+        out: Any = run.specialist(what)
+    elif kind == "alone":
+        i, route = what
+        out = alone_route(run.nets[i], run.splits, run.pcfg, run.ref, run.train_cfg, route, run.tp, run.cfg.width_grid)
+    else:
+        out = run.merge_and_prune(what)
     return out, time.perf_counter() - t0
 
 
@@ -262,6 +279,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     unknown = [m for m in mergers if split_route(m)[0] not in known]
     if unknown:
         raise MergingError("unknown_merger", f"unknown merger(s) {unknown}; known: {', '.join(known)}")
+    if set(cfg.routes) - set(ROUTES):
+        raise MergingError("unknown_route", f"unknown c_alone route(s) {sorted(set(cfg.routes) - set(ROUTES))}; "
+                           f"known: {', '.join(ROUTES)}")
     for need in (BASELINE, REFERENCE):
         if need not in mergers:
             mergers.insert(0, need)  # the ratios and the limit need both
