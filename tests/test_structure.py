@@ -118,7 +118,8 @@ def _facts_in_child() -> dict[str, Any]:
     # In a fresh interpreter: after other tests change the recursion limit (hypothesis does), CPython
     # 3.11's ast.parse can fail with "AST constructor recursion depth mismatch".
     code = "import json, tests.test_structure as t; print(json.dumps(t._facts()))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)  # generous: a loaded machine
+    # A generous timeout: on a loaded machine the child can wait minutes for a core.
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
