@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from merging.pruning import PruneConfig
 from merging.tasks import combination_name
 from pam_app.bench.rows import (
     _median,
@@ -70,6 +71,12 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
     return "\n".join(lines) + "\n"
 
 
+def _schedule(pc: PruneConfig) -> str:
+    """A pruner's schedule in words."""
+    return (f"criterion {pc.criterion}, price {pc.price}, step {pc.step} (min {pc.min_step}, at most "
+            f"{pc.max_steps} steps), fine-tune {pc.finetune_epochs}+{pc.retry_epochs} epochs, final {pc.final_epochs}")
+
+
 def _intro(v: _View, elapsed: float) -> list[str]:
     """The title, what ran and how it was judged."""
     cfg = v.cfg
@@ -83,14 +90,14 @@ def _intro(v: _View, elapsed: float) -> list[str]:
         f"# Benchmark: {cfg.dataset}",
         "",
         f"Mergers {', '.join(mergers)}; seeds {seeds}; zoo {cfg.arch}{width} trained {zoo} epochs per seed; "
-        f"same pruner for every merger, reference and specialist (budget {pc.budget} point(s) per task, one-sided "
-        f"{pc.confidence:.0%} paired test on val, plus {pc.check_shifts} shifted copies while val has fewer than "
-        f"{pc.shift_below:,} images; criterion {pc.criterion}, price {pc.price}, step {pc.step} (min {pc.min_step}), "
-        f"fine-tune {pc.finetune_epochs}+{pc.retry_epochs} epochs, final {pc.final_epochs}, an epoch at most "
-        f"{REFERENCE_TRAIN_SIZE:,} samples). Wall time {elapsed / 60:.1f} min.",
+        f"budget {pc.budget} point(s) per task, one-sided {pc.confidence:.0%} paired test on val, plus "
+        f"{pc.check_shifts} shifted copies while val has fewer than {pc.shift_below:,} images; every route pruned "
+        f"by {_schedule(pc)}; the yardstick (c_alone's project route, every specialist) by {_schedule(cfg.yardstick)}"
+        f"{' (the same)' if cfg.yardstick == pc else ''}; an epoch at most {REFERENCE_TRAIN_SIZE:,} samples. "
+        f"Wall time {elapsed / 60:.1f} min.",
         "",
         "Medians over seeds of per-seed values, [min-max] in brackets. MACs per combination after pruning. "
-        "*spec* = c_spec(C): a hard-shared trunk trained for exactly C and pruned by the same pruner "
+        "*spec* = c_spec(C): a hard-shared trunk trained for exactly C and pruned by the yardstick's pruner "
         "(for a single task, c_alone(t): the best of the project's pruner, Torch-Pruning's iterative pruning "
         "and the narrowest width trained from scratch). *separate* = each task's c_alone network (no merging, "
         "as strong as it gets). *limit* = max over t in C of c_alone(t).",
