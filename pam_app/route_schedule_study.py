@@ -1,0 +1,139 @@
+"""Does the routes' faster pruning schedule cost them MACs? Two ``pam bench`` runs of the same seeds compared.
+
+``python -m pam_app.route_schedule_study --fast results/bench-digits.json --slow DIR/bench-digits.json``
+(issue 20: "under the same budget rule every route ends within 5% of the MACs the slower schedule reaches
+on digits seeds 0-2"). The slow run is ``pam bench --library-pruner``: the same zoo, yardstick and check
+sets (a seed's jobs are deterministic), only the routes' schedule differs. For every route, seed and
+combination: the MACs of the route's own pruned network (before the never-dearer rule, which would hide
+a weaker pruner behind ``separate``) in both runs, and the route job's seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+from merging.checkpoint import atomic_write_bytes, atomic_write_json
+from merging.errors import MergingError
+from merging.report import format_table
+from pam_app.bench.files import load_rows
+from pam_app.schedule_study import sign_test
+
+TOLERANCE = 1.05  # the issue's "within 5%"
+
+
+def pairs(fast: list[dict[str, Any]], slow: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (route, seed, combination) present in both runs: own MACs fast and slow."""
+
+    def own(rows: list[dict[str, Any]]) -> dict[tuple[str, int, str], int]:
+        return {
+            (r["merger"], r["seed"], c): m
+            for r in rows
+            if "own_macs" in r and r["seed"] != "median"
+            for c, m in r["own_macs"].items()
+            if c == r["combination"]
+        }
+
+    a, b = own(fast), own(slow)
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        raise MergingError(
+            "bad_argument",
+            "the two runs share no (route, seed, combination) with the route's own "
+            "MACs; run both with the same --seed-list and mergers",
+        )
+    return [
+        {"route": k[0], "seed": k[1], "combination": k[2], "fast": a[k], "slow": b[k], "ratio": a[k] / max(1, b[k])}
+        for k in keys
+    ]
+
+
+def _seconds(rows: list[dict[str, Any]], route: str, seeds: set[int]) -> float:
+    """The route's job seconds summed over ``seeds`` (each seed's rows carry the same timing)."""
+    per_seed = {
+        r["seed"]: r["seconds_seed"].get(f"route {route}", 0.0)
+        for r in rows
+        if r.get("seconds_seed") and r["seed"] in seeds
+    }
+    return sum(per_seed.values())
+
+
+def summary(recs: list[dict[str, Any]], fast: list[dict[str, Any]], slow: list[dict[str, Any]]) -> list[list[Any]]:
+    out = []
+    seeds = {r["seed"] for r in recs}
+    for route in sorted({r["route"] for r in recs}):
+        ratios = [r["ratio"] for r in recs if r["route"] == route]
+        full = [
+            r["ratio"]
+            for r in recs
+            if r["route"] == route and r["combination"].count("+") == max(x["combination"].count("+") for x in recs)
+        ]
+        dearer, differ = sum(x > 1 for x in ratios), sum(x != 1 for x in ratios)
+        out.append(
+            [
+                route,
+                len(ratios),
+                f"{statistics.median(ratios):.2f}",
+                f"{min(ratios):.2f}-{max(ratios):.2f}",
+                f"{sum(x <= TOLERANCE for x in ratios)} of {len(ratios)}",
+                f"{dearer} of {differ} (p {sign_test(dearer, differ):.3f})" if differ else "-",
+                " / ".join(f"{x:.2f}" for x in full),
+                f"{_seconds(fast, route, seeds) / 60:.1f} / {_seconds(slow, route, seeds) / 60:.1f}",
+            ]
+        )
+    return out
+
+
+def markdown(recs: list[dict[str, Any]], table: list[list[Any]], fast: Path, slow: Path) -> str:
+    head = [
+        "route",
+        "combinations x seeds",
+        "fast/slow MACs (median)",
+        "range",
+        f"within {TOLERANCE:.2f}x",
+        "fast dearer (sign test)",
+        "all tasks, per seed",
+        "route job min fast / slow",
+    ]
+    return "\n".join(
+        [
+            "# The routes' pruning schedule against the library's (`python -m pam_app.route_schedule_study`)",
+            "",
+            f"Fast: `{fast}` (the benchmark's schedule). Slow: `{slow}` (`--library-pruner`). Same seeds, zoo, "
+            "yardstick and budget rule; MACs of each route's own pruned network (before the never-dearer rule). "
+            f"Target (issue 20): every route within {TOLERANCE:.2f}x of the slow schedule's MACs.",
+            "",
+            format_table(head, table),
+            "",
+            "*fast dearer*: combinations where the fast schedule ends with more MACs, of those where the two differ, "
+            "and the exact two-sided sign test (a schedule as strong as the slow one is dearer about half the time; "
+            "combinations of one seed share a network, so they are not independent: read the per-seed all-task "
+            "column too). *route job min*: the route's job wall minutes summed over seeds.",
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pam_app.route_schedule_study", description=__doc__.split("\n")[0])
+    p.add_argument("--fast", required=True, help="bench-<dataset>.json run with the benchmark's schedule")
+    p.add_argument("--slow", required=True, help="bench-<dataset>.json of the same seeds run with --library-pruner")
+    p.add_argument("--out", default="results", help="directory for schedule-routes.{json,md}")
+    a = p.parse_args(argv)
+    fast_path, slow_path = Path(a.fast), Path(a.slow)
+    fast, slow = load_rows(fast_path), load_rows(slow_path)
+    recs = pairs(fast, slow)
+    table = summary(recs, fast, slow)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "schedule-routes.json", recs)
+    text = markdown(recs, table, fast_path, slow_path)
+    atomic_write_bytes(out / "schedule-routes.md", text.encode())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
