@@ -24,7 +24,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
     pc = PruneConfig(step=0.3, max_steps=1, finetune_epochs=1, retry_epochs=0, recover_epochs=1, recover_rounds=1,
                      final_epochs=0, taylor_batches=1, check_shifts=1, progress=False, confidence=0.5)
     cfg = BenchConfig(dataset="digits", tasks=("parity", "loop"), mergers=("pam", "separate"), seeds=(0,),
-                      zoo_epochs=3, prune=pc, yardstick=pc, out_dir=out, progress=False, width_grid=(0.5, 1.0),
+                      zoo_epochs=3, prune=pc, alone_prune=pc, out_dir=out, progress=False, width_grid=(0.5, 1.0),
                       tp_schedule=TpSchedule(iterative_steps=2, finetune_epochs=1, retry_epochs=0),
                       save_models=out / "models")
     rows = run_bench(cfg, log=lambda _: None)

@@ -88,7 +88,7 @@ def combine(json_paths: Sequence[Path], out_dir: Path) -> list[dict[str, Any]]:
             raise MergingError("bad_argument", f"{p} and its {meta.name} (written beside it by pam bench) are needed")
         metas.append(json.loads(meta.read_text()))
     first = metas[0]["config"]
-    same = ("dataset", "arch", "width_mult", "zoo_epochs", "prune", "yardstick", "routes", "spec_sizes", "width_grid",
+    same = ("dataset", "arch", "width_mult", "zoo_epochs", "prune", "alone_prune", "routes", "spec_sizes", "width_grid",
             "tp_schedule")
     for m in metas[1:]:
         diff = [k for k in same if m["config"].get(k) != first.get(k)]
@@ -126,8 +126,8 @@ def _config_from_json(c: Mapping[str, Any], out_dir: Path, seeds: Sequence[int])
         width_mult=c.get("width_mult", 1.0),
         tasks=tuple(c.get("tasks", ())),
         prune=_prune_config(c["prune"]),
-        # runs recorded before the yardstick had its own schedule pruned it with the routes' pruner
-        yardstick=_prune_config(c.get("yardstick", c["prune"])),
+        # runs recorded before c_alone had its own schedule pruned it with the routes' pruner
+        alone_prune=_prune_config(c.get("alone_prune", c["prune"])),
         routes=tuple(c.get("routes", ROUTES)),
         spec_sizes=tuple(c.get("spec_sizes", (2, -1))),
         out_dir=out_dir,

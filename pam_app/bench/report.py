@@ -92,12 +92,12 @@ def _intro(v: _View, elapsed: float) -> list[str]:
         f"Mergers {', '.join(mergers)}; seeds {seeds}; zoo {cfg.arch}{width} trained {zoo} epochs per seed; "
         f"budget {pc.budget} point(s) per task, one-sided {pc.confidence:.0%} paired test on val, plus "
         f"{pc.check_shifts} shifted copies while val has fewer than {pc.shift_below:,} images; every route pruned "
-        f"by {_schedule(pc)}; the yardstick (c_alone's project route, every specialist) by {_schedule(cfg.yardstick)}"
-        f"{' (the same)' if cfg.yardstick == pc else ''}; an epoch at most {REFERENCE_TRAIN_SIZE:,} samples. "
+        f"and every specialist by {_schedule(pc)}; c_alone's project route by {_schedule(cfg.alone_prune)}"
+        f"{' (the same)' if cfg.alone_prune == pc else ''}; an epoch at most {REFERENCE_TRAIN_SIZE:,} samples. "
         f"Wall time {elapsed / 60:.1f} min.",
         "",
         "Medians over seeds of per-seed values, [min-max] in brackets. MACs per combination after pruning. "
-        "*spec* = c_spec(C): a hard-shared trunk trained for exactly C and pruned by the yardstick's pruner "
+        "*spec* = c_spec(C): a hard-shared trunk trained for exactly C and pruned by the routes' pruner "
         "(for a single task, c_alone(t): the best of the project's pruner, Torch-Pruning's iterative pruning "
         "and the narrowest width trained from scratch). *separate* = each task's c_alone network (no merging, "
         "as strong as it gets). *limit* = max over t in C of c_alone(t).",

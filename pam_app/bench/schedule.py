@@ -24,7 +24,7 @@ ALONE = "alone"  # rows of the three c_alone routes per task
 # The routes' pruner: the library's schedule made coarser (15% steps down to 4%, 3+3 epochs, 6 final) so
 # that 4 data sets x 3 seeds x 6 routes fit on 2 cores; the budget test is the library's (1 point,
 # one-sided 90%). It is weaker than the library's (results/schedule-check.md: 1.42x the MACs in the
-# median on single networks), so the yardstick below does not use it.
+# median on single networks), so c_alone below does not use it.
 BENCH_PRUNE = PruneConfig(
     step=0.15,
     min_step=0.04,
@@ -36,11 +36,12 @@ BENCH_PRUNE = PruneConfig(
     progress=False,
 )
 BENCH_TP = TpSchedule(iterative_steps=16, pruning_ratio=0.95, finetune_epochs=3, retry_epochs=3)
-# The yardstick's pruner (c_alone's project route, every specialist) and Torch-Pruning's schedule for
-# c_alone's route (b): the library's own, finer schedules. Baselines get the strongest schedule we have;
-# the routes the faster one, so every route/baseline ratio errs against the routes.
-YARDSTICK_PRUNE = PruneConfig(progress=False)
-YARDSTICK_TP = TpSchedule()
+# c_alone(t), which `separate` ships, by its project route and Torch-Pruning's route (b): the library's own,
+# finer schedules, so the no-merging baseline is as strong as we can make it and every route/separate
+# ratio errs against the routes. The specialists c_spec(C) keep the routes' pruner (the same pruner for
+# the route and the network made for exactly C: the ratio compares structures, not schedules).
+ALONE_PRUNE = PruneConfig(progress=False)
+ALONE_TP = TpSchedule()
 
 
 def schedule_for(cfg: PruneConfig, splits: Splits, seed: int) -> PruneConfig:
@@ -61,10 +62,10 @@ class BenchConfig:
     zoo_epochs: int = 40  # training epochs of each single-task network (and of the shared trunk)
     split_seed: int = 0  # train/val/test split of the data set
     prune: PruneConfig = field(default_factory=lambda: BENCH_PRUNE)  # the routes' pruner
-    yardstick: PruneConfig = field(default_factory=lambda: YARDSTICK_PRUNE)  # c_alone's project route, specialists
+    alone_prune: PruneConfig = field(default_factory=lambda: ALONE_PRUNE)  # c_alone's project route
     merger_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-merger keyword options
     routes: tuple[str, ...] = ROUTES  # c_alone routes: project | torch-pruning | width-grid
-    tp_schedule: TpSchedule = field(default_factory=lambda: YARDSTICK_TP)  # c_alone route (b)'s schedule
+    tp_schedule: TpSchedule = field(default_factory=lambda: ALONE_TP)  # c_alone route (b)'s schedule
     width_grid: tuple[float, ...] = WIDTH_GRID  # route (c)'s width multipliers
     spec_sizes: tuple[int, ...] = (2, -1)  # combination sizes with a specialist network (-1: all tasks)
     out_dir: Path = Path("results")  # where bench-<dataset>.{json,md,png} go
@@ -105,7 +106,7 @@ def quick_config(dataset: str, **overrides: Any) -> BenchConfig:
             seeds=(0, 1),
             zoo_epochs=15,
             prune=pc,
-            yardstick=pc,
+            alone_prune=pc,
             merger_options={"mtz": mtz},
             tp_schedule=tp_quick,
             width_grid=(0.25, 0.5, 1.0),

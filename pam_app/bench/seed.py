@@ -56,7 +56,7 @@ class _SeedRun:
         scale = min(1.0, REFERENCE_TRAIN_SIZE / len(splits.train))
         self.epochs = ZOO_EPOCHS.get(splits.name, max(1, round(cfg.zoo_epochs * scale)))
         self.pcfg = schedule_for(cfg.prune, splits, seed)
-        self.ycfg = schedule_for(cfg.yardstick, splits, seed)  # c_alone's project route and the specialists
+        self.acfg = schedule_for(cfg.alone_prune, splits, seed)  # c_alone's project route
         self.tp = cfg.tp_schedule
         self.train_cfg = TrainConfig(epochs=self.epochs, seed=seed, progress=False)
         self.rows: list[dict[str, Any]] = []
@@ -153,7 +153,7 @@ class _SeedRun:
             [by_task[t] for t in combo],
             self.splits.train,
             self.splits,
-            self.ycfg,
+            self.pcfg,
             self.ref,
             self.train_cfg,
             seed=self.seed,
@@ -261,7 +261,7 @@ def _seed_job(kind: str, run: _SeedRun, what: Any) -> tuple[Any, float]:
         out: Any = run.specialist(what)
     elif kind == "alone":
         i, route = what
-        out = alone_route(run.nets[i], run.splits, run.ycfg, run.ref, run.train_cfg, route, run.tp, run.cfg.width_grid)
+        out = alone_route(run.nets[i], run.splits, run.acfg, run.ref, run.train_cfg, route, run.tp, run.cfg.width_grid)
     else:
         out = run.merge_and_prune(what)
     return out, time.perf_counter() - t0
