@@ -31,6 +31,7 @@ def _run_all(pte: bytes, names: list[str], x: torch.Tensor) -> dict[str, list[to
     return {n: [o.clone() for o in prog.load_method(n).execute([x])] for n in names}
 
 
+@pytest.mark.slow  # lowers the bundle twice (~1 min); opt-in feature
 def test_parallel_lowering_gives_the_serial_program_byte_for_byte() -> None:
     net = pruned(lenet_net(seed=5))  # a removed group, so methods differ in structure
     combos = [("b", "c"), ("a",)]  # not in sorted order: the merge must sort plans as ExecuTorch does
@@ -54,6 +55,7 @@ def test_parallel_lowering_gives_the_serial_program_byte_for_byte() -> None:
                 torch.testing.assert_close(g, eager[task], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # lowers every method twice (~50 s); the default suite checks every sliced method against eager
 def test_methods_cut_from_the_base_keep_their_own_state_byte_for_byte() -> None:
     """BatchNorm buffers (the unused batch counter too) of the groups a method runs stay, the other
     groups' go, and the debug handles are renumbered: each method cut out of the (a, b, c) base

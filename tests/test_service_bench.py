@@ -45,6 +45,7 @@ def test_bench_serve_measures_bare_service_and_batching_side_by_side(tmp_path: P
     assert "service+batching" in cfg.out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow  # a benchmark helper (~30 s): the bare ASGI app of pam bench-serve
 def test_the_bare_server_answers_like_the_service(tmp_path: Path) -> None:
     """The bare app is a fair anchor only if it does the same work: same decode, same method, same numbers."""
     import subprocess

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from merging.checkpoint import load_model
@@ -16,6 +17,7 @@ from merging.zoo import load_zoo
 from pam_app.cli import main
 
 
+@pytest.mark.slow  # trains the default zoo (~1 min): a quality check
 def test_every_task_reaches_97_percent(digits_zoo, digits_splits) -> None:
     zoo, _ = digits_zoo  # training time is a benchmark's business (a shared machine makes it noise here)
     index = json.loads((zoo / "zoo.json").read_text())
@@ -40,8 +42,13 @@ def test_training_is_deterministic_for_a_seed(digits_splits) -> None:
         assert torch.equal(va, vb), k
 
 
-def test_pam_info_prints_every_combination(digits_zoo, capsys) -> None:
-    zoo, _ = digits_zoo
+def test_pam_info_prints_every_combination(digits_splits, tmp_path: Path, capsys) -> None:
+    from merging.arch import create_arch
+    from merging.train import TrainConfig
+    from merging.zoo import train_zoo
+
+    zoo = tmp_path / "zoo"  # one epoch: the table's figures, not accuracy, are under test
+    train_zoo(digits_splits, create_arch("lenet"), TrainConfig(epochs=1, progress=False), zoo, verbose=False)
     assert main(["info", str(zoo / "digit.json")]) == 0
     out = capsys.readouterr().out
     macs = combination_cost(load_model(zoo / "digit.json")).macs
