@@ -42,14 +42,19 @@ def route_jobs(
     route: str, nets: list[MultitaskNet], splits: Splits, cfg: PruneConfig, ref: Any, epochs: int, seed: int,
     with_specialist: bool = False,
 ) -> list[tuple[Any, ...]]:
-    """The route first (the longest job), the all-task specialist if asked, then each task alone."""
+    """The route first (the longest job), the all-task specialist if asked, then each task alone: the
+    route and the specialist with ``cfg``, each task alone with the library's finer schedule (what
+    ``separate`` ships should be as small as we can make it; ``results/schedule-check.md``)."""
+    from pam_app.bench.schedule import ALONE_PRUNE, with_schedule
+
     base, removes = split_route(route)
     single = replace(cfg, removes="channels", progress=False)
+    alone = with_schedule(single, ALONE_PRUNE)
     jobs: list[tuple[Any, ...]] = [("route", base, nets, splits, replace(cfg, removes=removes, progress=False), ref,
                                     epochs, seed)]
     if with_specialist:
         jobs.append(("spec", nets, splits, single, ref, epochs, seed))
-    jobs += [("alone", copy.deepcopy(net), splits, single, ref) for net in nets]
+    jobs += [("alone", copy.deepcopy(net), splits, alone, ref) for net in nets]
     return jobs
 
 

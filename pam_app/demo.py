@@ -123,8 +123,8 @@ def _yardstick_and_route(
 ) -> tuple[MultitaskNet, MultitaskNet, int | None]:
     """Each task pruned alone, the all-task specialist and the route, side by side; saves what ships.
     Returns (shipped network, separately pruned networks, the all-task specialist's MACs or None)."""
-    print(f"\n== 2/5 the yardstick (each task's network pruned alone; the all-task specialist: one trunk "
-          f"trained for all tasks, pruned the same way) and 3/5 route {route} "
+    print(f"\n== 2/5 the yardstick (each task's network pruned alone, with the library's finer schedule; the "
+          f"all-task specialist: one trunk trained for all tasks, pruned like the route) and 3/5 route {route} "
           f"({DEMO_ROUTE_WHY if route == DEMO_ROUTE else 'chosen with --route'}), side by side", flush=True)
     t0 = time.perf_counter()
     from merging.parallel import run_jobs

@@ -56,3 +56,25 @@ def test_the_ladders_own_separate_rung_is_compared_too() -> None:
     result.attempts[-1]["merger"] = "separate"  # the ladder fell back to keeping the unpruned networks apart
     shipped = never_dearer(result, narrow)
     assert cost_table(shipped.pruned) == cost_table(narrow)
+
+
+def test_compress_prunes_each_task_alone_with_the_finer_schedule_and_the_routes_budget() -> None:
+    from dataclasses import replace
+
+    from merging.pruning import PruneConfig
+    from pam_app.bench.schedule import ALONE_PRUNE, BENCH_PRUNE
+    from pam_app.compress import route_jobs
+    from tests.conftest import random_net
+
+    cfg = replace(BENCH_PRUNE, budget=2.5, seed=7, epoch_samples=500)
+    nets = [random_net("lenet", 1, seed=s) for s in (1, 2)]
+    jobs = route_jobs("pam+regroup", nets, None, cfg, {}, 3, 7, with_specialist=True)  # type: ignore[arg-type]
+    route, spec, *alone = jobs
+    assert route[4].step == BENCH_PRUNE.step and route[4].removes == "pairs"
+    assert spec[3].step == BENCH_PRUNE.step and spec[3].removes == "channels"
+    for job in alone:
+        c: PruneConfig = job[3]
+        assert (c.step, c.max_steps, c.finetune_epochs, c.final_epochs) == (
+            ALONE_PRUNE.step, ALONE_PRUNE.max_steps, ALONE_PRUNE.finetune_epochs, ALONE_PRUNE.final_epochs)
+        assert (c.budget, c.seed, c.epoch_samples, c.removes) == (2.5, 7, 500, "channels")
+    assert ALONE_PRUNE.step < BENCH_PRUNE.step  # finer, or the test proves nothing

@@ -42,6 +42,13 @@ BENCH_TP = TpSchedule(iterative_steps=16, pruning_ratio=0.95, finetune_epochs=3,
 # the route and the network made for exactly C: the ratio compares structures, not schedules).
 ALONE_PRUNE = PruneConfig(progress=False)
 ALONE_TP = TpSchedule()
+SCHEDULE_FIELDS = ("step", "min_step", "max_steps", "schedule", "finetune_epochs", "retry_epochs", "final_epochs",
+                   "taylor_batches")
+
+
+def with_schedule(cfg: PruneConfig, of: PruneConfig) -> PruneConfig:
+    """``cfg`` (its budget rule, seed, data scaling) stepping and fine-tuning as ``of`` does."""
+    return replace(cfg, **{f: getattr(of, f) for f in SCHEDULE_FIELDS})
 
 
 def schedule_for(cfg: PruneConfig, splits: Splits, seed: int) -> PruneConfig:
