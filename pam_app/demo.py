@@ -49,8 +49,8 @@ def _sample_png(path: Path, splits: Splits) -> None:
 
 # The route the demo merges and prunes with, and why (from `pam bench`; see docs/pam.md).
 DEMO_ROUTE = "pam"
-DEMO_ROUTE_WHY = ("closest to the specialist limit on its worst combination on composite in `pam bench` "
-                  "(results/bench-composite.md); on digits every route ships the separately pruned networks")
+DEMO_ROUTE_WHY = ("the only route that ships in every composite seed when every network gets the library's "
+                  "schedule (results/bench-composite-library-pruner.md); on digits and glyphs none ships")
 DEMO_EPOCHS = {"glyphs": 15, "digits": 60}  # zoo epochs per data set (glyphs: 8,000 training images)
 
 
