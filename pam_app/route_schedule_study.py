@@ -63,12 +63,13 @@ def _seconds(rows: list[dict[str, Any]], route: str, seeds: set[int]) -> float:
 def summary(recs: list[dict[str, Any]], fast: list[dict[str, Any]], slow: list[dict[str, Any]]) -> list[list[Any]]:
     out = []
     seeds = {r["seed"] for r in recs}
+    most = max(r["combination"].count("+") for r in recs)  # the all-task combination
     for route in sorted({r["route"] for r in recs}):
         ratios = [r["ratio"] for r in recs if r["route"] == route]
         full = [
             r["ratio"]
             for r in recs
-            if r["route"] == route and r["combination"].count("+") == max(x["combination"].count("+") for x in recs)
+            if r["route"] == route and r["combination"].count("+") == most
         ]
         dearer, differ = sum(x > 1 for x in ratios), sum(x != 1 for x in ratios)
         out.append(

@@ -69,7 +69,7 @@ class BenchConfig:
     zoo_epochs: int = 40  # training epochs of each single-task network (and of the shared trunk)
     split_seed: int = 0  # train/val/test split of the data set
     prune: PruneConfig = field(default_factory=lambda: BENCH_PRUNE)  # the routes' pruner
-    alone_prune: PruneConfig = field(default_factory=lambda: ALONE_PRUNE)  # c_alone's project route
+    alone_prune: PruneConfig = field(default_factory=lambda: ALONE_PRUNE)  # c_alone's project route (its schedule)
     merger_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-merger keyword options
     routes: tuple[str, ...] = ROUTES  # c_alone routes: project | torch-pruning | width-grid
     tp_schedule: TpSchedule = field(default_factory=lambda: ALONE_TP)  # c_alone route (b)'s schedule

@@ -38,6 +38,7 @@ from pam_app.bench.schedule import (
     _merger_options,
     schedule_for,
     spec_combinations,
+    with_schedule,
 )
 
 
@@ -56,7 +57,8 @@ class _SeedRun:
         scale = min(1.0, REFERENCE_TRAIN_SIZE / len(splits.train))
         self.epochs = ZOO_EPOCHS.get(splits.name, max(1, round(cfg.zoo_epochs * scale)))
         self.pcfg = schedule_for(cfg.prune, splits, seed)
-        self.acfg = schedule_for(cfg.alone_prune, splits, seed)  # c_alone's project route
+        # c_alone's project route: the routes' budget rule and data scaling, stepping as alone_prune does
+        self.acfg = with_schedule(self.pcfg, cfg.alone_prune)
         self.tp = cfg.tp_schedule
         self.train_cfg = TrainConfig(epochs=self.epochs, seed=seed, progress=False)
         self.rows: list[dict[str, Any]] = []
