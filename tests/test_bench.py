@@ -137,3 +137,29 @@ def test_a_recorded_config_from_before_removes_still_reads() -> None:
     recorded = json.loads(Path("results/bench-digits.config.json").read_text())["config"]["prune"]
     assert _prune_config(recorded).removes == "channels"
     assert _prune_config({**recorded, "regroup": True}).removes == "pairs"
+
+
+def test_a_run_cut_after_a_seed_keeps_that_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each finished seed is written as a run of the seeds so far, so a run killed later loses only the seed
+    under way; the files read as that shorter run (its config names only the finished seeds)."""
+    import pam_app.bench.seed as seed_mod
+
+    real = seed_mod.run_seed
+
+    def first_only(cfg, splits, seed, mergers, log):  # type: ignore[no-untyped-def]
+        if seed == 1:
+            raise KeyboardInterrupt  # the run is cut while seed 1 is under way
+        return real(cfg, splits, seed, mergers, log)
+
+    monkeypatch.setattr(seed_mod, "run_seed", first_only)
+    pc = PruneConfig(step=0.3, max_steps=1, finetune_epochs=1, retry_epochs=0, recover_epochs=1, recover_rounds=1,
+                     final_epochs=0, taylor_batches=1, check_shifts=1, progress=False, confidence=0.5)
+    cfg = BenchConfig(dataset="digits", tasks=("parity", "loop"), mergers=("separate",), seeds=(0, 1),
+                      zoo_epochs=2, prune=pc, alone_prune=pc, out_dir=tmp_path, progress=False, width_grid=(1.0,),
+                      routes=("project",), spec_sizes=(1,))
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(cfg, log=lambda _: None)
+    rows = json.loads((tmp_path / "bench-digits.json").read_text())
+    assert {r["seed"] for r in rows if r.get("seed") != "median"} == {0}
+    assert json.loads((tmp_path / "bench-digits.config.json").read_text())["config"]["seeds"] == [0]
+    assert "seeds [0]" in (tmp_path / "bench-digits.md").read_text()

@@ -119,7 +119,10 @@ def retrain(z: ZippedNet, data: MultitaskData, tasks: int, cfg: MtzConfig, seed:
     loss_fn = _JointLoss(z, tasks)
     model = distributed.wrap(loss_fn, device) if world > 1 else loss_fn
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(z.parameters(), lr=cfg.retrain_lr)
+    # One fused kernel for every parameter (the per-tensor loop was 1/6 of MTZ's time); same update rule.
+    opt = torch.optim.Adam(z.parameters(), lr=cfg.retrain_lr, fused=device.type in ("cpu", "cuda") or None)
+    # Channels-last batches: the CPU's convolutions and max-pools on these tiny maps run ~1.3x faster.
+    layout = torch.channels_last if device.type == "cpu" and data.x.dim() == 4 else torch.contiguous_format
     scaler = precision.scaler(device)
     # Annealed to zero: a constant rate leaves the networks off the minimum their long training
     # reached, which alone can cost a point and fail the budget for reasons unrelated to zipping.
@@ -128,7 +131,7 @@ def retrain(z: ZippedNet, data: MultitaskData, tasks: int, cfg: MtzConfig, seed:
     done = 0
     while done < cfg.retrain_steps:
         for xb, yb in data.batches(cfg.batch_size, shuffle=True, generator=gen, rank=rank, world=world):
-            xb = random_shift(xb, cfg.shift, gen)
+            xb = random_shift(xb, cfg.shift, gen).contiguous(memory_format=layout)
             if device.type != "cpu":
                 xb, yb = xb.to(device), {k: v.to(device) for k, v in yb.items()}
             with precision.autocast(device):
