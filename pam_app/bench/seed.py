@@ -306,23 +306,19 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     from merging import distributed
 
     done: list[int] = []
+    out: list[dict[str, Any]] = []
     for seed in tqdm(cfg.seeds, desc=f"bench {cfg.dataset}", disable=None if cfg.progress else True):
         rows.extend(run_seed(cfg, splits, seed, mergers, log))
         done.append(seed)
-        if len(done) < len(cfg.seeds) and distributed.is_main():
-            # The seeds so far, written as a run of those seeds: a run cut short keeps every finished seed
-            # (the last seed's write replaces these files; --combine can join them with a later --seed-list).
-            part = [dict(r) for r in rows]
-            add_ratios(part)
-            write_results(replace(cfg, seeds=tuple(done)), part + median_rows(part), mergers,
-                          time.perf_counter() - start)
-            log(f"bench {cfg.dataset}: seeds {done} written to {cfg.out_dir}/{cfg.stem}.* "
-                f"({(time.perf_counter() - start) / 60:.1f} min so far)")
-    add_ratios(rows)
-    rows.extend(median_rows(rows))
-    elapsed = time.perf_counter() - start
-    if distributed.is_main():  # under torchrun every rank computed the same rows; one writes them
-        write_results(cfg, rows, mergers, elapsed)
-        log(f"bench {cfg.dataset} done in {elapsed / 60:.1f} min -> {cfg.out_dir}/{cfg.stem}.{{json,md,png}}")
+        # Written after every seed, as a run of the seeds so far: a run cut short keeps every finished seed
+        # (--combine can join them with a later --seed-list); the last seed's write is the whole run.
+        out = [dict(r) for r in rows]
+        add_ratios(out)
+        out.extend(median_rows(out))
+        elapsed = time.perf_counter() - start
+        if distributed.is_main():  # under torchrun every rank computed the same rows; one writes them
+            write_results(replace(cfg, seeds=tuple(done)), out, mergers, elapsed)
+            what = "done" if len(done) == len(cfg.seeds) else f"seeds {done} written"
+            log(f"bench {cfg.dataset} {what} in {elapsed / 60:.1f} min -> {cfg.out_dir}/{cfg.stem}.{{json,md,png}}")
     distributed.barrier()
-    return rows
+    return out
