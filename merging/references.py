@@ -32,7 +32,8 @@ from merging.pruning.importance import accumulate_gradients
 from merging.pruning.rule import BudgetRule
 from merging.train import TrainConfig, fit, seed_everything
 
-ROUTES = ("project", "torch-pruning", "width-grid")
+GRID = "width-grid"
+ROUTES = ("project", "torch-pruning", GRID)
 WIDTH_GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)  # multipliers of the zoo's widths
 
 
@@ -114,9 +115,12 @@ def prune_with_torch_pruning(
 def narrowest_from_scratch(
     net: MultitaskNet, splits: Splits, cfg: PruneConfig, reference: Mapping[str, float], train_cfg: TrainConfig,
     grid: Sequence[float] = WIDTH_GRID, judge: Callable[[MultitaskNet], bool] | None = None,
+    max_macs: int | None = None,
 ) -> tuple[MultitaskNet | None, float | None]:
     """Route (c): the narrowest multiplier of ``grid`` (ascending) whose network, trained from scratch
-    with ``train_cfg``, meets the budget (or ``judge``); (None, None) if none does."""
+    with ``train_cfg``, meets the budget (or ``judge``); (None, None) if none does. With ``max_macs``
+    (what the other routes already reached) the search stops before the first width that costs more:
+    it could not be the smallest network any more, and training it from scratch is the route's cost."""
     tasks = net.task_names
     ok = judge or _rule(splits, reference, cfg, tasks).judge()
     base = [s.width for s in net.arch.layers]
@@ -125,6 +129,8 @@ def narrowest_from_scratch(
         seed_everything(train_cfg.seed)
         cand = MultitaskNet(net.tasks, arch, [{(1 << len(tasks)) - 1: s.width} for s in arch.layers],
                             meta={"route": "width-grid", "width_mult": mult})
+        if max_macs is not None and combination_cost(cand).macs > max_macs:
+            return None, None
         fit(cand, splits.train.select_tasks(tasks), replace(train_cfg, progress=False))
         if ok(cand):
             return cand, mult
@@ -134,16 +140,18 @@ def narrowest_from_scratch(
 def alone_route(
     net: MultitaskNet, splits: Splits, cfg: PruneConfig, reference: Mapping[str, float], train_cfg: TrainConfig,
     route: str, schedule: TpSchedule | None = None, grid: Sequence[float] = WIDTH_GRID,
+    max_macs: int | None = None,
 ) -> MultitaskNet | None:
     """One ``c_alone`` route on a single-task network: its smallest network within budget, or None.
-    The routes are independent jobs (the benchmark runs them side by side)."""
+    The routes are independent jobs (the benchmark runs them side by side); the width grid stops above
+    ``max_macs`` (see :func:`narrowest_from_scratch`)."""
     if route == "project":
         pruned, history = prune(copy.deepcopy(net), splits, cfg, reference=reference)
         return None if missed_at_start(history) else pruned
     if route == "torch-pruning":
         return prune_with_torch_pruning(net, splits, cfg, reference, schedule)
     if route == "width-grid":
-        return narrowest_from_scratch(net, splits, cfg, reference, train_cfg, grid)[0]
+        return narrowest_from_scratch(net, splits, cfg, reference, train_cfg, grid, max_macs=max_macs)[0]
     raise ValueError(f"unknown route {route!r}; known: {ROUTES}")
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from merging.pruning import PruneConfig
+from merging.references import GRID
 from merging.tasks import combination_name
 from pam_app.bench.rows import (
     _median,
@@ -142,7 +143,9 @@ def _alone_table(v: _View) -> list[str]:
         lines += [
             "",
             "c_alone routes per task (median MACs of each route's smallest network within budget; "
-            "*wins* = seeds where the route was the smallest; *project/alone* = median of per-seed ratios):",
+            "*wins* = seeds where the route was the smallest; *project/alone* = median of per-seed ratios; "
+            "*stopped* = seeds where the width grid found no width within budget up to the MACs of the other "
+            "two routes' best and trained no wider one, since it could not have won):",
             "",
         ]
         head = ["task", *routes, "c_alone", "wins", "project/alone"]
@@ -152,7 +155,10 @@ def _alone_table(v: _View) -> list[str]:
             cells = [t]
             for route in routes:
                 vals = [r["routes"][route] for r in rs if r["routes"].get(route) is not None]
-                cells.append(f"{_median(vals):,.0f} ({len(vals)}/{len(rs)})" if vals else "-")
+                stopped = sum(route == GRID and r["routes"].get(route) is None and r.get("grid_cap") is not None
+                              for r in rs)
+                cell = f"{_median(vals):,.0f} ({len(vals)}/{len(rs)})" if vals else "-"
+                cells.append(cell + (f", {stopped} stopped" if stopped else ""))
             ratios = [r["routes"]["project"] / r["macs"] for r in rs if r["routes"].get("project")]
             wins = {route: sum(r["best_route"] == route for r in rs) for route in routes}
             cells += [

@@ -13,16 +13,16 @@ from tqdm.auto import tqdm
 
 from merging.arch import create_arch
 from merging.checkpoint import save_model
-from merging.cost import cost_table
+from merging.cost import combination_cost, cost_table
 from merging.data import load_dataset
 from merging.data.base import Splits
 from merging.errors import MergingError
 from merging.mergers import create_merger, list_mergers
 from merging.network import MultitaskNet
-from merging.parallel import run_jobs
+from merging.parallel import After, run_jobs
 from merging.pipeline import REGROUP, MergePruneResult, merge_and_prune, never_dearer, split_route
 from merging.pruning import assess, check_set, missed_at_start, reference_accuracy
-from merging.references import ROUTES, alone_route, choose_alone, specialist
+from merging.references import GRID, ROUTES, alone_route, choose_alone, specialist
 from merging.tasks import combination_name
 from merging.train import TrainConfig, correctness, evaluate, train_single_task
 from pam_app.bench.files import write_results
@@ -77,21 +77,22 @@ class _SeedRun:
             self.ref_test.update(evaluate(net, self.splits.test.select_tasks(net.task_names)))
         self.timing = {"zoo": time.perf_counter() - t0}
         t0 = time.perf_counter()
-        # Every c_alone route of every task, every specialist and every merger's route are independent:
-        # one pool, the long jobs first, so that neither core idles at a phase boundary.
+        # Every c_alone route of every task, every specialist and every merger's route are independent,
+        # except the width grid: it waits for the task's other routes and trains no width dearer than the
+        # best of them (that width could not win). One pool, the long jobs first, so that neither core
+        # idles at a phase boundary.
         combos = spec_combinations(self.splits.train.task_names, self.cfg.spec_sizes)
         routes = [m for m in mergers if m != BASELINE]
-        alone_jobs = [("alone", self, (i, r)) for r in self.cfg.routes for i in range(len(self.nets))]
-        jobs = (
-            [("route", self, name) for name in routes]
-            + [j for j in alone_jobs if j[2][1] == "width-grid"]
-            + [("spec", self, combo) for combo in combos]
-            + [j for j in alone_jobs if j[2][1] != "width-grid"]
-        )
+        labels: list[tuple[str, Any]] = [("route", name) for name in routes]
+        labels += [("alone", (i, r)) for r in self.cfg.routes if r != GRID for i in range(len(self.nets))]
+        if GRID in self.cfg.routes:
+            labels += [("alone", (i, GRID)) for i in range(len(self.nets))]
+        labels += [("spec", combo) for combo in combos]
+        jobs = [self._job(k, what, labels) for k, what in labels]
         done = run_jobs(_seed_job, jobs, self.cfg.workers)
         self.timing["routes, specialists, c_alone (wall)"] = time.perf_counter() - t0
         found: dict[int, dict[str, MultitaskNet | None]] = {i: {} for i in range(len(self.nets))}
-        for (kind, _, what), (out, seconds) in zip(jobs, done, strict=True):
+        for (kind, what), (out, seconds) in zip(labels, done, strict=True):
             if kind == "alone":
                 i, route = what
                 found[i][route] = out
@@ -102,7 +103,7 @@ class _SeedRun:
         # No merging, as strong as it gets: each task's smallest network within budget (c_alone).
         self.separate = create_merger(BASELINE).merge(best, self.splits.train, seed=self.seed)
         self.separate.meta["routes"] = {n.task_names[0]: n.meta.get("route", "project") for n in best}
-        for (kind, _, what), (out, _) in zip(jobs, done, strict=True):
+        for (kind, what), (out, _) in zip(labels, done, strict=True):
             if kind == "spec":
                 self.record_specialist(what, *out)
             elif kind == "route":
@@ -113,6 +114,14 @@ class _SeedRun:
         for r in self.rows:
             r.setdefault("seconds_seed", {k: round(v, 1) for k, v in self.timing.items()})
         return self.rows
+
+    def _job(self, kind: str, what: Any, labels: Sequence[tuple[str, Any]]) -> tuple[Any, ...] | After:
+        """The pool job of ``labels``' entry (kind, what); the width grid waits for its task's other routes."""
+        if kind != "alone" or what[1] != GRID:
+            return (kind, self, what, None)
+        i = what[0]
+        others = tuple(k for k, (kd, w) in enumerate(labels) if kd == "alone" and w[0] == i and w[1] != GRID)
+        return After(others, lambda results: (kind, self, what, grid_cap([results[k][0] for k in others])))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -128,9 +137,12 @@ class _SeedRun:
             res.net.meta["route"] = res.best
             best.append(res.net)
             t = res.task
+            # the width grid trained no width above this (None: it searched the whole grid)
+            cap = grid_cap([n for r, n in found[i].items() if r != GRID]) if GRID in found[i] else None
             self.log(
                 f"  seed {self.seed} c_alone({t}) = {res.c_alone:,} ({res.best}); routes "
                 + ", ".join(f"{r} {m:,}" if m is not None else f"{r} -" for r, m in res.macs.items())
+                + (f" (width grid stopped above {cap:,})" if cap is not None else "")
             )
             row = self.record(SPEC, res.net, only=(t,))[0]
             row.update({"route": res.best, "routes": res.macs, "route_widths": res.widths})
@@ -143,6 +155,7 @@ class _SeedRun:
                     "routes": res.macs,
                     "route_widths": res.widths,
                     "best_route": res.best,
+                    "grid_cap": cap,
                     "macs": res.c_alone,
                     "c_alone": res.c_alone,
                 }
@@ -255,15 +268,21 @@ class _SeedRun:
         return out
 
 
-def _seed_job(kind: str, run: _SeedRun, what: Any) -> tuple[Any, float]:
-    """One independent job of a seed (in a worker process): a route, a specialist or one c_alone route
-    of one task; (result, seconds)."""
+def grid_cap(others: Sequence[MultitaskNet | None]) -> int | None:
+    """The MACs above which the width grid stops: the smallest network the task's other routes found."""
+    return min((combination_cost(n).macs for n in others if n is not None), default=None)
+
+
+def _seed_job(kind: str, run: _SeedRun, what: Any, cap: int | None) -> tuple[Any, float]:
+    """One job of a seed (in a worker process): a route, a specialist or one c_alone route of one task
+    (``cap``: the width grid's stop, see ``grid_cap``); (result, seconds)."""
     t0 = time.perf_counter()
     if kind == "spec":
         out: Any = run.specialist(what)
     elif kind == "alone":
         i, route = what
-        out = alone_route(run.nets[i], run.splits, run.acfg, run.ref, run.train_cfg, route, run.tp, run.cfg.width_grid)
+        out = alone_route(run.nets[i], run.splits, run.acfg, run.ref, run.train_cfg, route, run.tp, run.cfg.width_grid,
+                          max_macs=cap)
     else:
         out = run.merge_and_prune(what)
     return out, time.perf_counter() - t0
