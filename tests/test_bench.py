@@ -79,6 +79,9 @@ def test_rows_carry_c_alone_c_spec_and_their_ratios(bench) -> None:  # type: ign
         routes = {k: v for k, v in a["routes"].items() if v is not None}
         assert a["c_alone"] == min(routes.values()) and a["routes"][a["best_route"]] == a["c_alone"]
         assert spec[t]["macs"] == a["c_alone"]  # c_spec(t) = c_alone(t)
+        # the width grid ran after the other routes and trained nothing dearer than their best
+        assert a["grid_cap"] == min(v for k, v in routes.items() if k != "width-grid")
+        assert a["routes"]["width-grid"] is None or a["routes"]["width-grid"] <= a["grid_cap"]
     for r in seed0:
         if r["merger"] in (ALONE, SPEC) or r["combination"] not in spec:
             continue
