@@ -112,6 +112,20 @@ def prune_with_torch_pruning(
     return certified
 
 
+def _at_width(net: MultitaskNet, mult: float) -> MultitaskNet:
+    """A freshly initialised network of ``net``'s architecture with every layer ``mult`` times as wide."""
+    arch = net.arch.with_widths([max(1, round(s.width * mult)) for s in net.arch.layers])
+    every = (1 << len(net.task_names)) - 1
+    return MultitaskNet(net.tasks, arch, [{every: s.width} for s in arch.layers],
+                        meta={"route": GRID, "width_mult": mult})
+
+
+def grid_stopped(net: MultitaskNet, grid: Sequence[float], max_macs: int | None) -> bool:
+    """Whether :func:`narrowest_from_scratch` with ``max_macs`` leaves some width of ``grid`` untrained
+    (MACs grow with the width, so exactly when the widest costs more)."""
+    return max_macs is not None and combination_cost(_at_width(net, max(grid))).macs > max_macs
+
+
 def narrowest_from_scratch(
     net: MultitaskNet, splits: Splits, cfg: PruneConfig, reference: Mapping[str, float], train_cfg: TrainConfig,
     grid: Sequence[float] = WIDTH_GRID, judge: Callable[[MultitaskNet], bool] | None = None,
@@ -123,12 +137,9 @@ def narrowest_from_scratch(
     it could not be the smallest network any more, and training it from scratch is the route's cost."""
     tasks = net.task_names
     ok = judge or _rule(splits, reference, cfg, tasks).judge()
-    base = [s.width for s in net.arch.layers]
     for mult in sorted(grid):
-        arch = net.arch.with_widths([max(1, round(w * mult)) for w in base])
         seed_everything(train_cfg.seed)
-        cand = MultitaskNet(net.tasks, arch, [{(1 << len(tasks)) - 1: s.width} for s in arch.layers],
-                            meta={"route": "width-grid", "width_mult": mult})
+        cand = _at_width(net, mult)
         if max_macs is not None and combination_cost(cand).macs > max_macs:
             return None, None
         fit(cand, splits.train.select_tasks(tasks), replace(train_cfg, progress=False))

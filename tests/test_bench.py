@@ -79,9 +79,10 @@ def test_rows_carry_c_alone_c_spec_and_their_ratios(bench) -> None:  # type: ign
         routes = {k: v for k, v in a["routes"].items() if v is not None}
         assert a["c_alone"] == min(routes.values()) and a["routes"][a["best_route"]] == a["c_alone"]
         assert spec[t]["macs"] == a["c_alone"]  # c_spec(t) = c_alone(t)
-        # the width grid ran after the other routes and trained nothing dearer than their best
+        # the width grid's job ran after the other routes, capped at their best (the cap it received)
         assert a["grid_cap"] == min(v for k, v in routes.items() if k != "width-grid")
         assert a["routes"]["width-grid"] is None or a["routes"]["width-grid"] <= a["grid_cap"]
+        assert a["grid_stopped"] == (a["routes"]["width-grid"] is None and a["grid_cap"] < 198_336)  # 1.0 width
     for r in seed0:
         if r["merger"] in (ALONE, SPEC) or r["combination"] not in spec:
             continue

@@ -42,25 +42,23 @@ def test_width_grid_picks_the_narrowest_passing_width(zoo) -> None:  # type: ign
 
 
 
-def test_width_grid_trains_no_width_dearer_than_its_cap(zoo) -> None:  # type: ignore[no-untyped-def]
+def test_width_grid_trains_no_width_dearer_than_its_cap(zoo, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import merging.references as refs
+
     nets, splits, ref = zoo
-    tried: list[int] = []
-
-    def judge(net):  # type: ignore[no-untyped-def]  # would pass only at full width
-        tried.append(net.layout[0][1])
-        return net.layout[0][1] >= 12
-
+    trained: list[int] = []
+    monkeypatch.setattr(refs, "fit", lambda net, *a, **k: trained.append(net.layout[0][1]))
     tc = TrainConfig(epochs=1, progress=False)
+    never = lambda n: False  # noqa: E731  # every width misses: the grid goes as far as the cap lets it
+    grid = (0.25, 0.5, 0.75, 1.0)
+    cap = combination_cost(refs._at_width(nets[1], 0.5)).macs  # the 0.5 width costs exactly the cap: trained
+    assert narrowest_from_scratch(nets[1], splits, FAST, ref, tc, grid=grid, judge=never, max_macs=cap) == (None, None)
+    assert trained == [3, 6] and refs.grid_stopped(nets[1], grid, cap)
+    trained.clear()
     full = combination_cost(nets[1]).macs
-    half, _ = narrowest_from_scratch(nets[1], splits, FAST, ref, tc, grid=(0.5,), judge=lambda n: True)
-    assert half is not None
-    cap = combination_cost(half).macs  # the 0.5 width costs exactly the cap: still tried
-    got, mult = narrowest_from_scratch(nets[1], splits, FAST, ref, tc, grid=(0.25, 0.5, 0.75, 1.0), judge=judge,
-                                       max_macs=cap)
-    assert (got, mult) == (None, None) and tried == [3, 6] and cap < full
-    tried.clear()
-    got, mult = narrowest_from_scratch(nets[1], splits, FAST, ref, tc, grid=(0.25, 1.0), judge=judge, max_macs=full)
-    assert mult == 1.0 and got is not None and tried == [3, 12]
+    narrowest_from_scratch(nets[1], splits, FAST, ref, tc, grid=grid, judge=never, max_macs=full)
+    assert trained == [3, 6, 9, 12] and not refs.grid_stopped(nets[1], grid, full)
+    assert not refs.grid_stopped(nets[1], grid, None)
 
 
 def test_specialist_has_exactly_the_heads_of_its_combination(zoo) -> None:  # type: ignore[no-untyped-def]

@@ -155,8 +155,7 @@ def _alone_table(v: _View) -> list[str]:
             cells = [t]
             for route in routes:
                 vals = [r["routes"][route] for r in rs if r["routes"].get(route) is not None]
-                stopped = sum(route == GRID and r["routes"].get(route) is None and r.get("grid_cap") is not None
-                              for r in rs)
+                stopped = sum(route == GRID and bool(r.get("grid_stopped")) for r in rs)
                 cell = f"{_median(vals):,.0f} ({len(vals)}/{len(rs)})" if vals else "-"
                 cells.append(cell + (f", {stopped} stopped" if stopped else ""))
             ratios = [r["routes"]["project"] / r["macs"] for r in rs if r["routes"].get("project")]

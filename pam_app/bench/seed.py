@@ -22,7 +22,7 @@ from merging.network import MultitaskNet
 from merging.parallel import After, run_jobs
 from merging.pipeline import REGROUP, MergePruneResult, merge_and_prune, never_dearer, split_route
 from merging.pruning import assess, check_set, missed_at_start, reference_accuracy
-from merging.references import GRID, ROUTES, alone_route, choose_alone, specialist
+from merging.references import GRID, ROUTES, alone_route, choose_alone, grid_stopped, specialist
 from merging.tasks import combination_name
 from merging.train import TrainConfig, correctness, evaluate, train_single_task
 from pam_app.bench.files import write_results
@@ -63,6 +63,7 @@ class _SeedRun:
         self.train_cfg = TrainConfig(epochs=self.epochs, seed=seed, progress=False)
         self.rows: list[dict[str, Any]] = []
         self.checks = check_set(splits.val, self.pcfg.check_shifts, seed)
+        self.caps: dict[int, int | None] = {}  # net index -> the MACs its width grid ran capped at
 
     def run(self, mergers: Sequence[str]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
@@ -79,8 +80,9 @@ class _SeedRun:
         t0 = time.perf_counter()
         # Every c_alone route of every task, every specialist and every merger's route are independent,
         # except the width grid: it waits for the task's other routes and trains no width dearer than the
-        # best of them (that width could not win). One pool, the long jobs first, so that neither core
-        # idles at a phase boundary.
+        # best of them (that width could not win). One pool: the routes (MTZ is the longest job) first, then
+        # what the grids wait for, the grids as soon as they can start, the short specialists last, so that
+        # neither core idles at a phase boundary.
         combos = spec_combinations(self.splits.train.task_names, self.cfg.spec_sizes)
         routes = [m for m in mergers if m != BASELINE]
         labels: list[tuple[str, Any]] = [("route", name) for name in routes]
@@ -92,10 +94,13 @@ class _SeedRun:
         done = run_jobs(_seed_job, jobs, self.cfg.workers)
         self.timing["routes, specialists, c_alone (wall)"] = time.perf_counter() - t0
         found: dict[int, dict[str, MultitaskNet | None]] = {i: {} for i in range(len(self.nets))}
-        for (kind, what), (out, seconds) in zip(labels, done, strict=True):
+        self.caps = {}
+        for (kind, what), (out, seconds, cap) in zip(labels, done, strict=True):
             if kind == "alone":
                 i, route = what
                 found[i][route] = out
+                if route == GRID:
+                    self.caps[i] = cap
                 self.timing[f"alone {self.nets[i].task_names[0]} {route}"] = seconds
             else:
                 self.timing[f"{kind} {what if isinstance(what, str) else combination_name(what)}"] = seconds
@@ -103,7 +108,7 @@ class _SeedRun:
         # No merging, as strong as it gets: each task's smallest network within budget (c_alone).
         self.separate = create_merger(BASELINE).merge(best, self.splits.train, seed=self.seed)
         self.separate.meta["routes"] = {n.task_names[0]: n.meta.get("route", "project") for n in best}
-        for (kind, what), (out, _) in zip(labels, done, strict=True):
+        for (kind, what), (out, _, _) in zip(labels, done, strict=True):
             if kind == "spec":
                 self.record_specialist(what, *out)
             elif kind == "route":
@@ -137,12 +142,12 @@ class _SeedRun:
             res.net.meta["route"] = res.best
             best.append(res.net)
             t = res.task
-            # the width grid trained no width above this (None: it searched the whole grid)
-            cap = grid_cap([n for r, n in found[i].items() if r != GRID]) if GRID in found[i] else None
+            cap = self.caps.get(i)  # the width grid trained no width dearer than this
+            stopped = res.macs.get(GRID, 0) is None and grid_stopped(net, self.cfg.width_grid, cap)
             self.log(
                 f"  seed {self.seed} c_alone({t}) = {res.c_alone:,} ({res.best}); routes "
                 + ", ".join(f"{r} {m:,}" if m is not None else f"{r} -" for r, m in res.macs.items())
-                + (f" (width grid stopped above {cap:,})" if cap is not None else "")
+                + (f" (the width grid stopped above {cap:,})" if stopped else "")
             )
             row = self.record(SPEC, res.net, only=(t,))[0]
             row.update({"route": res.best, "routes": res.macs, "route_widths": res.widths})
@@ -156,6 +161,7 @@ class _SeedRun:
                     "route_widths": res.widths,
                     "best_route": res.best,
                     "grid_cap": cap,
+                    "grid_stopped": stopped,
                     "macs": res.c_alone,
                     "c_alone": res.c_alone,
                 }
@@ -273,9 +279,9 @@ def grid_cap(others: Sequence[MultitaskNet | None]) -> int | None:
     return min((combination_cost(n).macs for n in others if n is not None), default=None)
 
 
-def _seed_job(kind: str, run: _SeedRun, what: Any, cap: int | None) -> tuple[Any, float]:
+def _seed_job(kind: str, run: _SeedRun, what: Any, cap: int | None) -> tuple[Any, float, int | None]:
     """One job of a seed (in a worker process): a route, a specialist or one c_alone route of one task
-    (``cap``: the width grid's stop, see ``grid_cap``); (result, seconds)."""
+    (``cap``: the width grid's stop, see ``grid_cap``); (result, seconds, cap)."""
     t0 = time.perf_counter()
     if kind == "spec":
         out: Any = run.specialist(what)
@@ -285,7 +291,7 @@ def _seed_job(kind: str, run: _SeedRun, what: Any, cap: int | None) -> tuple[Any
                           max_macs=cap)
     else:
         out = run.merge_and_prune(what)
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, cap
 
 
 def run_seed(
