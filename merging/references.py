@@ -8,7 +8,8 @@
       importance, mean-normalised, no cost weighting) with a fine schedule, fine-tuned after every
       step, stopped at the last step within budget;
   (c) ``width-grid``: the narrowest of a grid of width multipliers of t's architecture, trained
-      from scratch with the zoo's recipe, that meets the budget.
+      from scratch with the zoo's recipe, that meets the budget (the benchmark runs it after (a) and
+      (b) and trains no width dearer than their best: such a width could not be ``c_alone``).
 
 - ``c_spec(C)``: the specialist limit of a combination, a hard-shared trunk trained jointly for
   exactly the tasks of C (one head each) and pruned by the project's pruner; ``c_spec(t) = c_alone(t)``.
