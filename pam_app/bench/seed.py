@@ -301,7 +301,15 @@ def run_seed(
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the machine is shared; intra-op threads on tiny convs mostly spin
+    try:
+        return _run_bench(cfg, log)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting again (a test process goes on with it)
+
+
+def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict[str, Any]]:
     known = list_mergers()
     mergers = list(cfg.mergers) or [*known, *(f"{m}{REGROUP}" for m in ("shared", REFERENCE))]
     unknown = [m for m in mergers if split_route(m)[0] not in known]
