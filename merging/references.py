@@ -162,7 +162,7 @@ def alone_route(
         return None if missed_at_start(history) else pruned
     if route == "torch-pruning":
         return prune_with_torch_pruning(net, splits, cfg, reference, schedule)
-    if route == "width-grid":
+    if route == GRID:
         return narrowest_from_scratch(net, splits, cfg, reference, train_cfg, grid, max_macs=max_macs)[0]
     raise ValueError(f"unknown route {route!r}; known: {ROUTES}")
 

@@ -94,7 +94,6 @@ class _SeedRun:
         done = run_jobs(_seed_job, jobs, self.cfg.workers)
         self.timing["routes, specialists, c_alone (wall)"] = time.perf_counter() - t0
         found: dict[int, dict[str, MultitaskNet | None]] = {i: {} for i in range(len(self.nets))}
-        self.caps = {}
         for (kind, what), (out, seconds, cap) in zip(labels, done, strict=True):
             if kind == "alone":
                 i, route = what
