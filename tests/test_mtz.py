@@ -236,6 +236,35 @@ def test_budget_search_and_retraining_are_deterministic(tmp_path) -> None:
     torch.testing.assert_close(loaded(x)["b"], a(x)["b"], rtol=0, atol=0)
 
 
+def test_a_trial_settled_early_gets_the_verdict_of_the_whole_check_set() -> None:
+    """MTZ stops a trial's check once its verdict cannot change; over budgets on both sides of every
+    task's accuracy, the verdict is the one the whole set gives, and clear cases look at less of it."""
+    from merging.mergers.mtz import trial_verdict
+    from merging.train import evaluate
+
+    tasks = [TaskSpec("a", "classes", ("x", "y", "z")), TaskSpec("b", "attributes", ("p", "q"))]
+    arch = create_arch("lenet", width_mult=0.5)
+    net = MultitaskNet(tasks, arch, [{3: s.width} for s in arch.layers])  # a hard-shared trunk
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2000, 1, 8, 8, generator=gen)  # 8 evaluation batches
+    data = MultitaskData(tuple(tasks), x, {"a": torch.randint(0, 3, (2000,), generator=gen),
+                                           "b": torch.randint(0, 2, (2000, 2), generator=gen).float()})
+    full = evaluate(net, data)
+    names = ["a", "b"]
+    looked: list[int] = []
+    for ref_a, ref_b in itertools.product([full["a"] + d for d in (-40, -1.5, -0.2, 0.0, 0.3, 2, 40)],
+                                          [full["b"] + d for d in (-30, -0.7, 0.0, 0.4, 30)]):
+        ref = {"a": ref_a, "b": ref_b}
+        acc, ok, seen = trial_verdict(net, data, ref, 1.0, names)
+        assert ok == all(ref[t] - full[t] <= 1.0 for t in names), ref
+        if seen == len(data):
+            assert acc == full
+        looked.append(seen)
+    assert min(looked) < len(data) / 2  # far from the budget, a fraction of the set settles it
+    assert max(looked) == len(data)  # near it, the whole set is needed
+    assert net.training  # the network is put back as it was
+
+
 def test_bad_options_are_typed_errors() -> None:
     with pytest.raises(MergingError) as e:
         MtzMerger(dampin=0.1)
