@@ -3,8 +3,8 @@
 ``python -m pam_app.schedule_study`` (issue 20: "every route within 5% of the MACs the slower schedule
 reaches"). For each seed: train the benchmark's zoo (the same networks ``pam bench`` trains for that
 seed), then prune every task's network alone with the project's pruner twice, under the same budget
-rule and check set: the benchmark's schedule (``BENCH_PRUNE``: 15% steps down to 4%, 3+3 epochs, 6
-final) and the library's (``PruneConfig()``: 10% steps down to 2%, 5+5 epochs, 10 final). Reports each
+rule and check set: the benchmark's schedule (``BENCH_PRUNE``: 15% steps down to 4%, 3 epochs after a
+step and 9 more before a rejected one is undone, 6 final) and the library's (``PruneConfig()``: 10% steps down to 2%, 5+5 epochs, 10 final). Reports each
 network's MACs, the ratio fast/slow and the time each took. The merged routes are not compared here
 (their ladders make one slow-schedule seed take tens of minutes); the single networks are what every
 route's ``c_alone`` yardstick and ``separate`` rest on.
