@@ -69,6 +69,8 @@ VARIANTS: dict[str, tuple[PruneConfig, int]] = {
     "bench-steps+2+9": (replace(BENCH_PRUNE, finetune_epochs=2, retry_epochs=9), 0),
     "bench-steps+3+6": (replace(BENCH_PRUNE, finetune_epochs=3, retry_epochs=6), 0),
     "coarse-20+3+9": (replace(BENCH_PRUNE, step=0.2, finetune_epochs=3, retry_epochs=9), 0),
+    # Does a long retry strengthen the library's schedule too (c_alone's project route, the baseline)?
+    "library+long-retry": (replace(LIBRARY, retry_epochs=15), 0),
 }
 
 
