@@ -52,7 +52,7 @@ class StudyConfig:
     routes: tuple[str, ...] = ("separate", "pam")  # pruning runs whose visited networks are studied
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(
         step=0.15, min_step=0.04, max_steps=16, finetune_epochs=3, retry_epochs=3, final_epochs=6,
-        taylor_batches=4, epoch_samples=1078, progress=False))  # the benchmark's schedule
+        taylor_batches=4, epoch_samples=1078, progress=False))  # the benchmark's schedule when studied (3+3)
     out_dir: Path = Path("results")
 
 

@@ -4,7 +4,8 @@
 reaches"). For each seed: train the benchmark's zoo (the same networks ``pam bench`` trains for that
 seed), then prune every task's network alone with the project's pruner twice, under the same budget
 rule and check set: the benchmark's schedule (``BENCH_PRUNE``: 15% steps down to 4%, 3 epochs after a
-step and 9 more before a rejected one is undone, 6 final) and the library's (``PruneConfig()``: 10% steps down to 2%, 5+5 epochs, 10 final). Reports each
+step and 9 more before a rejected one is undone, 6 final) and the library's (``PruneConfig()``: 10%
+steps down to 2%, 5+5 epochs, 10 final), and any other variant named. Reports each
 network's MACs, the ratio fast/slow and the time each took. The merged routes are not compared here
 (their ladders make one slow-schedule seed take tens of minutes); the single networks are what every
 route's ``c_alone`` yardstick and ``separate`` rest on.
@@ -47,11 +48,10 @@ VARIANTS: dict[str, tuple[PruneConfig, int]] = {
     "library": (LIBRARY, 0),
     "library-reseed": (LIBRARY, 100),
     "bench-3+3": (SHORT_RETRY, 0),
-    "bench-halving": (replace(SHORT_RETRY, schedule="halving"), 0),
-    "bench-rebound": (replace(SHORT_RETRY, schedule="rebound"), 0),
+    "bench-3+3-rebound": (replace(SHORT_RETRY, schedule="rebound"), 0),
     # Which half of the benchmark's saving costs the strength: its coarser steps or its shorter fine-tunes.
-    "bench-steps+library-epochs": (replace(BENCH_PRUNE, finetune_epochs=5, retry_epochs=5, final_epochs=10), 0),
-    "library-steps+bench-epochs": (replace(LIBRARY, finetune_epochs=3, retry_epochs=3, final_epochs=6), 0),
+    "bench-steps+5+5": (replace(BENCH_PRUNE, finetune_epochs=5, retry_epochs=5, final_epochs=10), 0),
+    "library-steps+3+3": (replace(LIBRARY, finetune_epochs=3, retry_epochs=3, final_epochs=6), 0),
     # Gradual pruning: many small steps, each with a short fine-tune (the same total training spread over
     # more, gentler cuts), so the network is cut where it has recovered and the end is found in 1% steps.
     "gradual-5x1": (replace(BENCH_PRUNE, step=0.05, min_step=0.01, max_steps=80, finetune_epochs=1,
@@ -60,7 +60,7 @@ VARIANTS: dict[str, tuple[PruneConfig, int]] = {
                                     retry_epochs=1, schedule="rebound"), 0),
     "gradual-5x2": (replace(BENCH_PRUNE, step=0.05, min_step=0.01, max_steps=80, finetune_epochs=2,
                             retry_epochs=2), 0),
-    "library-steps+bench-epochs-rebound": (replace(LIBRARY, finetune_epochs=3, retry_epochs=3, final_epochs=6,
+    "library-steps+3+3-rebound": (replace(LIBRARY, finetune_epochs=3, retry_epochs=3, final_epochs=6,
                                                    schedule="rebound"), 0),
     # Long retries (a rejected step fine-tuned longer before it is undone; "bench" is 3+9) and coarser steps.
     "library-steps+2+6": (replace(LIBRARY, finetune_epochs=2, retry_epochs=6, final_epochs=6), 0),
@@ -72,6 +72,11 @@ VARIANTS: dict[str, tuple[PruneConfig, int]] = {
     # Does a long retry strengthen the library's schedule too (c_alone's project route, the baseline)?
     "library+long-retry": (replace(LIBRARY, retry_epochs=15), 0),
 }
+
+
+def _described(name: str) -> dict[str, Any]:
+    """A variant's configuration as the JSON records it (what ``--reuse`` compares)."""
+    return json.loads(json.dumps({"seed_offset": VARIANTS[name][1], **asdict(VARIANTS[name][0])}))
 
 
 def prune_alone(net: MultitaskNet, splits: Splits, cfg: PruneConfig, ref: dict[str, float] | None) -> dict[str, Any]:
@@ -191,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--schedules needs library and known variants; unknown: {unknown} (known: {', '.join(VARIANTS)})")
     reuse: dict[tuple[int, str, str], dict[str, Any]] = {}
     if args.reuse:
-        for r in json.loads(Path(args.reuse).read_text())["rows"]:
-            reuse.update({(r["seed"], r["task"], n): {**r[n], "reused": True} for n in VARIANTS if n in r})
+        earlier = json.loads(Path(args.reuse).read_text())
+        # Only rows of this data set, and of variants whose configuration is still the one of that name.
+        same = [n for n in variants if earlier.get("variants", {}).get(n) == _described(n)]
+        for r in earlier["rows"]:
+            if r.get("dataset") == args.dataset:
+                reuse.update({(r["seed"], r["task"], n): {**r[n], "reused": True} for n in same if n in r})
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     rows = study(args.dataset, [int(s) for s in args.seeds.split(",")], args.workers, variants, reuse)
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = "schedule-check" if args.dataset == "digits" else f"schedule-check-{args.dataset}"
     atomic_write_json(out / f"{stem}.json", {"rows": rows, "seconds": seconds, "variants": {
-        n: {"seed_offset": VARIANTS[n][1], **asdict(VARIANTS[n][0])} for n in variants}})
+        n: _described(n) for n in variants}})
     text = markdown(rows, variants, seconds)
     atomic_write_text(out / f"{stem}.md", text)
     print(text)

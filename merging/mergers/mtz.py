@@ -64,7 +64,10 @@ class LayerRecord:
     candidates: int  # disjoint pairs available
     zipped: int  # pairs kept
     costs: list[float]  # MTZ cost of the kept pairs, in greedy order
-    trials: list[dict[str, Any]] = field(default_factory=list)  # {"pairs", "accuracy", "ok"}
+    # {"pairs", "accuracy", "ok", "checked"}: "checked" images of the check set were looked at; a trial whose
+    # verdict was settled early (``trial_verdict``) has its accuracy on those only (the set is copy-major, so
+    # mostly the untranslated copy), not an estimate of the whole set's.
+    trials: list[dict[str, Any]] = field(default_factory=list)
     members: list[int] = field(default_factory=list)  # every layer of the unit (zipped together)
 
 
