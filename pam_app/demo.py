@@ -49,8 +49,8 @@ def _sample_png(path: Path, splits: Splits) -> None:
 
 # The route the demo merges and prunes with, and why (from `pam bench`; see docs/pam.md).
 DEMO_ROUTE = "pam"
-DEMO_ROUTE_WHY = ("the only route that ships in every composite seed when every network gets the library's "
-                  "schedule (results/bench-composite-library-pruner.md); on digits and glyphs none ships")
+DEMO_ROUTE_WHY = ("the only route that ships in every composite seed, with the benchmark's schedule "
+                  "(results/bench-composite.md) as with the library's; on digits and glyphs none ships")
 DEMO_EPOCHS = {"glyphs": 15, "digits": 60}  # zoo epochs per data set (glyphs: 8,000 training images)
 
 
@@ -71,7 +71,7 @@ def run_demo(args: argparse.Namespace) -> int:
     arch = create_arch("lenet", in_channels=splits.preprocessing.channels, input_size=splits.preprocessing.size)
     route = getattr(args, "route", None) or DEMO_ROUTE
     _, removes = split_route(route)
-    # The benchmark's schedule (coarser than the library default) keeps the demo within minutes.
+    # The benchmark's schedule (coarser steps than the library default, a long retry) keeps the demo within minutes.
     cfg = replace(schedule_for(BENCH_PRUNE, splits, args.seed), removes=removes, progress=True)
     print(f"== 1/5 single-task zoo on {splits.name}: {len(splits.train):,} train / {len(splits.val):,} val / "
           f"{len(splits.test):,} test images; tasks {', '.join(t.name for t in splits.tasks)}; "
