@@ -49,8 +49,8 @@ def _sample_png(path: Path, splits: Splits) -> None:
 
 # The route the demo merges and prunes with, and why (from `pam bench`; see docs/pam.md).
 DEMO_ROUTE = "pam"
-DEMO_ROUTE_WHY = ("the only route that ships in every composite seed, with the benchmark's schedule "
-                  "(results/bench-composite.md) as with the library's; on digits and glyphs none ships")
+DEMO_ROUTE_WHY = ("the cheapest pruned network on composite and glyphs (results/bench-composite.md, "
+                  "bench-glyphs.md); against the strongest baseline no route ships on any data set yet")
 DEMO_EPOCHS = {"glyphs": 15, "digits": 60}  # zoo epochs per data set (glyphs: 8,000 training images)
 
 
