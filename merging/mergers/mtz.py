@@ -107,7 +107,7 @@ def trial_verdict(
     n = len(check)
     parts: dict[str, list[Tensor]] = {t: [] for t in tasks}
     right = dict.fromkeys(tasks, 0.0)
-    seen, settled = 0, None
+    seen = 0
     batches = correctness_batches(net, check, tasks)
     try:
         for part in batches:
@@ -117,12 +117,11 @@ def trial_verdict(
             seen += len(part[tasks[0]])
             if seen >= n:
                 break
+            so_far = {t: 100.0 * right[t] / seen for t in tasks}
             if any(100.0 * (right[t] + n - seen) / n < reference[t] - budget - SETTLED for t in tasks):
-                settled = False
-            elif all(100.0 * right[t] / n > reference[t] - budget + SETTLED for t in tasks):
-                settled = True
-            if settled is not None:
-                return {t: 100.0 * right[t] / seen for t in tasks}, settled, seen
+                return so_far, False, seen
+            if all(100.0 * right[t] / n > reference[t] - budget + SETTLED for t in tasks):
+                return so_far, True, seen
     finally:
         batches.close()
     acc = {t: 100.0 * float(torch.cat(parts[t]).mean()) if parts[t] else 0.0 for t in tasks}  # as ``evaluate``
