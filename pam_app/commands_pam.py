@@ -141,9 +141,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from merging.pruning import PruneConfig
     from pam_app.bench.files import combine
-    from pam_app.bench.schedule import BenchConfig, quick_config
+    from pam_app.bench.schedule import ROUTE_SCHEDULES, BenchConfig, quick_config
     from pam_app.bench.seed import run_bench
 
     launched = start_scale(args)
@@ -183,8 +182,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg = replace(cfg, spec_sizes=tuple(int(k) for k in args.spec_sizes.split(",")))
         if args.workers is not None:
             cfg = replace(cfg, workers=args.workers)
-        if args.library_pruner:
-            cfg = replace(cfg, prune=PruneConfig(progress=False))
+        schedule = "library" if args.library_pruner else args.route_schedule
+        if schedule != "bench":
+            cfg = replace(cfg, prune=ROUTE_SCHEDULES[schedule])
         if args.save_models:
             cfg = replace(cfg, save_models=Path(args.save_models))
         run_bench(cfg)
@@ -242,8 +242,10 @@ def register(sub: Any) -> None:
                    help="c_alone routes: project,torch-pruning,width-grid (default all)")
     p.add_argument("--spec-sizes", default=None, help="combination sizes with a specialist, -1 = all tasks "
                    "(default 2,-1; quick -1)")
-    p.add_argument("--library-pruner", action="store_true", help="the library's default pruner schedule "
-                   "(finer and slower than the benchmark's)")
+    p.add_argument("--route-schedule", choices=("bench", "library", "baseline"), default="bench",
+                   help="the routes' and specialists' pruning schedule: bench (15%% steps, 3+9 epochs; default), "
+                   "library (10%% steps, 5+5), baseline (the one c_alone's project route uses: 10%% steps, 5+15)")
+    p.add_argument("--library-pruner", action="store_true", help="= --route-schedule library")
     p.add_argument("--combine", default=None, help="comma-separated bench-*.json of one data set and distinct seeds: "
                    "merge them into one report (in --out, default the first one's directory)")
     p.add_argument("--out", default=None, help="directory for bench-<dataset>.{json,md,png} "

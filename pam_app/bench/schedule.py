@@ -47,6 +47,9 @@ BENCH_PRUNE = PruneConfig(
 # p 0.035; results/schedule-check.md, library+long-retry) for 1.5x its CPU. A stronger baseline, so it is used.
 ALONE_PRUNE = PruneConfig(progress=False, retry_epochs=15)
 ALONE_TP = TpSchedule()
+# `pam bench --route-schedule`: the routes' and specialists' pruner. "baseline" gives them the schedule c_alone's
+# project route (what `separate` ships) uses, so route/separate ratios compare structures, not schedules.
+ROUTE_SCHEDULES = {"bench": BENCH_PRUNE, "library": PruneConfig(progress=False), "baseline": ALONE_PRUNE}
 SCHEDULE_FIELDS = ("step", "min_step", "max_steps", "schedule", "finetune_epochs", "retry_epochs", "final_epochs",
                    "taylor_batches")
 
