@@ -182,9 +182,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg = replace(cfg, spec_sizes=tuple(int(k) for k in args.spec_sizes.split(",")))
         if args.workers is not None:
             cfg = replace(cfg, workers=args.workers)
-        schedule = "library" if args.library_pruner else args.route_schedule
-        if schedule != "bench":
-            cfg = replace(cfg, prune=ROUTE_SCHEDULES[schedule])
+        if args.library_pruner or args.route_schedule:
+            cfg = replace(cfg, prune=ROUTE_SCHEDULES["library" if args.library_pruner else args.route_schedule])
         if args.save_models:
             cfg = replace(cfg, save_models=Path(args.save_models))
         run_bench(cfg)
@@ -242,9 +241,10 @@ def register(sub: Any) -> None:
                    help="c_alone routes: project,torch-pruning,width-grid (default all)")
     p.add_argument("--spec-sizes", default=None, help="combination sizes with a specialist, -1 = all tasks "
                    "(default 2,-1; quick -1)")
-    p.add_argument("--route-schedule", choices=("bench", "library", "baseline"), default="bench",
-                   help="the routes' and specialists' pruning schedule: bench (15%% steps, 3+9 epochs; default), "
-                   "library (10%% steps, 5+5), baseline (the one c_alone's project route uses: 10%% steps, 5+15)")
+    p.add_argument("--route-schedule", choices=("baseline", "fast", "library"), default=None,
+                   help="the routes' and specialists' pruning schedule: baseline (the one c_alone's project route "
+                   "uses, 10%% steps down to 2%%, 5+15 epochs; default), fast (15%% steps down to 4%%, 3+9 epochs: "
+                   "weaker than the baseline, about 2/3 the time), library (10%% steps, 5+5)")
     p.add_argument("--library-pruner", action="store_true", help="= --route-schedule library")
     p.add_argument("--combine", default=None, help="comma-separated bench-*.json of one data set and distinct seeds: "
                    "merge them into one report (in --out, default the first one's directory)")

@@ -42,19 +42,16 @@ def route_jobs(
     route: str, nets: list[MultitaskNet], splits: Splits, cfg: PruneConfig, ref: Any, epochs: int, seed: int,
     with_specialist: bool = False,
 ) -> list[tuple[Any, ...]]:
-    """The route first (the longest job), the all-task specialist if asked, then each task alone: the
-    route and the specialist with ``cfg``, each task alone with the library's finer schedule (what
-    ``separate`` ships should be as small as we can make it; ``results/schedule-check.md``)."""
-    from pam_app.bench.schedule import ALONE_PRUNE, with_schedule
-
+    """The route first (the longest job), the all-task specialist if asked, then each task alone, all
+    pruned with ``cfg``'s schedule: a route pruned more weakly than the networks it is compared with
+    ships ``separate`` for the schedule's sake, not the structure's."""
     base, removes = split_route(route)
     single = replace(cfg, removes="channels", progress=False)
-    alone = with_schedule(single, ALONE_PRUNE)
     jobs: list[tuple[Any, ...]] = [("route", base, nets, splits, replace(cfg, removes=removes, progress=False), ref,
                                     epochs, seed)]
     if with_specialist:
         jobs.append(("spec", nets, splits, single, ref, epochs, seed))
-    jobs += [("alone", copy.deepcopy(net), splits, alone, ref) for net in nets]
+    jobs += [("alone", copy.deepcopy(net), splits, single, ref) for net in nets]
     return jobs
 
 
@@ -73,13 +70,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from merging.report import format_table
     from merging.train import evaluate
     from merging.zoo import load_zoo
-    from pam_app.bench.schedule import BENCH_PRUNE, schedule_for
+    from pam_app.bench.schedule import ROUTE_SCHEDULES, schedule_for
     from pam_app.commands_merging import dataset_from_args
 
     nets = load_zoo(Path(args.zoo))
     args.tasks = ",".join(n.task_names[0] for n in nets)
     splits = dataset_from_args(args)
-    cfg = replace(schedule_for(BENCH_PRUNE, splits, args.seed), budget=args.budget)
+    cfg = replace(schedule_for(ROUTE_SCHEDULES[args.schedule], splits, args.seed), budget=args.budget)
     checks = check_set(splits.val, cfg.check_shifts, cfg.seed, cfg.shift_below)
     ref = reference_accuracy(nets, checks)
     images = checks.images or len(checks)

@@ -58,7 +58,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from merging.pipeline import split_route
-    from pam_app.bench.schedule import BENCH_PRUNE, schedule_for
+    from pam_app.bench.schedule import ROUTE_SCHEDULES, schedule_for
 
     # These networks are tiny: one intra-op thread is as fast, and far faster on a busy machine.
     torch.set_num_threads(1)
@@ -71,8 +71,9 @@ def run_demo(args: argparse.Namespace) -> int:
     arch = create_arch("lenet", in_channels=splits.preprocessing.channels, input_size=splits.preprocessing.size)
     route = getattr(args, "route", None) or DEMO_ROUTE
     _, removes = split_route(route)
-    # The benchmark's schedule (coarser steps than the library default, a long retry) keeps the demo within minutes.
-    cfg = replace(schedule_for(BENCH_PRUNE, splits, args.seed), removes=removes, progress=True)
+    # One schedule for the route, the specialist and every task alone (the comparison is of structures).
+    schedule = getattr(args, "schedule", None) or "baseline"
+    cfg = replace(schedule_for(ROUTE_SCHEDULES[schedule], splits, args.seed), removes=removes, progress=True)
     print(f"== 1/5 single-task zoo on {splits.name}: {len(splits.train):,} train / {len(splits.val):,} val / "
           f"{len(splits.test):,} test images; tasks {', '.join(t.name for t in splits.tasks)}; "
           f"{args.epochs} epochs, {args.workers or 'one per core'} worker(s)", flush=True)
@@ -123,8 +124,9 @@ def _yardstick_and_route(
 ) -> tuple[MultitaskNet, MultitaskNet, int | None]:
     """Each task pruned alone, the all-task specialist and the route, side by side; saves what ships.
     Returns (shipped network, separately pruned networks, the all-task specialist's MACs or None)."""
-    print(f"\n== 2/5 the yardstick (each task's network pruned alone, with the library's finer schedule; the "
-          f"all-task specialist: one trunk trained for all tasks, pruned like the route) and 3/5 route {route} "
+    print(f"\n== 2/5 the yardstick (each task's network pruned alone; the all-task specialist: one trunk trained "
+          f"for all tasks; all pruned as the route is, {cfg.step:.0%} steps, {cfg.finetune_epochs}+{cfg.retry_epochs} "
+          f"epochs) and 3/5 route {route} "
           f"({DEMO_ROUTE_WHY if route == DEMO_ROUTE else 'chosen with --route'}), side by side", flush=True)
     t0 = time.perf_counter()
     from merging.parallel import run_jobs

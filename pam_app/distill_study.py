@@ -25,7 +25,7 @@ from merging.pruning import assess, check_set, reference_accuracy
 from merging.pruning.pruner import _finetune, teachers_of
 from merging.report import format_table
 from merging.train import TrainConfig, train_single_task
-from pam_app.bench.schedule import BENCH_PRUNE, ZOO_EPOCHS, schedule_for
+from pam_app.bench.schedule import FAST_PRUNE, ZOO_EPOCHS, schedule_for
 
 
 def study_dataset(name: str, seed: int, distill: float) -> dict[str, Any]:
@@ -35,7 +35,7 @@ def study_dataset(name: str, seed: int, distill: float) -> dict[str, Any]:
     epochs = ZOO_EPOCHS.get(name, 40)
     nets = [train_single_task(t, arch, splits.train, TrainConfig(epochs=epochs, seed=seed, progress=False))
             for t in splits.tasks]
-    cfg = schedule_for(BENCH_PRUNE, splits, seed)
+    cfg = schedule_for(FAST_PRUNE, splits, seed)
     checks = check_set(splits.val, cfg.check_shifts, seed, cfg.shift_below)
     ref = reference_accuracy(nets, checks)
     merged = create_merger("pam").merge(nets, splits.train, seed=seed)

@@ -3,7 +3,7 @@
 ``python -m pam_app.schedule_study`` (issue 20: "every route within 5% of the MACs the slower schedule
 reaches"). For each seed: train the benchmark's zoo (the same networks ``pam bench`` trains for that
 seed), then prune every task's network alone with the project's pruner twice, under the same budget
-rule and check set: the benchmark's schedule (``BENCH_PRUNE``: 15% steps down to 4%, 3 epochs after a
+rule and check set: the benchmark's schedule (``FAST_PRUNE``: 15% steps down to 4%, 3 epochs after a
 step and 9 more before a rejected one is undone, 6 final) and the library's (``PruneConfig()``: 10%
 steps down to 2%, 5+5 epochs, 10 final), and any other variant named. Reports each
 network's MACs, the ratio fast/slow and the time each took. The merged routes are not compared here
@@ -35,40 +35,40 @@ from merging.parallel import run_jobs
 from merging.pruning import PruneConfig, check_set, missed_at_start, prune, reference_accuracy
 from merging.report import format_table
 from merging.train import TrainConfig, train_single_task
-from pam_app.bench.schedule import BENCH_PRUNE, ZOO_EPOCHS, schedule_for
+from pam_app.bench.schedule import FAST_PRUNE, ZOO_EPOCHS, schedule_for
 from pam_common.atomic import atomic_write_text
 
 LIBRARY = PruneConfig(progress=False)
-SHORT_RETRY = replace(BENCH_PRUNE, retry_epochs=3)  # the benchmark's schedule before the long retry (3+3)
+SHORT_RETRY = replace(FAST_PRUNE, retry_epochs=3)  # the benchmark's schedule before the long retry (3+3)
 # Every variant: (schedule, offset added to the seed of the pruning run). "library-reseed" is the library
 # schedule run again with other fine-tuning seeds and check-set shifts: what one run's MACs vary by
 # anyway (the noise floor any "within 5%" is measured against).
 VARIANTS: dict[str, tuple[PruneConfig, int]] = {
-    "bench": (BENCH_PRUNE, 0),  # 15% steps, 3 epochs after a step, 9 more before a rejected one is undone
+    "bench": (FAST_PRUNE, 0),  # 15% steps, 3 epochs after a step, 9 more before a rejected one is undone
     "library": (LIBRARY, 0),
     "library-reseed": (LIBRARY, 100),
     "bench-3+3": (SHORT_RETRY, 0),
     "bench-3+3-rebound": (replace(SHORT_RETRY, schedule="rebound"), 0),
     # Which half of the benchmark's saving costs the strength: its coarser steps or its shorter fine-tunes.
-    "bench-steps+5+5": (replace(BENCH_PRUNE, finetune_epochs=5, retry_epochs=5, final_epochs=10), 0),
+    "bench-steps+5+5": (replace(FAST_PRUNE, finetune_epochs=5, retry_epochs=5, final_epochs=10), 0),
     "library-steps+3+3": (replace(LIBRARY, finetune_epochs=3, retry_epochs=3, final_epochs=6), 0),
     # Gradual pruning: many small steps, each with a short fine-tune (the same total training spread over
     # more, gentler cuts), so the network is cut where it has recovered and the end is found in 1% steps.
-    "gradual-5x1": (replace(BENCH_PRUNE, step=0.05, min_step=0.01, max_steps=80, finetune_epochs=1,
+    "gradual-5x1": (replace(FAST_PRUNE, step=0.05, min_step=0.01, max_steps=80, finetune_epochs=1,
                             retry_epochs=1), 0),
-    "gradual-5x1-rebound": (replace(BENCH_PRUNE, step=0.05, min_step=0.01, max_steps=80, finetune_epochs=1,
+    "gradual-5x1-rebound": (replace(FAST_PRUNE, step=0.05, min_step=0.01, max_steps=80, finetune_epochs=1,
                                     retry_epochs=1, schedule="rebound"), 0),
-    "gradual-5x2": (replace(BENCH_PRUNE, step=0.05, min_step=0.01, max_steps=80, finetune_epochs=2,
+    "gradual-5x2": (replace(FAST_PRUNE, step=0.05, min_step=0.01, max_steps=80, finetune_epochs=2,
                             retry_epochs=2), 0),
     "library-steps+3+3-rebound": (replace(LIBRARY, finetune_epochs=3, retry_epochs=3, final_epochs=6,
                                                    schedule="rebound"), 0),
     # Long retries (a rejected step fine-tuned longer before it is undone; "bench" is 3+9) and coarser steps.
     "library-steps+2+6": (replace(LIBRARY, finetune_epochs=2, retry_epochs=6, final_epochs=6), 0),
-    "gradual-5+1+5": (replace(BENCH_PRUNE, step=0.05, min_step=0.01, max_steps=80, finetune_epochs=1,
+    "gradual-5+1+5": (replace(FAST_PRUNE, step=0.05, min_step=0.01, max_steps=80, finetune_epochs=1,
                               retry_epochs=5), 0),
-    "bench-steps+2+9": (replace(BENCH_PRUNE, finetune_epochs=2, retry_epochs=9), 0),
-    "bench-steps+3+6": (replace(BENCH_PRUNE, finetune_epochs=3, retry_epochs=6), 0),
-    "coarse-20+3+9": (replace(BENCH_PRUNE, step=0.2, finetune_epochs=3, retry_epochs=9), 0),
+    "bench-steps+2+9": (replace(FAST_PRUNE, finetune_epochs=2, retry_epochs=9), 0),
+    "bench-steps+3+6": (replace(FAST_PRUNE, finetune_epochs=3, retry_epochs=6), 0),
+    "coarse-20+3+9": (replace(FAST_PRUNE, step=0.2, finetune_epochs=3, retry_epochs=9), 0),
     # Does a long retry strengthen the library's schedule too (c_alone's project route, the baseline)?
     "library+long-retry": (replace(LIBRARY, retry_epochs=15), 0),
 }
@@ -104,7 +104,7 @@ def study(dataset: str, seeds: list[int], workers: int | None, variants: list[st
         nets = run_jobs(train_single_task, [(t, arch, splits.train, train_cfg) for t in splits.tasks], workers)
         cfgs = {name: replace(schedule_for(VARIANTS[name][0], splits, seed), seed=seed + VARIANTS[name][1])
                 for name in variants}
-        checks = check_set(splits.val, BENCH_PRUNE.check_shifts, seed)  # the bench's check set
+        checks = check_set(splits.val, FAST_PRUNE.check_shifts, seed)  # the bench's check set
         ref = reference_accuracy(nets, checks)
         jobs = [(name, net) for name in variants for net in nets
                 if (seed, net.task_names[0], name) not in reuse]

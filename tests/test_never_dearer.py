@@ -58,23 +58,31 @@ def test_the_ladders_own_separate_rung_is_compared_too() -> None:
     assert cost_table(shipped.pruned) == cost_table(narrow)
 
 
-def test_compress_prunes_each_task_alone_with_the_finer_schedule_and_the_routes_budget() -> None:
+def test_compress_prunes_route_specialist_and_each_task_with_one_schedule_and_the_routes_budget() -> None:
     from dataclasses import replace
 
     from merging.pruning import PruneConfig
-    from pam_app.bench.schedule import ALONE_PRUNE, BENCH_PRUNE
+    from pam_app.bench.schedule import FAST_PRUNE, SCHEDULE_FIELDS
     from pam_app.compress import route_jobs
     from tests.conftest import random_net
 
-    cfg = replace(BENCH_PRUNE, budget=2.5, seed=7, epoch_samples=500)
+    cfg = replace(FAST_PRUNE, budget=2.5, seed=7, epoch_samples=500)
     nets = [random_net("lenet", 1, seed=s) for s in (1, 2)]
     jobs = route_jobs("pam+regroup", nets, None, cfg, {}, 3, 7, with_specialist=True)  # type: ignore[arg-type]
     route, spec, *alone = jobs
-    assert route[4].step == BENCH_PRUNE.step and route[4].removes == "pairs"
-    assert spec[3].step == BENCH_PRUNE.step and spec[3].removes == "channels"
-    for job in alone:
-        c: PruneConfig = job[3]
-        assert (c.step, c.max_steps, c.finetune_epochs, c.final_epochs) == (
-            ALONE_PRUNE.step, ALONE_PRUNE.max_steps, ALONE_PRUNE.finetune_epochs, ALONE_PRUNE.final_epochs)
-        assert (c.budget, c.seed, c.epoch_samples, c.removes) == (2.5, 7, 500, "channels")
-    assert ALONE_PRUNE.step < BENCH_PRUNE.step  # finer, or the test proves nothing
+    assert route[4].removes == "pairs" and spec[3].removes == "channels"
+    configs: list[PruneConfig] = [route[4], spec[3], *(job[3] for job in alone)]
+    assert len(configs) == 4
+    for c in configs:  # a route pruned more weakly than what it is compared with would lose for that reason
+        assert {f: getattr(c, f) for f in SCHEDULE_FIELDS} == {f: getattr(cfg, f) for f in SCHEDULE_FIELDS}
+        assert (c.budget, c.seed, c.epoch_samples) == (2.5, 7, 500)
+    assert all(job[3].removes == "channels" for job in alone)
+
+
+def test_bench_prunes_routes_specialists_and_the_baseline_with_one_schedule_by_default() -> None:
+    from pam_app.bench.schedule import FAST_PRUNE, SCHEDULE_FIELDS, BenchConfig
+
+    cfg = BenchConfig()
+    routes, alone = ({f: getattr(c, f) for f in SCHEDULE_FIELDS} for c in (cfg.prune, cfg.alone_prune))
+    assert routes == alone
+    assert cfg.prune != FAST_PRUNE  # the fast schedule is weaker than the baseline's; only on request
