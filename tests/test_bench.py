@@ -167,3 +167,17 @@ def test_a_run_cut_after_a_seed_keeps_that_seed(tmp_path: Path, monkeypatch: pyt
     assert {r["seed"] for r in rows if r.get("seed") != "median"} == {0}
     assert json.loads((tmp_path / "bench-digits.config.json").read_text())["config"]["seeds"] == [0]
     assert "seeds [0]" in (tmp_path / "bench-digits.md").read_text()
+
+
+def test_own_networks_count_and_rate_combinations_against_separate() -> None:
+    from pam_app.bench.rows import own_networks
+
+    sep = {"a": 10, "b": 20, "a+b": 30, "a+b+c": 40}
+    own = {"a": 12, "b": 9, "a+b": 33, "a+b+c": 36}  # dearer on a+b (1.10x), cheaper on a+b+c; singles ignored
+    rows = [{"seed": 0, "merger": "separate", "combination": c, "macs": m} for c, m in sep.items()]
+    rows += [{"seed": 0, "merger": "pam", "combination": c, "macs": m, "own_macs": own, "shipped": "separate (dearer)"}
+             for c, m in sep.items()]
+    got = own_networks(rows)["pam"]
+    assert (got["dearer"], got["cheaper"], got["multi"], got["shipped"]) == ([1], [1], 2, 0)
+    assert got["worst"] == [pytest.approx(1.1)]
+    assert got["all_macs"] == 36

@@ -252,12 +252,15 @@ def _own_networks(v: _View) -> list[str]:
     if not own:
         return []
     lines = ["", "Each route's own pruned network, before the never-dearer rule chose what ships (per seed: "
-             "combinations of two or more tasks where it costs more / less than `separate`):", "",
-             "| route | all-task MACs | dearer than separate | cheaper than separate | shipped merged (seeds) |",
-             "|---|---|---|---|---|"]
+             "combinations of two or more tasks where it costs more / less than `separate`, and its largest "
+             "MAC ratio to `separate` over them):", "",
+             "| route | all-task MACs | dearer than separate | cheaper than separate | worst ratio to separate "
+             "| shipped merged (seeds) |",
+             "|---|---|---|---|---|---|"]
     for m, o in own.items():
         lines.append(f"| {m} | {_fmt_range(o['all_macs'], o['all_range'], ',.0f')} | "
                      f"{', '.join(map(str, o['dearer']))} of {o['multi']} | {', '.join(map(str, o['cheaper']))} | "
+                     f"{', '.join('-' if w is None else f'{w:.2f}x' for w in o['worst'])} | "
                      f"{o['shipped']}/{o['seeds']} |")
     return [*lines, ""]
 

@@ -163,7 +163,8 @@ def best_route(summary: Mapping[str, Mapping[str, float]]) -> str | None:
 def own_networks(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per route, what its *own* pruned network cost before the never-dearer rule chose what ships:
     all-task MACs (median and range over seeds), and per seed how many combinations of two or more
-    tasks it made dearer / cheaper than ``separate``, and whether it shipped."""
+    tasks it made dearer / cheaper than ``separate``, the largest ratio to ``separate`` over those
+    combinations (``worst``: how far from never-dearer it was), and whether it shipped."""
     per_seed = [r for r in rows if r["seed"] != "median" and "own_macs" in r]
     sep = {(r["seed"], r["combination"]): r["macs"] for r in rows if r["seed"] != "median" and r["merger"] == BASELINE}
     out: dict[str, dict[str, Any]] = {}
@@ -174,9 +175,11 @@ def own_networks(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                   for s, r in firsts.items()]
         cheaper = [sum(v < sep[(s, c)] for c, v in r["own_macs"].items() if "+" in c and (s, c) in sep)
                    for s, r in firsts.items()]
+        worst = [max((v / sep[(s, c)] for c, v in r["own_macs"].items() if "+" in c and (s, c) in sep), default=None)
+                 for s, r in firsts.items()]
         multi = max((sum("+" in c for c in r["own_macs"]) for r in firsts.values()), default=0)
         out[m] = {"all_macs": _median(full), "all_range": [min(full), max(full)], "dearer": dearer,
-                  "cheaper": cheaper, "multi": multi,
+                  "cheaper": cheaper, "worst": worst, "multi": multi,
                   "shipped": sum(not r.get("shipped", "separate").startswith("separate") for r in firsts.values()),
                   "seeds": len(firsts)}
     return out
