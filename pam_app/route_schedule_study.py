@@ -2,7 +2,8 @@
 
 ``python -m pam_app.route_schedule_study --fast results/bench-digits.json --slow DIR/bench-digits.json``
 (issue 20: "under the same budget rule every route ends within 5% of the MACs the slower schedule reaches
-on digits seeds 0-2"). The slow run is ``pam bench --library-pruner``: the same zoo, yardstick and check
+on digits seeds 0-2"). The fast run is ``pam bench --route-schedule fast``, the slow one ``pam bench`` (the
+baseline's schedule, the default) or ``--route-schedule library``: the same zoo, yardstick and check
 sets (a seed's jobs are deterministic), only the routes' schedule differs. For every route, seed and
 combination: the MACs of the route's own pruned network (before the never-dearer rule, which would hide
 a weaker pruner behind ``separate``) in both runs, and the route job's seconds.
@@ -11,6 +12,7 @@ a weaker pruner behind ``separate``) in both runs, and the route job's seconds.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,16 @@ def summary(recs: list[dict[str, Any]], fast: list[dict[str, Any]], slow: list[d
     return out
 
 
+def _schedule_of(path: Path) -> str:
+    """The routes' schedule a bench run recorded (its .config.json), in words."""
+    meta = path.with_suffix(".config.json")
+    if not meta.exists():
+        return "schedule not recorded"
+    pc = json.loads(meta.read_text())["config"]["prune"]
+    return (f"{pc['step']:.0%} steps down to {pc['min_step']:.0%}, {pc['finetune_epochs']}+{pc['retry_epochs']} "
+            f"epochs, final {pc['final_epochs']}")
+
+
 def markdown(recs: list[dict[str, Any]], table: list[list[Any]], fast: Path, slow: Path) -> str:
     head = [
         "route",
@@ -100,9 +112,9 @@ def markdown(recs: list[dict[str, Any]], table: list[list[Any]], fast: Path, slo
     ]
     return "\n".join(
         [
-            "# The routes' pruning schedule against the library's (`python -m pam_app.route_schedule_study`)",
+            "# The routes' fast pruning schedule against a slower one (`python -m pam_app.route_schedule_study`)",
             "",
-            f"Fast: `{fast}` (the benchmark's schedule). Slow: `{slow}` (`--library-pruner`). Same seeds, zoo, "
+            f"Fast: `{fast}` ({_schedule_of(fast)}). Slow: `{slow}` ({_schedule_of(slow)}). Same seeds, zoo, "
             "yardstick and budget rule; MACs of each route's own pruned network (before the never-dearer rule). "
             f"Target (issue 20): every route within {TOLERANCE:.2f}x of the slow schedule's MACs.",
             "",
@@ -119,8 +131,9 @@ def markdown(recs: list[dict[str, Any]], table: list[list[Any]], fast: Path, slo
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pam_app.route_schedule_study", description=__doc__.split("\n")[0])
-    p.add_argument("--fast", required=True, help="bench-<dataset>.json run with the benchmark's schedule")
-    p.add_argument("--slow", required=True, help="bench-<dataset>.json of the same seeds run with --library-pruner")
+    p.add_argument("--fast", required=True, help="bench-<dataset>.json run with --route-schedule fast")
+    p.add_argument("--slow", required=True, help="bench-<dataset>.json of the same seeds with a slower schedule "
+                   "(the default, or --route-schedule library)")
     p.add_argument("--out", default="results", help="directory for schedule-routes.{json,md}")
     a = p.parse_args(argv)
     fast_path, slow_path = Path(a.fast), Path(a.slow)
