@@ -95,8 +95,9 @@ def _schedule_of(path: Path) -> str:
     if not meta.exists():
         return "schedule not recorded"
     pc = json.loads(meta.read_text())["config"]["prune"]
-    return (f"{pc['step']:.0%} steps down to {pc['min_step']:.0%}, {pc['finetune_epochs']}+{pc['retry_epochs']} "
-            f"epochs, final {pc['final_epochs']}")
+    return (f"{pc['step']:.0%} steps down to {pc['min_step']:.0%}, at most {pc['max_steps']}, "
+            f"{pc['finetune_epochs']}+{pc['retry_epochs']} epochs, final {pc['final_epochs']}, "
+            f"Taylor scores from {pc['taylor_batches']} batches")
 
 
 def markdown(recs: list[dict[str, Any]], table: list[list[Any]], fast: Path, slow: Path) -> str:
