@@ -49,8 +49,9 @@ def _sample_png(path: Path, splits: Splits) -> None:
 
 # The route the demo merges and prunes with, and why (from `pam bench`; see docs/pam.md).
 DEMO_ROUTE = "pam"
-DEMO_ROUTE_WHY = ("the cheapest pruned network on composite and glyphs (results/bench-composite.md, "
-                  "bench-glyphs.md); against the strongest baseline no route ships on any data set yet")
+DEMO_ROUTE_WHY = ("with every network on one schedule it ships in 3 of 3 composite seeds and 1 of 3 glyphs seeds, "
+                  "and on glyphs its own network is 0.77-0.90x of separate for all tasks (results/bench-composite.md, "
+                  "bench-glyphs.md)")
 DEMO_EPOCHS = {"glyphs": 15, "digits": 60}  # zoo epochs per data set (glyphs: 8,000 training images)
 
 
