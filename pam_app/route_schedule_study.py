@@ -20,7 +20,8 @@ from typing import Any
 from merging.checkpoint import atomic_write_bytes, atomic_write_json
 from merging.errors import MergingError
 from merging.report import format_table
-from pam_app.bench.files import load_rows
+from pam_app.bench.files import load_rows, recorded_prune_config
+from pam_app.bench.report import schedule_words
 from pam_app.schedule_study import sign_test
 
 TOLERANCE = 1.05  # the "within 5%"
@@ -94,10 +95,7 @@ def _schedule_of(path: Path) -> str:
     meta = path.with_suffix(".config.json")
     if not meta.exists():
         return "schedule not recorded"
-    pc = json.loads(meta.read_text())["config"]["prune"]
-    return (f"{pc['step']:.0%} steps down to {pc['min_step']:.0%}, at most {pc['max_steps']}, "
-            f"{pc['finetune_epochs']}+{pc['retry_epochs']} epochs, final {pc['final_epochs']}, "
-            f"Taylor scores from {pc['taylor_batches']} batches")
+    return schedule_words(recorded_prune_config(json.loads(meta.read_text())["config"]["prune"]))
 
 
 def markdown(recs: list[dict[str, Any]], table: list[list[Any]], fast: Path, slow: Path) -> str:

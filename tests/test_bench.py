@@ -136,11 +136,11 @@ def test_result_files_carry_the_width_in_their_name(bench, tmp_path: Path) -> No
 
 
 def test_a_recorded_config_from_before_removes_still_reads() -> None:
-    from pam_app.bench.files import _prune_config
+    from pam_app.bench.files import recorded_prune_config
 
     recorded = json.loads(Path("results/bench-digits.config.json").read_text())["config"]["prune"]
-    assert _prune_config(recorded).removes == "channels"
-    assert _prune_config({**recorded, "regroup": True}).removes == "pairs"
+    assert recorded_prune_config(recorded).removes == "channels"
+    assert recorded_prune_config({**recorded, "regroup": True}).removes == "pairs"
 
 
 def test_a_run_cut_after_a_seed_keeps_that_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -109,7 +109,7 @@ def combine(json_paths: Sequence[Path], out_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _prune_config(d: Mapping[str, Any]) -> PruneConfig:
+def recorded_prune_config(d: Mapping[str, Any]) -> PruneConfig:
     """A recorded pruner config; runs recorded before ``removes`` said ``regroup: bool``."""
     d = dict(d)
     if "regroup" in d:
@@ -125,9 +125,9 @@ def _config_from_json(c: Mapping[str, Any], out_dir: Path, seeds: Sequence[int])
         zoo_epochs=c["zoo_epochs"],
         width_mult=c.get("width_mult", 1.0),
         tasks=tuple(c.get("tasks", ())),
-        prune=_prune_config(c["prune"]),
+        prune=recorded_prune_config(c["prune"]),
         # runs recorded before c_alone had its own schedule pruned it with the routes' pruner
-        alone_prune=_prune_config(c.get("alone_prune", c["prune"])),
+        alone_prune=recorded_prune_config(c.get("alone_prune", c["prune"])),
         routes=tuple(c.get("routes", ROUTES)),
         spec_sizes=tuple(c.get("spec_sizes", (2, -1))),
         out_dir=out_dir,

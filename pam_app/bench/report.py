@@ -72,10 +72,11 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
     return "\n".join(lines) + "\n"
 
 
-def _schedule(pc: PruneConfig) -> str:
+def schedule_words(pc: PruneConfig) -> str:
     """A pruner's schedule in words."""
     return (f"criterion {pc.criterion}, price {pc.price}, step {pc.step} (min {pc.min_step}, at most "
-            f"{pc.max_steps} steps), fine-tune {pc.finetune_epochs}+{pc.retry_epochs} epochs, final {pc.final_epochs}")
+            f"{pc.max_steps} steps), fine-tune {pc.finetune_epochs}+{pc.retry_epochs} epochs, final {pc.final_epochs}, "
+            f"Taylor scores from {pc.taylor_batches} batches")
 
 
 def _intro(v: _View, elapsed: float) -> list[str]:
@@ -93,7 +94,7 @@ def _intro(v: _View, elapsed: float) -> list[str]:
         f"Mergers {', '.join(mergers)}; seeds {seeds}; zoo {cfg.arch}{width} trained {zoo} epochs per seed; "
         f"budget {pc.budget} point(s) per task, one-sided {pc.confidence:.0%} paired test on val, plus "
         f"{pc.check_shifts} shifted copies while val has fewer than {pc.shift_below:,} images; every route pruned "
-        f"and every specialist by {_schedule(pc)}; c_alone's project route by {_schedule(cfg.alone_prune)}"
+        f"and every specialist by {schedule_words(pc)}; c_alone's project route by {schedule_words(cfg.alone_prune)}"
         f"{' (the same)' if cfg.alone_prune == pc else ''}; an epoch at most {REFERENCE_TRAIN_SIZE:,} samples. "
         f"Wall time {elapsed / 60:.1f} min.",
         "",

@@ -28,7 +28,7 @@ ALONE = "alone"  # rows of the three c_alone routes per task
 # library's MACs on digits and 1.30x on glyphs, 3+9 at 1.06x (not resolved from the library's own re-run) and
 # 1.14x, for 1.65x and 1.38x the CPU of 3+3 (results/schedule-check.md, schedule-check-glyphs.md); against
 # BASELINE_PRUNE 1.51x. It was the routes' default until routes pruned weaker than the baseline they are
-# compared with turned out to decide the verdict (results/bench-*-same-schedule.md).
+# compared with turned out to decide the verdict (results/schedule-routes-digits.md).
 FAST_PRUNE = PruneConfig(
     step=0.15,
     min_step=0.04,
