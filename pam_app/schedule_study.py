@@ -71,6 +71,22 @@ VARIANTS: dict[str, tuple[PruneConfig, int]] = {
     "coarse-20+3+9": (replace(FAST_PRUNE, step=0.2, finetune_epochs=3, retry_epochs=9), 0),
     # Does a long retry strengthen the library's schedule too (c_alone's project route, the baseline)?
     "library+long-retry": (replace(LIBRARY, retry_epochs=15), 0),
+    "library+long-retry-reseed": (replace(LIBRARY, retry_epochs=15), 100),
+    # The baseline's retry in parts, each judged: a step that passes after the first part skips the rest.
+    "long-retry-3x5": (replace(LIBRARY, retry_epochs=15, retry_checks=3), 0),
+    "long-retry-5x3": (replace(LIBRARY, retry_epochs=15, retry_checks=5), 0),
+    # Fewer, larger steps with the baseline's fine-tuning (20% steps down to 4%: three rejections end a run, as
+    # 10% down to 2% does); the same with the retry in judged parts.
+    "coarse-20+5+15": (replace(LIBRARY, step=0.2, min_step=0.04, retry_epochs=15), 0),
+    "coarse-20+5+15-3x5": (replace(LIBRARY, step=0.2, min_step=0.04, retry_epochs=15, retry_checks=3), 0),
+    # The baseline's epochs in batches of 128: half the optimizer steps, each about as dear as one of 64 on a
+    # pruned LeNet (a step of these networks is mostly per-call overhead), with the learning rate scaled.
+    "long-retry-b128": (replace(LIBRARY, retry_epochs=15, batch_size=128, lr=2e-3, final_lr=1e-3), 0),
+    "long-retry-b128-sqrt": (replace(LIBRARY, retry_epochs=15, batch_size=128, lr=1.4e-3, final_lr=7e-4), 0),
+    "long-retry-b256": (replace(LIBRARY, retry_epochs=15, batch_size=256, lr=4e-3, final_lr=2e-3), 0),
+    "long-retry-b256-sqrt": (replace(LIBRARY, retry_epochs=15, batch_size=256, lr=2e-3, final_lr=1e-3), 0),
+    "long-retry-b128-3x5": (replace(LIBRARY, retry_epochs=15, retry_checks=3, batch_size=128, lr=2e-3, final_lr=1e-3),
+                            0),
 }
 
 
@@ -85,12 +101,16 @@ def prune_alone(net: MultitaskNet, splits: Splits, cfg: PruneConfig, ref: dict[s
     t0, c0 = time.perf_counter(), time.process_time()
     pruned, history = prune(copy.deepcopy(net), splits, cfg, reference=ref)
     steps = [h for h in history if h.get("kind") in ("step", "retry")]
+    reference = history[0]["reference"]
     return {"macs": combination_cost(pruned).macs, "start_missed": missed_at_start(history),
             "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
             "accepted": sum(1 for h in history if h.get("accepted")),
             "rejected": sum(1 for h in history if h.get("accepted") is False),
             "retries": sum(1 for h in steps if h["kind"] == "retry"),
-            "stop": next((h["reason"] for h in history if h.get("kind") == "stop"), "")}
+            "stop": next((h["reason"] for h in history if h.get("kind") == "stop"), ""),
+            # every judged step and retry part: its worst point drop (check set) and verdict
+            "looks": [[h["kind"], h.get("part", 0), round(max(reference[t] - a for t, a in h["check_accuracy"].items()), 3),
+                       bool(h["within_budget"])] for h in steps]}
 
 
 def study(dataset: str, seeds: list[int], workers: int | None, variants: list[str],
@@ -128,8 +148,8 @@ def sign_test(k: int, n: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def _summary(rows: list[dict[str, Any]], name: str) -> list[Any]:
-    ratios = [r[name]["macs"] / max(1, r["library"]["macs"]) for r in rows]
+def _summary(rows: list[dict[str, Any]], name: str, against: str = "library") -> list[Any]:
+    ratios = [r[name]["macs"] / max(1, r[against]["macs"]) for r in rows]
     # CPU seconds of the job's process (one thread): unlike wall seconds, not inflated by a busy machine.
     timed = all("cpu_seconds" in r[name] for r in rows)
     cpu = f"{sum(r[name]['cpu_seconds'] for r in rows) / 60:.1f}" if timed else (
@@ -139,18 +159,31 @@ def _summary(rows: list[dict[str, Any]], name: str) -> list[Any]:
     rejected = [r[name].get("rejected", 0) for r in rows]
     dearer = sum(x > 1.0 for x in ratios)
     differ = sum(x != 1.0 for x in ratios)
-    return [name, f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}-{max(ratios):.2f}",
-            f"{sum(x <= 1.05 for x in ratios)} of {len(ratios)}",
-            f"{dearer} of {differ} (p {sign_test(dearer, differ):.3f})" if differ else "-", cpu,
-            f"{statistics.median(known):g} / {statistics.median(rejected):g}" if known else "-"]
+    out = [name, f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}-{max(ratios):.2f}",
+           f"{sum(x <= 1.05 for x in ratios)} of {len(ratios)}",
+           f"{dearer} of {differ} (p {sign_test(dearer, differ):.3f})" if differ else "-", cpu,
+           f"{statistics.median(known):g} / {statistics.median(rejected):g}" if known else "-"]
+    if f"{against}-reseed" in rows[0]:
+        out.append(f"{pooled_ratio(rows, name, against):.2f}")
+    return out
 
 
-def markdown(rows: list[dict[str, Any]], variants: list[str], seconds: float) -> str:
+def pooled_ratio(rows: list[dict[str, Any]], name: str, against: str) -> float:
+    """Geometric mean over networks of MACs / the geometric mean of ``against`` and its re-seeded run: two
+    draws of the same schedule, so its own two runs sit either side of 1.00 by as much as one run varies."""
+    logs = [math.log(r[name]["macs"]) - (math.log(r[against]["macs"]) + math.log(r[f"{against}-reseed"]["macs"])) / 2
+            for r in rows]
+    return math.exp(sum(logs) / len(logs))
+
+
+def markdown(rows: list[dict[str, Any]], variants: list[str], seconds: float, against: str = "library") -> str:
     table = [[r["dataset"], r["seed"], r["task"], f"{r['unpruned']:,}",
               *(f"{r[n]['macs']:,}" for n in variants)] for r in rows]
     described = {n: VARIANTS[n][0] for n in variants}
     lines = [f"- *{n}*: {c.step:.0%} steps down to {c.min_step:.0%} ({c.schedule}), at most {c.max_steps} steps, "
-             f"{c.finetune_epochs}+{c.retry_epochs} epochs, final {c.final_epochs}"
+             f"{c.finetune_epochs}+{c.retry_epochs} epochs"
+             + (f" (the retry in {c.retry_checks} judged parts)" if c.retry_checks > 1 else "")
+             + f", final {c.final_epochs}"
              + (f"; pruning seeds +{VARIANTS[n][1]}" if VARIANTS[n][1] else "") for n, c in described.items()]
     return "\n".join([
         "# Pruning schedules against the library's (`python -m pam_app.schedule_study`)",
@@ -164,13 +197,15 @@ def markdown(rows: list[dict[str, Any]], variants: list[str], seconds: float) ->
         "",
         format_table(["data set", "seed", "task", "unpruned MACs", *(f"{n} MACs" for n in variants)], table),
         "",
-        format_table(["schedule", "MACs / library (median)", "range", "within 1.05x", "dearer than library",
-                      "CPU min",
-                      "steps accepted / rejected (median)"], [_summary(rows, n) for n in variants]),
+        format_table(["schedule", f"MACs / {against} (median)", "range", "within 1.05x", f"dearer than {against}",
+                      "CPU min", "steps accepted / rejected (median)",
+                      *(["MACs / both runs of it (geomean)"] if f"{against}-reseed" in rows[0] else [])],
+                     [_summary(rows, n, against) for n in variants]),
         "",
-        "*dearer than library*: networks where the schedule ends with more MACs, of those where the two differ, "
-        "and the exact sign test's two-sided p (a schedule as strong as the library's is dearer about half the "
-        "time). *CPU min*: the prune jobs' process CPU time (one thread each), so a busy machine does not "
+        f"*dearer than {against}*: networks where the schedule ends with more MACs, of those where the two differ, "
+        f"and the exact sign test's two-sided p (a schedule as strong as {against} is dearer about half the "
+        "time). *MACs / both runs of it*: against the geometric mean of the two runs of the same schedule (its "
+        "own seeds and re-seeded), so neither draw's luck sets the yardstick. *CPU min*: the prune jobs' process CPU time (one thread each), so a busy machine does not "
         "inflate it (\"-\": some of its runs predate that record; their wall time is given).",
         "",
         f"Wall time {seconds / 60:.1f} min (some rows may come from an earlier run of the same seeds: ``--reuse``).",
@@ -186,14 +221,16 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated variants, library among them (known: {', '.join(VARIANTS)})")
     p.add_argument("--reuse", default=None, help="an earlier schedule-check.json: its rows of the same seed, task and "
                    "variant are taken instead of pruning again (runs are deterministic per seed)")
+    p.add_argument("--against", default="library", help="the variant every ratio is taken against (one of --schedules)")
     p.add_argument("--workers", type=int, default=None, help="processes (default one per core)")
     p.add_argument("--out", default="results", help="directory for schedule-check[-<dataset>].{json,md} "
                    "(no suffix for digits)")
     args = p.parse_args(argv)
     variants = [v for v in args.schedules.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or "library" not in variants:
-        p.error(f"--schedules needs library and known variants; unknown: {unknown} (known: {', '.join(VARIANTS)})")
+    if unknown or args.against not in variants:
+        p.error(f"--schedules needs {args.against} (--against) and known variants; unknown: {unknown} "
+                f"(known: {', '.join(VARIANTS)})")
     reuse: dict[tuple[int, str, str], dict[str, Any]] = {}
     if args.reuse:
         earlier = json.loads(Path(args.reuse).read_text())
@@ -211,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "schedule-check" if args.dataset == "digits" else f"schedule-check-{args.dataset}"
     atomic_write_json(out / f"{stem}.json", {"rows": rows, "seconds": seconds, "variants": {
         n: _described(n) for n in variants}})
-    text = markdown(rows, variants, seconds)
+    text = markdown(rows, variants, seconds, args.against)
     atomic_write_text(out / f"{stem}.md", text)
     print(text)
     return 0

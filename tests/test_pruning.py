@@ -221,3 +221,39 @@ def test_a_task_out_of_budget_stops_only_what_serves_it(zoo) -> None:  # type: i
     accepted_after = [h for h in history[history.index(freezes[0]):] if h.get("accepted")]
     assert accepted_after, "no step was accepted after the freeze"
     assert within_budget(evaluate(pruned, checks), ref, cfg.budget)
+
+
+def test_a_retry_in_parts_stops_at_the_first_part_that_passes(zoo, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``retry_checks``: the retry's epochs come in judged parts; a step that passes after part 1 of 3
+    gets no more fine-tuning, one that never passes gets all 15 epochs and is undone; 1 part is the old retry."""
+    import merging.pruning.pruner as pruner
+    from merging.pruning.budget import Verdict
+    from merging.pruning.pruner import retry_parts
+
+    assert retry_parts(PruneConfig(retry_epochs=15, retry_checks=3)) == [5, 5, 5]
+    assert retry_parts(PruneConfig(retry_epochs=15, retry_checks=1)) == [15]
+    assert retry_parts(PruneConfig(retry_epochs=5, retry_checks=3)) == [2, 2, 1]
+    assert retry_parts(PruneConfig(retry_epochs=0, retry_checks=3)) == []
+    with pytest.raises(MergingError):
+        prune(copy.deepcopy(zoo[0][0]), zoo[1], PruneConfig(retry_checks=0))
+
+    nets, splits = zoo
+    net = create_merger("separate").merge(nets[:1], splits.train)
+    task = net.task_names[0]
+    # Judged in order: start ok; step 1 fails, its retry passes after part 2 of 3; step 2 fails all 3 parts.
+    verdicts = iter([True, False, False, True, False, False, False, False])
+    epochs: list[int] = []
+
+    def judged(*args, **kwargs):  # type: ignore[no-untyped-def]
+        ok = next(verdicts)
+        return Verdict({task: 90.0}, {task: 0.0}, {task: 0.0 if ok else 5.0}, () if ok else (task,), {task: 0.0})
+
+    monkeypatch.setattr(pruner, "assess", judged)
+    monkeypatch.setattr(pruner, "_finetune", lambda n, d, c, e, *a, **k: epochs.append(e))
+    cfg = PruneConfig(step=0.2, min_step=0.15, max_steps=2, finetune_epochs=5, retry_epochs=15, retry_checks=3,
+                      final_epochs=0, taylor_batches=1, check_shifts=1, progress=False, per_task_stop=False)
+    _, history = prune(copy.deepcopy(net), splits, cfg)
+    looks = [(h["kind"], h.get("part"), h.get("accepted")) for h in history if h["kind"] in ("step", "retry")]
+    assert looks == [("step", None, None), ("retry", 0, None), ("retry", 1, True),
+                     ("step", None, None), ("retry", 0, None), ("retry", 1, None), ("retry", 2, False)]
+    assert epochs == [5, 5, 5, 5, 5, 5, 5]  # step 1: 5 + 5 + 5 (its third part skipped); step 2: 5 + 5 + 5 + 5

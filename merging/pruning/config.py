@@ -15,6 +15,8 @@ class PruneConfig:
     schedule: str = "halving"  # step schedule: a name in ``merging.pruning.schedule.SCHEDULES``
     finetune_epochs: int = 5  # joint-loss fine-tuning after every prune step
     retry_epochs: int = 5  # a step that misses the budget gets this much more fine-tuning before it is undone
+    retry_checks: int = 1  # ... in this many equal fine-tunes, each judged; the first that passes ends the retry
+    # (each look is one more decision at the rule's per-decision error rates, results/budget-rule.md)
     final_epochs: int = 10  # a longer fine-tune of the accepted network at the end (kept if within budget)
     final_lr: float = 5e-4  # its peak learning rate (one-cycle, decaying to ~0)
     recover_epochs: int = 20  # fine-tuning before pruning when the start network misses the budget

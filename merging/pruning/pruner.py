@@ -173,10 +173,18 @@ class _Recorder:
 def _check_config(cfg: PruneConfig) -> None:
     if not 0.0 < cfg.step < 1.0 or cfg.min_step <= 0 or cfg.budget < 0 or not 0.5 <= cfg.confidence < 1.0:
         raise MergingError("bad_argument", "prune: need 0 < step < 1, min_step > 0, budget >= 0, 0.5 <= confidence < 1")
+    if cfg.retry_checks < 1 or cfg.retry_epochs < 0:
+        raise MergingError("bad_argument", "prune: need retry_checks >= 1 and retry_epochs >= 0")
     if not 0.0 <= cfg.certify_share < 1.0:
         raise MergingError("bad_argument", "prune: need 0 <= certify_share < 1")
     # An unknown strategy name fails now, not after the recovery training.
     criterion_of(cfg), price_rule_of(cfg), schedule_of(cfg), step_of(cfg)
+
+
+def retry_parts(cfg: PruneConfig) -> list[int]:
+    """The retry's fine-tunes: ``retry_epochs`` split into ``retry_checks`` near-equal parts (none empty)."""
+    n = max(1, min(cfg.retry_checks, cfg.retry_epochs))
+    return [cfg.retry_epochs // n + (i < cfg.retry_epochs % n) for i in range(n)] if cfg.retry_epochs > 0 else []
 
 
 def _freeze_failing(
@@ -227,11 +235,14 @@ def _steps(
         info = broadcast_object(info)
         finetune_unfrozen(net, train, cfg, cfg.finetune_epochs, cfg.seed + 1000 + k, frozen, teachers)
         row, verdict = record("step", net, **info)
-        if not verdict.ok and cfg.retry_epochs > 0:
-            # One more round of fine-tuning before giving up on the step: a short fine-tune after a cut
-            # often leaves a task a fraction of a point short, and rejecting then is mostly noise.
-            finetune_unfrozen(net, train, cfg, cfg.retry_epochs, cfg.seed + 2000 + k, frozen, teachers)
-            row, verdict = record("retry", net, **info)
+        # More fine-tuning before giving up on the step: a short fine-tune after a cut often leaves a task
+        # a fraction of a point short, and rejecting then is mostly noise. In ``retry_checks`` parts, each
+        # judged: a step that passes after the first part does not pay for the rest.
+        for part, epochs in enumerate(retry_parts(cfg)):
+            if verdict.ok:
+                break
+            finetune_unfrozen(net, train, cfg, epochs, cfg.seed + 2000 + k + 100_003 * part, frozen, teachers)
+            row, verdict = record("retry", net, **info, part=part)
         bar.set_postfix(macs=row["macs_all"], step=f"{schedule.size:.3f}")
         if verdict.ok:
             best = copy.deepcopy(net)
