@@ -127,7 +127,7 @@ def _yardstick_and_route(
     Returns (shipped network, separately pruned networks, the all-task specialist's MACs or None)."""
     print(f"\n== 2/5 the yardstick (each task's network pruned alone; the all-task specialist: one trunk trained "
           f"for all tasks; all pruned as the route is, {cfg.step:.0%} steps, {cfg.finetune_epochs}+{cfg.retry_epochs} "
-          f"epochs) and 3/5 route {route} "
+          f"epochs in batches of {cfg.batch_size}) and 3/5 route {route} "
           f"({DEMO_ROUTE_WHY if route == DEMO_ROUTE else 'chosen with --route'}), side by side", flush=True)
     t0 = time.perf_counter()
     from merging.parallel import run_jobs

@@ -257,3 +257,28 @@ def test_a_retry_in_parts_stops_at_the_first_part_that_passes(zoo, monkeypatch) 
     assert looks == [("step", None, None), ("retry", 0, None), ("retry", 1, True),
                      ("step", None, None), ("retry", 0, None), ("retry", 1, None), ("retry", 2, False)]
     assert epochs == [5, 5, 5, 5, 5, 5, 5]  # step 1: 5 + 5 + 5 (its third part skipped); step 2: 5 + 5 + 5 + 5
+
+
+def test_recovery_keeps_its_own_batch_size_while_steps_use_the_fine_tuning_one(zoo, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``recover_batch_size``: the baseline schedule fine-tunes steps in batches of 128 but recovers a merged
+    network that misses the budget in batches of 64 (the recovery it was measured with)."""
+    import merging.pruning.pruner as pruner
+    from merging.pruning.budget import Verdict
+
+    nets, splits = zoo
+    net = create_merger("separate").merge(nets[:1], splits.train)
+    task = net.task_names[0]
+    verdicts = iter([False, True, True])  # start misses, the recovery round passes, the one step passes
+    seen: list[tuple[int, int, float]] = []
+
+    def judged(*args, **kwargs):  # type: ignore[no-untyped-def]
+        ok = next(verdicts)
+        return Verdict({task: 90.0}, {task: 0.0}, {task: 0.0 if ok else 5.0}, () if ok else (task,), {task: 0.0})
+
+    monkeypatch.setattr(pruner, "assess", judged)
+    monkeypatch.setattr(pruner, "fit", lambda n, d, tc, **k: seen.append((tc.epochs, tc.batch_size, tc.lr)))
+    cfg = PruneConfig(step=0.2, min_step=0.15, max_steps=1, finetune_epochs=5, retry_epochs=0, final_epochs=0,
+                      recover_epochs=7, recover_rounds=1, recover_batch_size=64, batch_size=128, lr=2e-3,
+                      taylor_batches=1, check_shifts=1, progress=False)
+    prune(copy.deepcopy(net), splits, cfg)
+    assert seen == [(7, 64, cfg.recover_lr), (5, 128, 2e-3)]

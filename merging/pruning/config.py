@@ -22,6 +22,7 @@ class PruneConfig:
     recover_epochs: int = 20  # fine-tuning before pruning when the start network misses the budget
     recover_rounds: int = 3  # ... repeated (each round checked) at most this many times
     recover_lr: float = 3e-3  # its learning rate (a regrouped network may need real retraining)
+    recover_batch_size: int | None = None  # its batch size (None: ``batch_size``)
     lr: float = 1e-3  # fine-tuning learning rate (one-cycle per fine-tune)
     batch_size: int = 64  # fine-tuning batch size
     epoch_samples: int | None = None  # a fine-tuning "epoch" sees at most this many samples (None: the whole split)

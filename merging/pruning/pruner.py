@@ -73,11 +73,12 @@ def _finetune(
     lr: float | None = None,
     tasks: Sequence[str] | None = None,
     teachers: Teachers | None = None,
+    batch_size: int | None = None,
 ) -> None:
     if epochs > 0:
         tc = TrainConfig(
             epochs=epochs,
-            batch_size=cfg.batch_size,
+            batch_size=batch_size or cfg.batch_size,
             lr=lr or cfg.lr,
             seed=seed,
             progress=False,
@@ -314,7 +315,8 @@ def prune(
             break
         # A regrouped network (PAM, MTZ) starts with heads reading zero-initialised weights: retrain
         # it on the joint loss (and its references' outputs), decaying the learning rate round by round.
-        _finetune(net, train, cfg, cfg.recover_epochs, cfg.seed + 100 * r, cfg.recover_lr / (1 + r), teachers=teachers)
+        _finetune(net, train, cfg, cfg.recover_epochs, cfg.seed + 100 * r, cfg.recover_lr / (1 + r), teachers=teachers,
+                  batch_size=cfg.recover_batch_size)
         start, _ = record("recover", net)
     if not start["within_budget"]:
         history.append({"kind": "stop", "reason": START_MISSED})

@@ -74,9 +74,10 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], mergers: Sequence[str
 
 def schedule_words(pc: PruneConfig) -> str:
     """A pruner's schedule in words."""
+    parts = f" (in {pc.retry_checks} judged parts)" if pc.retry_checks > 1 else ""
     return (f"criterion {pc.criterion}, price {pc.price}, step {pc.step} (min {pc.min_step}, at most "
-            f"{pc.max_steps} steps), fine-tune {pc.finetune_epochs}+{pc.retry_epochs} epochs, final {pc.final_epochs}, "
-            f"Taylor scores from {pc.taylor_batches} batches")
+            f"{pc.max_steps} steps), fine-tune {pc.finetune_epochs}+{pc.retry_epochs}{parts} epochs in batches of "
+            f"{pc.batch_size} (lr {pc.lr:g}), final {pc.final_epochs}, Taylor scores from {pc.taylor_batches} batches")
 
 
 def _intro(v: _View, elapsed: float) -> list[str]:
