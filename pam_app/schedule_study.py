@@ -183,15 +183,16 @@ def markdown(rows: list[dict[str, Any]], variants: list[str], seconds: float, ag
     lines = [f"- *{n}*: {c.step:.0%} steps down to {c.min_step:.0%} ({c.schedule}), at most {c.max_steps} steps, "
              f"{c.finetune_epochs}+{c.retry_epochs} epochs"
              + (f" (the retry in {c.retry_checks} judged parts)" if c.retry_checks > 1 else "")
-             + f", final {c.final_epochs}"
+             + f" in batches of {c.batch_size} (lr {c.lr:g}), final {c.final_epochs}"
              + (f"; pruning seeds +{VARIANTS[n][1]}" if VARIANTS[n][1] else "") for n, c in described.items()]
     return "\n".join([
-        "# Pruning schedules against the library's (`python -m pam_app.schedule_study`)",
+        "# Pruning schedules compared on networks pruned alone (`python -m pam_app.schedule_study`)",
         "",
         "Each task's network pruned alone by the project's pruner: the benchmark's zoo, the same budget rule and "
-        "check set. Target (issue 20): the benchmark's schedule within 1.05x of the library's MACs. "
-        "*library-reseed* runs the library schedule again with other fine-tuning seeds and check-set shifts: "
-        "its spread is what one run varies by anyway, so a ratio inside it is not a difference the study resolves.",
+        f"check set; every ratio against *{against}*. Target (issue 20): a faster schedule within 1.05x of the "
+        "slower one's MACs. A *-reseed* variant runs a schedule again with other fine-tuning seeds and check-set "
+        "shifts: its spread is what one run varies by anyway, so a ratio inside it is not a difference the study "
+        "resolves.",
         "",
         *lines,
         "",
@@ -225,7 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="processes (default one per core)")
     p.add_argument("--out", default="results", help="directory for schedule-check[-<dataset>].{json,md} "
                    "(no suffix for digits)")
+    p.add_argument("--render", default=None, help="only rewrite the markdown of an earlier schedule-check JSON "
+                   "(beside it), with --against")
     args = p.parse_args(argv)
+    if args.render:
+        done = json.loads(Path(args.render).read_text())
+        atomic_write_text(Path(args.render).with_suffix(".md"),
+                          markdown(done["rows"], list(done["variants"]), done["seconds"], args.against))
+        return 0
     variants = [v for v in args.schedules.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or args.against not in variants:
