@@ -22,22 +22,33 @@ from merging.errors import MergingError
 from merging.report import format_table
 from pam_app.bench.files import load_rows, recorded_prune_config
 from pam_app.bench.report import schedule_words
+from pam_app.bench.schedule import ALONE, SPEC
 from pam_app.schedule_study import sign_test
 
 TOLERANCE = 1.05  # the issue's "within 5%"
+ALONE_PROJECT = "c_alone project"  # each task's network pruned alone by the project's pruner
 
 
 def pairs(fast: list[dict[str, Any]], slow: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per (route, seed, combination) present in both runs: own MACs fast and slow."""
 
     def own(rows: list[dict[str, Any]]) -> dict[tuple[str, int, str], int]:
-        return {
+        found = {
             (r["merger"], r["seed"], c): m
             for r in rows
             if "own_macs" in r and r["seed"] != "median"
             for c, m in r["own_macs"].items()
             if c == r["combination"]
         }
+        # The yardstick is pruned with a schedule too: c_alone's project route per task, the specialists.
+        for r in rows:
+            if r["seed"] == "median":
+                continue
+            if r["merger"] == ALONE and (r.get("routes") or {}).get("project"):
+                found[(ALONE_PROJECT, r["seed"], r["combination"])] = r["routes"]["project"]
+            elif r["merger"] == SPEC and "+" in r["combination"]:
+                found[(SPEC, r["seed"], r["combination"])] = r["macs"]
+        return found
 
     a, b = own(fast), own(slow)
     keys = sorted(set(a) & set(b))
@@ -55,11 +66,15 @@ def pairs(fast: list[dict[str, Any]], slow: list[dict[str, Any]]) -> list[dict[s
 
 def _seconds(rows: list[dict[str, Any]], route: str, seeds: set[int]) -> float:
     """The route's job seconds summed over ``seeds`` (each seed's rows carry the same timing)."""
-    per_seed = {
-        r["seed"]: r["seconds_seed"].get(f"route {route}", 0.0)
-        for r in rows
-        if r.get("seconds_seed") and r["seed"] in seeds
-    }
+
+    def of(timing: dict[str, float]) -> float:
+        if route == ALONE_PROJECT:
+            return sum(v for k, v in timing.items() if k.startswith("alone ") and k.endswith(" project"))
+        if route == SPEC:
+            return sum(v for k, v in timing.items() if k.startswith("spec "))
+        return timing.get(f"route {route}", 0.0)
+
+    per_seed = {r["seed"]: of(r["seconds_seed"]) for r in rows if r.get("seconds_seed") and r["seed"] in seeds}
     return sum(per_seed.values())
 
 
@@ -95,7 +110,10 @@ def _schedule_of(path: Path) -> str:
     meta = path.with_suffix(".config.json")
     if not meta.exists():
         return "schedule not recorded"
-    return schedule_words(recorded_prune_config(json.loads(meta.read_text())["config"]["prune"]))
+    config = json.loads(meta.read_text())["config"]
+    routes = recorded_prune_config(config["prune"])
+    alone = recorded_prune_config(config.get("alone_prune", config["prune"]))
+    return schedule_words(routes) + ("" if alone == routes else f"; {ALONE_PROJECT}: {schedule_words(alone)}")
 
 
 def markdown(recs: list[dict[str, Any]], table: list[list[Any]], fast: Path, slow: Path) -> str:
@@ -111,10 +129,12 @@ def markdown(recs: list[dict[str, Any]], table: list[list[Any]], fast: Path, slo
     ]
     return "\n".join(
         [
-            "# The routes' fast pruning schedule against a slower one (`python -m pam_app.route_schedule_study`)",
+            "# Two pruning schedules on the same bench seeds (`python -m pam_app.route_schedule_study`)",
             "",
             f"Fast: `{fast}` ({_schedule_of(fast)}). Slow: `{slow}` ({_schedule_of(slow)}). Same seeds, zoo, "
-            "yardstick and budget rule; MACs of each route's own pruned network (before the never-dearer rule). "
+            "budget rule; MACs of each route's own pruned network (before the never-dearer rule), of each task's "
+            f"network pruned alone by the project's pruner (*{ALONE_PROJECT}*) and of each specialist (*{SPEC}*), "
+            "where the run pruned them with that schedule. "
             f"Target (issue 20): every route within {TOLERANCE:.2f}x of the slow schedule's MACs.",
             "",
             format_table(head, table),
@@ -122,7 +142,7 @@ def markdown(recs: list[dict[str, Any]], table: list[list[Any]], fast: Path, slo
             "*fast dearer*: combinations where the fast schedule ends with more MACs, of those where the two differ, "
             "and the exact two-sided sign test (a schedule as strong as the slow one is dearer about half the time; "
             "combinations of one seed share a network, so they are not independent: read the per-seed all-task "
-            "column too). *route job min*: the route's job wall minutes summed over seeds.",
+            "column too). *route job min*: the route's (or the yardstick's) job wall minutes summed over seeds.",
             "",
         ]
     )
