@@ -45,15 +45,14 @@ FAST_PRUNE = PruneConfig(
 # of the committed results and the default: the one schedule every network of a comparison is pruned with
 # (c_alone(t)'s project route, what `separate` ships, every route and every specialist), so a ratio compares
 # structures, not schedules. Torch-Pruning's route (b) keeps its own schedule (ALONE_TP).
-LONG_RETRY_B64 = PruneConfig(progress=False, retry_epochs=15)
-BASELINE_PRUNE = LONG_RETRY_B64
+BASELINE_PRUNE = PruneConfig(progress=False, retry_epochs=15)
 # `--schedule b128`: the same steps and epochs in batches of 128 (learning rates doubled) with the retry in three
 # judged parts of 5 epochs (recovery keeps batches of 64). A fine-tuning step of a pruned 8x8 LeNet is mostly
 # per-call overhead, so on digits' networks pruned alone it ends at 0.99x the MACs of two b64 runs for 0.69-0.73x
 # the CPU (results/schedule-check-batch*.md). It is not the default: in the full protocol it left the merged
 # routes 1.04-1.24x dearer than b64 on digits, digits-partitions and glyphs, the glyphs specialists 1.17x, and saved
 # nothing on glyphs' 16x16 networks, whose steps are arithmetic (results/schedule-routes-batch.md).
-FAST_BATCH_PRUNE = replace(LONG_RETRY_B64, retry_checks=3, batch_size=128, lr=2e-3, final_lr=1e-3,
+FAST_BATCH_PRUNE = replace(BASELINE_PRUNE, retry_checks=3, batch_size=128, lr=2e-3, final_lr=1e-3,
                            recover_batch_size=64)
 ALONE_TP = TpSchedule()
 # `--route-schedule` (pam bench) and `--schedule` (pam compress, pam demo): "baseline" is the default; the others
